@@ -1,0 +1,238 @@
+"""XGradCallback: Lightning's lifecycle around weight prediction - when to predict, when to restore.
+
+At the first micro-batch of every optimizer step the callback writes ``W_hat = W - steps * lr * dW`` into the
+module, forward and backward run there, and ``on_before_optimizer_step`` (after AMP unscaling, before clipping and
+the update) puts the real weights back, so the optimizer updates W with the gradient taken at W_hat. Predicted
+weights never leave a training step: validation, checkpoints (through a ``state_dict`` hook, so weights-only and
+mid-window saves too), exceptions and the end of fit all see the real weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .predictor import OptimizerPredictor, RuleChoice
+from .snapshot import ParameterSnapshot
+
+_RULE_CHOICES = ("auto", "trajectory")
+_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_CLOSURE_REEVALUATING = (torch.optim.LBFGS,)
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"XGradCallback: `{name}` must be {allowed}, got {value!r}")
+
+
+class XGradCallback(Callback):
+    r"""Train with gradients taken at predicted future weights (XGrad, Guan et al., TPAMI 2024).
+
+    Works with the optimizer(s) the LightningModule configures. dW comes from the optimizer's own state where
+    a rule knows it (SGD with momentum, Adam, AdamW, RMSprop with momentum), otherwise from the update the optimizer
+    applied at its last step (the trajectory rule, exact for any optimizer).
+
+    Args:
+        steps: how many future updates to predict (the paper's s).
+        rule: ``"auto"`` uses the optimizer's state where a rule is registered, else the trajectory rule;
+            ``"trajectory"`` uses the trajectory rule for every optimizer.
+        start_step: no prediction before this global step.
+        log_every_n_steps: log ``xgrad/relative_shift`` (``||W_hat - W|| / ||W||``) every n optimizer steps;
+            ``None`` logs nothing.
+
+    Example::
+
+        trainer = Trainer(callbacks=[XGradCallback(steps=1)])
+    """
+
+    def __init__(
+        self,
+        steps: int = 1,
+        rule: RuleChoice = "auto",
+        start_step: int = 0,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        _check_int("steps", steps, 1)
+        if rule not in _RULE_CHOICES:
+            raise ValueError(f"XGradCallback: `rule` must be one of {_RULE_CHOICES}, got {rule!r}")
+        _check_int("start_step", start_step, 0)
+        _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        self.steps = steps
+        self.rule: RuleChoice = rule
+        self.start_step = start_step
+        self.log_every_n_steps = log_every_n_steps
+        self._snapshot = ParameterSnapshot()
+        self._predictors: dict[int, OptimizerPredictor] = {}
+        self._loaded_state: dict[str, Any] | None = None
+        self._hook_handles: list[RemovableHandle] = []
+
+    # ------------------------------------------------------------------ setup and teardown
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if isinstance(strategy, _SHARDED_STRATEGIES):
+            raise MisconfigurationException(
+                f"XGradCallback does not support {type(strategy).__name__} yet: its parameters and optimizer state "
+                "are sharded, and predicting them is not implemented. Use a data-parallel strategy "
+                "(strategy='ddp') or a single device."
+            )
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "XGradCallback does not support manual optimization (automatic_optimization=False) yet; "
+                "use automatic optimization."
+            )
+        self._register_state_dict_hooks(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for index, optimizer in enumerate(trainer.optimizers):
+            if isinstance(optimizer, _CLOSURE_REEVALUATING):
+                raise MisconfigurationException(
+                    f"XGradCallback cannot be used with {type(optimizer).__name__} (optimizer {index}): it evaluates "
+                    "the closure several times per step, so the gradients would be taken at the real weights after "
+                    "the first evaluation. Use a first-order optimizer such as SGD, Adam or AdamW."
+                )
+        self._predictors = {
+            id(optimizer): OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot)
+            for optimizer in trainer.optimizers
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The first hook where a resumed optimizer's state is in place (loaded after on_fit_start).
+        predictors = list(self._predictors.values())
+        if self._loaded_state is not None:
+            for predictor, state in zip(predictors, self._loaded_state.get("optimizers", []), strict=False):
+                predictor.load_state_dict(state)
+            self._loaded_state = None
+        for predictor in predictors:
+            predictor.invalidate()
+        for index, optimizer in enumerate(trainer.optimizers):
+            rule = self._predictors[id(optimizer)].describe()
+            rank_zero_info(
+                f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rule} rule, "
+                f"steps={self.steps}"
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._restore_all(stepped=False)
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        self._predictors = {}
+        self._snapshot.clear()
+
+    # ------------------------------------------------------------------ the step
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        phases = {p.phase for p in self._predictors.values()}
+        if "suspended" in phases:  # validation or a save interrupted this window: carry on with its prediction
+            for predictor in self._predictors.values():
+                predictor.resume()
+            return
+        if "predicted" in phases:  # a later micro-batch of an accumulation window
+            return
+        enabled = trainer.global_step >= self.start_step
+        predicted = False
+        for predictor in self._predictors.values():
+            predicted |= predictor.predict(enabled)
+        if predicted and self._should_log(trainer):
+            shift, norm = self._shift_norms()
+            pl_module.log("xgrad/relative_shift", shift / norm.clamp_min(1e-30), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        predictor = self._predictors.get(id(optimizer))
+        if predictor is not None:
+            predictor.restore(stepped=True)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # A batch that should have ended the window but reached no optimizer step (an overridden optimizer_step
+        # that skips, say): the window is over, so the prediction must not outlive it.
+        if not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._restore_all(stepped=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_all(stepped=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_all(stepped=False)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for predictor in self._predictors.values():
+            predictor.suspend()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_all(stepped=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "rule": self.rule,
+            "optimizers": [predictor.state_dict() for predictor in self._predictors.values()],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Runs before the optimizers exist: applied in on_train_start.
+        self._loaded_state = state_dict
+
+    def _register_state_dict_hooks(self, pl_module: pl.LightningModule) -> None:
+        """Make every ``state_dict()`` of the module report the real weights while a prediction is in place."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = [
+            module.register_state_dict_post_hook(self._real_weights_hook())
+            for module in pl_module.modules()
+            if any(True for _ in module.parameters(recurse=False))
+        ]
+
+    def _real_weights_hook(self) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            real = self._real_values()
+            if not real:
+                return
+            for name, param in module._parameters.items():
+                key = prefix + name
+                value = real.get(param) if param is not None else None
+                if value is not None and key in state_dict and state_dict[key] is not param:  # keep_vars keeps vars
+                    state_dict[key] = value.detach()
+
+        return hook
+
+    def _real_values(self) -> dict[Tensor, Tensor]:
+        return {p: b for predictor in self._predictors.values() for p, b in predictor.predicted_params()}
+
+    # ------------------------------------------------------------------ helpers
+    def _restore_all(self, stepped: bool) -> None:
+        for predictor in self._predictors.values():
+            predictor.restore(stepped=stepped)
+
+    def _should_log(self, trainer: pl.Trainer) -> bool:
+        return self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0
+
+    @torch.no_grad()
+    def _shift_norms(self) -> tuple[Tensor, Tensor]:
+        pairs = [pair for predictor in self._predictors.values() for pair in predictor.predicted_params()]
+        params = [p for p, _ in pairs]
+        real = [b for _, b in pairs]
+        shift = torch.stack([d.norm().float() for d in torch._foreach_sub(params, real)]).norm()
+        norm = torch.stack([b.norm().float() for b in real]).norm()
+        return shift, norm

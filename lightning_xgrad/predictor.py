@@ -1,0 +1,251 @@
+"""Weight prediction for one optimizer, in plain PyTorch: predict before the forward pass, restore before the step.
+
+    predictor = OptimizerPredictor(optimizer, steps=1)
+    for batch in data:
+        predictor.predict()            # W <- W_hat = W - steps * lr * dW, the real W kept in the snapshot
+        loss_fn(model(batch)).backward()
+        predictor.restore()            # W <- the real W, bit-exact
+        optimizer.step()
+        optimizer.zero_grad()
+
+The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
+buckets (one param group, one device and dtype, one rule) and the plan is rebuilt only when the optimizer's state,
+param groups or frozen parameters change, so a step does no Python work per parameter beyond a few cheap checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .rules import PredictionRule, extrapolate_, rule_for
+from .rules._foreach import as_float
+from .snapshot import ParameterSnapshot
+
+RuleChoice = Literal["auto", "trajectory"]
+Phase = Literal["idle", "predicted", "suspended"]
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """Parameters of one param group on one device and dtype, predicted by one rule (``None``: trajectory)."""
+
+    group_index: int
+    rule: PredictionRule | None
+    params: list[Tensor]
+    buffers: list[Tensor]
+    columns: tuple[list[Any], ...] = ()
+    #: trajectory only: the lr of the step taken since the buffers were written; None while that is unknown
+    lr_then: float | None = None
+    modified: bool = field(default=False, init=False)
+    snapshotted: bool = field(default=False, init=False)
+
+
+class OptimizerPredictor:
+    """Predicts and restores the trainable parameters of one optimizer.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` whose ``step`` evaluates its closure at most once.
+        steps: the paper's s, how many future updates to extrapolate.
+        rule: ``"auto"`` reads dW from the optimizer's state where a rule is registered for its class and the
+            group's options, else uses the trajectory rule; ``"trajectory"`` uses the trajectory rule everywhere.
+        snapshot: the buffer cache to use (shared when several optimizers are predicted).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps: int = 1,
+        rule: RuleChoice = "auto",
+        snapshot: ParameterSnapshot | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.steps = steps
+        self.rule = rule
+        self.snapshot = snapshot if snapshot is not None else ParameterSnapshot()
+        self.phase: Phase = "idle"
+        self._buckets: list[_Bucket] = []
+        self._plan_key: tuple[Any, ...] | None = None
+        self._plan_state: Any = None
+        self._plan_complete = False
+        self._pending_trajectory: dict[Tensor, float] = {}
+
+    # ------------------------------------------------------------------ rules
+    def group_rule(self, group: dict[str, Any]) -> PredictionRule | None:
+        """The state rule used for a param group, ``None`` for the trajectory rule."""
+        if self.rule == "trajectory":
+            return None
+        registered = rule_for(self.optimizer)
+        return registered if registered is not None and registered.handles(group) else None
+
+    def describe(self) -> str:
+        """Which rule each param group gets, for the log line."""
+        names = []
+        for group in self.optimizer.param_groups:
+            rule = self.group_rule(group)
+            names.append("trajectory" if rule is None else rule.name)
+        if len(set(names)) == 1:
+            return names[0]
+        return ", ".join(f"group {i}: {name}" for i, name in enumerate(names))
+
+    # ------------------------------------------------------------------ plan
+    def _current_key(self) -> tuple[Any, ...]:
+        groups = self.optimizer.param_groups
+        return (
+            len(self.optimizer.state),
+            tuple(len(g["params"]) for g in groups),
+            tuple(p.requires_grad for g in groups for p in g["params"]),
+        )
+
+    def _ensure_plan(self) -> None:
+        key = self._current_key()
+        if self._plan_complete and key == self._plan_key and self.optimizer.state is self._plan_state:
+            return
+        self._build_plan(key)
+
+    def invalidate(self) -> None:
+        """Force a new plan at the next prediction (after the optimizer's state was loaded or moved)."""
+        self._plan_key = None
+
+    def _build_plan(self, key: tuple[Any, ...]) -> None:
+        known_lr = {p: b.lr_then for b in self._buckets if b.rule is None and b.lr_then is not None for p in b.params}
+        known_lr.update(self._pending_trajectory)
+        self._pending_trajectory = {}
+        grouped: dict[tuple[Any, ...], tuple[list[Tensor], list[tuple[Any, ...]]]] = {}
+        complete = True
+        for index, group in enumerate(self.optimizer.param_groups):
+            rule = self.group_rule(group)
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                if rule is None:
+                    row: tuple[Any, ...] | None = ()
+                    bucket_key: tuple[Any, ...] = (index, None, p.device, p.dtype, known_lr.get(p))
+                else:
+                    row = rule.state_tensors(self.optimizer.state.get(p, {}))
+                    if row is None:
+                        complete = False
+                        continue
+                    bucket_key = (index, id(rule), p.device, p.dtype)
+                params, rows = grouped.setdefault(bucket_key, ([], []))
+                params.append(p)
+                rows.append(row)
+        buckets = []
+        for bucket_key, (params, rows) in grouped.items():
+            rule = self.group_rule(self.optimizer.param_groups[bucket_key[0]])
+            columns = tuple(list(column) for column in zip(*rows, strict=True)) if rule is not None else ()
+            lr_then = bucket_key[4] if rule is None else None
+            buckets.append(_Bucket(bucket_key[0], rule, params, self.snapshot.buffers_for(params), columns, lr_then))
+        self._buckets = buckets
+        self._plan_key = key
+        self._plan_state = self.optimizer.state
+        self._plan_complete = complete
+
+    # ------------------------------------------------------------------ window
+    @torch.no_grad()
+    def predict(self, enabled: bool = True) -> bool:
+        """Start a step: write W_hat into the parameters (the real W into the snapshot).
+
+        With ``enabled=False`` nothing is predicted, but trajectory parameters are still snapshotted so that the
+        next step knows the update applied by this one. Returns whether any parameter now holds a prediction.
+        """
+        if self.phase != "idle":
+            raise RuntimeError(f"predict() called while the parameters are {self.phase}")
+        self._ensure_plan()
+        groups = self.optimizer.param_groups
+        any_modified = False
+        for bucket in self._buckets:
+            group = groups[bucket.group_index]
+            bucket.modified = bucket.snapshotted = False
+            if bucket.rule is None:
+                lr_then, bucket.lr_then = bucket.lr_then, None
+                if enabled and lr_then:
+                    extrapolate_(bucket.params, bucket.buffers, self.steps * as_float(group["lr"]) / lr_then)
+                    bucket.modified = True
+                else:
+                    ParameterSnapshot.save(bucket.params, bucket.buffers)
+                bucket.snapshotted = True
+            elif enabled:
+                ParameterSnapshot.save(bucket.params, bucket.buffers)
+                bucket.rule.add_direction_(bucket.params, bucket.columns, group, -self.steps * as_float(group["lr"]))
+                bucket.modified = bucket.snapshotted = True
+            any_modified |= bucket.modified
+        self.phase = "predicted" if any(b.snapshotted for b in self._buckets) else "idle"
+        return any_modified
+
+    @torch.no_grad()
+    def restore(self, stepped: bool = True) -> None:
+        """End a step: put the real weights back, bit-exact.
+
+        ``stepped`` says whether the optimizer is about to apply an update (the trajectory rule then knows the lr of
+        that update); with ``False`` the step was abandoned.
+        """
+        if self.phase == "suspended":
+            self.resume()
+        if self.phase != "predicted":
+            return
+        groups = self.optimizer.param_groups
+        for bucket in self._buckets:
+            if bucket.modified:
+                ParameterSnapshot.restore(bucket.params, bucket.buffers)
+            if bucket.rule is None and bucket.snapshotted and stepped:
+                bucket.lr_then = as_float(groups[bucket.group_index]["lr"])
+            bucket.modified = bucket.snapshotted = False
+        self.phase = "idle"
+
+    @torch.no_grad()
+    def suspend(self) -> None:
+        """Put the real weights in place for a while (validation, a checkpoint), keeping the prediction."""
+        if self.phase == "predicted":
+            self._swap()
+            self.phase = "suspended"
+
+    @torch.no_grad()
+    def resume(self) -> None:
+        """Bring the prediction back after :meth:`suspend`, bit-exact."""
+        if self.phase == "suspended":
+            self._swap()
+            self.phase = "predicted"
+
+    def _swap(self) -> None:
+        for bucket in self._buckets:
+            if bucket.modified:
+                ParameterSnapshot.swap(bucket.params, bucket.buffers)
+
+    def predicted_params(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, real value)`` pairs for every parameter that holds a prediction now."""
+        if self.phase != "predicted":
+            return []
+        return [(p, b) for k in self._buckets if k.modified for p, b in zip(k.params, k.buffers, strict=True)]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What the trajectory rule needs after a resume: the weights before the last step and that step's lr.
+
+        Keys are flat parameter indices in param-group order, as in ``optimizer.state_dict()``. Empty for state
+        rules, and while a step is in progress (a resume then skips one prediction).
+        """
+        previous: dict[int, Tensor] = {}
+        lr_then: dict[int, float] = {}
+        if self.phase == "idle":
+            index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+            for bucket in self._buckets:
+                if bucket.rule is None and bucket.lr_then is not None:
+                    for p, b in zip(bucket.params, bucket.buffers, strict=True):
+                        previous[index[p]] = b
+                        lr_then[index[p]] = bucket.lr_then
+        return {"previous": previous, "lr_then": lr_then}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`'s output; call it once the optimizer holds its parameters."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, value in state.get("previous", {}).items():
+            p = params[int(i)]
+            self.snapshot.buffers_for([p])[0].copy_(value)
+            self._pending_trajectory[p] = float(state["lr_then"][i])
+        self._buckets = []
+        self.invalidate()

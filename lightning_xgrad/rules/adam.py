@@ -1,0 +1,75 @@
+"""Rule for Adam and AdamW: dW = m_hat / (sqrt(v_hat) + eps), the direction torch's Adam applies.
+
+``m_hat = m / (1 - b1^k)``, ``v_hat = v / (1 - b2^k)`` at the current step count k; eps outside the square root
+as in torch; with ``amsgrad`` v is ``max_exp_avg_sq``, what the update itself uses. Coupled (L2) weight decay is
+already inside m; AdamW's decoupled decay is left out of dW, as in the XGrad paper and its official code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._foreach import chunk_slices, steps_as_floats
+from .base import PredictionRule
+
+
+class AdamRule(PredictionRule):
+    """Adam, AdamW (also with ``amsgrad``, ``maximize``, ``foreach``, ``fused`` and ``capturable``)."""
+
+    name = "adam"
+
+    def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
+        if "exp_avg" not in state or "step" not in state:
+            return None
+        second_moment = state.get("max_exp_avg_sq", state["exp_avg_sq"])
+        return state["exp_avg"], second_moment, state["step"]
+
+    def add_direction_(
+        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+    ) -> None:
+        exp_avgs, second_moments, steps = columns
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps = float(group["eps"])
+        if isinstance(steps[0], Tensor) and steps[0].device != torch.device("cpu"):
+            self._add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha)
+            return
+        ks = steps_as_floats(steps)
+        sqrt_bc2 = [math.sqrt(1.0 - beta2**k) for k in ks]
+        step_sizes = [alpha / (1.0 - beta1**k) for k in ks]
+        for part in chunk_slices(params):
+            denom = torch._foreach_sqrt(second_moments[part])
+            torch._foreach_div_(denom, sqrt_bc2[part])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, step_sizes[part])
+
+    @staticmethod
+    def _add_with_device_steps(
+        params: list[Tensor],
+        exp_avgs: list[Tensor],
+        second_moments: list[Tensor],
+        steps: list[Tensor],
+        beta1: float,
+        beta2: float,
+        eps: float,
+        alpha: float,
+    ) -> None:
+        """Steps that live on the accelerator (capturable or fused Adam): bias corrections as tensors, no sync."""
+        bc1 = torch._foreach_pow(beta1, steps)
+        torch._foreach_neg_(bc1)
+        torch._foreach_add_(bc1, 1.0)
+        sqrt_bc2 = torch._foreach_pow(beta2, steps)
+        torch._foreach_neg_(sqrt_bc2)
+        torch._foreach_add_(sqrt_bc2, 1.0)
+        torch._foreach_sqrt_(sqrt_bc2)
+        torch._foreach_div_(bc1, alpha)  # bc1 / alpha: the divisor that turns m / denom into alpha * m_hat / denom
+        for part in chunk_slices(params):
+            denom = torch._foreach_sqrt(second_moments[part])
+            torch._foreach_div_(denom, sqrt_bc2[part])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_mul_(denom, bc1[part])
+            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)

@@ -1,0 +1,43 @@
+"""The contract every prediction rule fulfils: add ``alpha * dW`` to parameters, read from optimizer state.
+
+dW is the optimizer's most recent update direction per unit learning rate, without decoupled weight decay, so the
+predicted weights are ``W_hat = W + alpha * dW`` with ``alpha = -steps * lr``. Rules are pure torch: they can be
+tested, and reused, in a plain PyTorch loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+
+class PredictionRule(ABC):
+    """How to read dW for one optimizer family from its per-parameter state.
+
+    The caller (the callback, or any training loop) collects, once per change of the optimizer's state, the tuple
+    :meth:`state_tensors` returns for each parameter, transposes them into columns, and then calls
+    :meth:`add_direction_` every step with the parameters of one param group that share a device and dtype.
+    """
+
+    #: short name shown in logs and in the README's table
+    name: str = "rule"
+
+    def handles(self, group: dict[str, Any]) -> bool:
+        """Whether this group's hyper-parameters let the state hold dW (else the trajectory rule is used)."""
+        return True
+
+    @abstractmethod
+    def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The state entries dW is computed from, or ``None`` while the state cannot give dW (no step yet)."""
+
+    @abstractmethod
+    def add_direction_(
+        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+    ) -> None:
+        """In place: ``params[i] += alpha * dW[i]``; ``columns[j][i]`` is entry j of :meth:`state_tensors`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,50 @@
+"""Rules for optimizers whose momentum buffer is the update direction: SGD (heavy ball) and RMSprop with momentum.
+
+torch's SGD applies ``p -= lr * buf`` with ``buf = momentum * buf + (1 - dampening) * g`` (L2 weight decay and
+``maximize`` already folded into g), and RMSprop with momentum applies ``p -= lr * buf`` with
+``buf = momentum * buf + g / (sqrt(v) + eps)``. Either way dW is the buffer itself. Nesterov SGD and RMSprop
+without momentum apply a direction that includes the fresh gradient, which the state does not keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import PredictionRule
+
+
+class MomentumBufferRule(PredictionRule):
+    """dW = ``state["momentum_buffer"]``."""
+
+    name = "momentum_buffer"
+
+    def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
+        buffer = state.get("momentum_buffer")
+        return None if buffer is None else (buffer,)
+
+    def add_direction_(
+        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+    ) -> None:
+        torch._foreach_add_(params, columns[0], alpha=alpha)
+
+
+class SGDRule(MomentumBufferRule):
+    """SGD with momentum and without Nesterov."""
+
+    name = "sgd_momentum"
+
+    def handles(self, group: dict[str, Any]) -> bool:
+        return group.get("momentum", 0) > 0 and not group.get("nesterov", False)
+
+
+class RMSpropRule(MomentumBufferRule):
+    """RMSprop with momentum (plain or centered)."""
+
+    name = "rmsprop_momentum"
+
+    def handles(self, group: dict[str, Any]) -> bool:
+        return group.get("momentum", 0) > 0
