@@ -77,6 +77,7 @@ class XGradCallback(Callback):
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
         self._hook_handles: list[RemovableHandle] = []
+        self._window_open = False  # between an optimizer step's first micro-batch and its update
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -139,13 +140,11 @@ class XGradCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        phases = {p.phase for p in self._predictors.values()}
-        if "suspended" in phases:  # validation or a save interrupted this window: carry on with its prediction
+        if self._window_open:  # a later micro-batch of the window; carry on after a validation if one ran
             for predictor in self._predictors.values():
                 predictor.resume()
             return
-        if "predicted" in phases:  # a later micro-batch of an accumulation window
-            return
+        self._window_open = True
         enabled = trainer.global_step >= self.start_step
         predicted = False
         for predictor in self._predictors.values():
@@ -160,6 +159,7 @@ class XGradCallback(Callback):
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
             predictor.restore(stepped=True)
+        self._window_open = False
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -224,6 +224,7 @@ class XGradCallback(Callback):
     def _restore_all(self, stepped: bool) -> None:
         for predictor in self._predictors.values():
             predictor.restore(stepped=stepped)
+        self._window_open = False
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         return self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0

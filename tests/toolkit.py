@@ -1,0 +1,110 @@
+"""Shared pieces for the tests: a tiny model, fixed data, an optimizer factory and a quiet Trainer.
+
+The model is small enough that a fit of tens of steps takes about a second on two CPU cores, and its data are fixed
+tensors so a plain-PyTorch reference loop can replay exactly the batches the Trainer sees (no shuffling).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+warnings.filterwarnings("ignore", ".*litlogger.*")
+
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.05),
+    "adam_amsgrad": lambda p: torch.optim.Adam(p, lr=0.01, amsgrad=True),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=0.005, momentum=0.9),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(p, lr=0.005, momentum=0.5, centered=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.005),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+}
+
+
+def make_data(n: int = 96, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A fixed regression problem: 6 inputs, 2 outputs, a nonlinear target with noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = torch.stack([torch.sin(x[:, 0] * 2) + x[:, 1] * x[:, 2], x[:, 3] - x[:, 4] ** 2], dim=1)
+    return x, y + 0.05 * torch.randn(n, 2, generator=g)
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    """A two-layer MLP with fixed initial weights."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """The batches a non-shuffling DataLoader yields, in order."""
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+class TinyModule(pl.LightningModule):
+    """``make_net`` trained with MSE by the optimizer ``optimizer`` builds; an optional per-step LR schedule."""
+
+    def __init__(
+        self,
+        optimizer: OptimizerFactory = OPTIMIZERS["adam"],
+        schedule: Callable[[int], float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.net = make_net(seed)
+        self.optimizer_factory = optimizer
+        self.schedule = schedule
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.schedule is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def loader(x: Tensor, y: Tensor, batch_size: int = 8) -> DataLoader:
+    """A non-shuffling loader over fixed tensors."""
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer with everything that prints or writes turned off unless asked for."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def flat(module: nn.Module) -> Tensor:
+    """All parameters as one detached vector."""
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
