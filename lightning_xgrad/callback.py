@@ -37,6 +37,12 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         raise ValueError(f"XGradCallback: `{name}` must be {allowed}, got {value!r}")
 
 
+def _register_state_dict_post_hook(module: torch.nn.Module, hook: Callable[..., None]) -> RemovableHandle:
+    """torch >= 2.5 names it ``register_state_dict_post_hook``; earlier releases have the same hook, private."""
+    register = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
+    return register(hook)
+
+
 class XGradCallback(Callback):
     r"""Train with gradients taken at predicted future weights (XGrad, Guan et al., TPAMI 2024).
 
@@ -199,7 +205,7 @@ class XGradCallback(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = [
-            module.register_state_dict_post_hook(self._real_weights_hook())
+            _register_state_dict_post_hook(module, self._real_weights_hook())
             for module in pl_module.modules()
             if any(True for _ in module.parameters(recurse=False))
         ]
