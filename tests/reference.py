@@ -1,0 +1,152 @@
+"""An independent plain-PyTorch reference of the XGrad training loop, written from the formulas alone.
+
+It imports neither ``lightning_xgrad`` nor Lightning, works one tensor at a time and favours readability over speed,
+so the callback can be checked against it: same initial weights and the same batches must give the same weights.
+
+Per optimizer step t, with s = ``steps``:
+
+1. at the first micro-batch of the window, keep W_t and write W_hat = W_t - s * lr * dW_t into the parameters,
+   where lr is the group's lr right now (after any scheduler step) and dW_t is read from the optimizer's state:
+
+   - SGD with momentum, not nesterov: dW = momentum_buffer;
+   - Adam / AdamW: dW = m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^k), v_hat = v / (1 - b2^k), k the step
+     count in the state, v = max_exp_avg_sq with amsgrad; AdamW's decoupled decay is not part of dW;
+   - RMSprop with momentum: dW = momentum_buffer;
+   - anything else (SGD without momentum or nesterov, RMSprop without momentum, other optimizers) and every
+     optimizer under ``rule="trajectory"``: the trajectory rule, lr * dW = W_{t-1} - W_t (the update the optimizer
+     applied at its last step) rescaled by lr_now / lr_then, so W_hat = W_t + s * (lr_now / lr_then) * (W_t - W_{t-1});
+
+   a parameter without optimizer state (before its first step) is not predicted, and the trajectory rule needs one
+   applied update, so it first predicts at the second optimizer step;
+2. forward and backward at W_hat for every micro-batch of the window, each loss divided by ``accumulate`` as
+   Lightning's ``accumulate_grad_batches`` does;
+3. restore W_t, ``optimizer.step()``, ``optimizer.zero_grad()``, then ``scheduler.step()`` when one is given (a
+   per-step schedule, Lightning's ``interval="step"``).
+
+Windows follow Lightning: a step after every ``accumulate`` micro-batches of an epoch and on the epoch's last batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+def windows(num_batches: int, accumulate: int) -> list[list[int]]:
+    """The batch indices of each optimizer step in one epoch, as Lightning groups them."""
+    result: list[list[int]] = []
+    current: list[int] = []
+    for index in range(num_batches):
+        current.append(index)
+        if (index + 1) % accumulate == 0 or index == num_batches - 1:
+            result.append(current)
+            current = []
+    return result
+
+
+def state_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
+    """The dW rule ``rule="auto"`` uses for a param group: ``"momentum"``, ``"adam"`` or ``"trajectory"``."""
+    if isinstance(optimizer, torch.optim.SGD):
+        if group["momentum"] > 0 and not group["nesterov"]:
+            return "momentum"
+        return "trajectory"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return "momentum" if group["momentum"] > 0 else "trajectory"
+    return "trajectory"
+
+
+def direction(rule: str, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+    """dW per unit lr for one parameter from its optimizer state (the state must not be empty)."""
+    if rule == "momentum":
+        return state["momentum_buffer"]
+    if rule == "adam":
+        beta1, beta2 = group["betas"]
+        k = float(state["step"])
+        second = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+        m_hat = state["exp_avg"] / (1 - beta1**k)
+        v_hat = second / (1 - beta2**k)
+        return m_hat / (v_hat.sqrt() + group["eps"])
+    raise ValueError(f"no state rule {rule!r}")
+
+
+def xgrad_reference(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[Batch],
+    loss_fn: LossFn,
+    steps: int | None,
+    accumulate: int = 1,
+    scheduler: Any = None,
+    rule: str = "auto",
+    epochs: int = 1,
+) -> None:
+    """Train ``net`` in place for ``epochs`` passes over ``batches`` with XGrad weight prediction.
+
+    Args:
+        net: the model; its parameters must be the ones ``optimizer`` holds.
+        optimizer: a fresh ``torch.optim`` optimizer over ``net``'s parameters.
+        batches: the micro-batches of one epoch, in order; the same list is replayed every epoch.
+        loss_fn: ``loss_fn(net, batch)`` returns the (undivided) loss of one micro-batch.
+        steps: the number of future steps to predict (s); ``None`` trains the baseline without prediction.
+        accumulate: micro-batches per optimizer step (Lightning's ``accumulate_grad_batches``).
+        scheduler: stepped once after every optimizer step, if given.
+        rule: ``"auto"`` (state rules where known, else the trajectory rule) or ``"trajectory"`` (everywhere).
+        epochs: passes over ``batches``.
+    """
+    if rule not in ("auto", "trajectory"):
+        raise ValueError(f"unknown rule {rule!r}")
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise NotImplementedError("the reference does not model maximize=True")
+
+    # The trajectory rule's memory: W_{t-1} (the weights before the last step) and lr_then (that step's lr).
+    previous: dict[Tensor, Tensor] = {}
+    lr_then: dict[Tensor, float] = {}
+
+    for _ in range(epochs):
+        for window in windows(len(batches), accumulate):
+            # 1. predict
+            real: dict[Tensor, Tensor] = {}
+            if steps is not None:
+                with torch.no_grad():
+                    for group in optimizer.param_groups:
+                        group_rule = "trajectory" if rule == "trajectory" else state_rule(optimizer, group)
+                        lr_now = float(group["lr"])
+                        for p in group["params"]:
+                            if group_rule == "trajectory":
+                                if p not in previous or lr_then[p] == 0:
+                                    continue
+                                w_hat = p + steps * (lr_now / lr_then[p]) * (p - previous[p])
+                            else:
+                                state = optimizer.state[p]
+                                if not state:
+                                    continue
+                                w_hat = p - steps * lr_now * direction(group_rule, group, state)
+                            real[p] = p.detach().clone()
+                            p.copy_(w_hat)
+
+            # 2. forward and backward at W_hat
+            for index in window:
+                loss = loss_fn(net, batches[index]) / accumulate
+                loss.backward()
+
+            # 3. restore, step
+            with torch.no_grad():
+                for p, value in real.items():
+                    p.copy_(value)
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        previous[p] = p.detach().clone()
+                        lr_then[p] = float(group["lr"])
+            optimizer.step()
+            optimizer.zero_grad()
+            if scheduler is not None:
+                scheduler.step()
