@@ -366,3 +366,18 @@ class Manual(TinyModule):
 def test_manual_optimization_is_refused_until_supported() -> None:
     with pytest.raises(MisconfigurationException, match="manual optimization"):
         _fit(Manual(), [XGradCallback()], max_epochs=1, n=16)
+
+
+def test_persistent_memory_is_at_most_one_copy_of_the_parameters() -> None:
+    xgrad = XGradCallback()
+    held: list[int] = []
+
+    class Measure(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, b: Any, i: int) -> None:
+            held.append(xgrad._snapshot.nbytes)
+
+    module = TinyModule(OPTIMIZERS["rmsprop"])  # the trajectory rule keeps its snapshot across steps
+    _fit(module, [xgrad, Measure()], max_epochs=2)
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert max(held) == param_bytes  # one buffer per parameter, reused every step, never more
+    assert xgrad._snapshot.nbytes == 0  # released at the end of fit
