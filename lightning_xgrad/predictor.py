@@ -10,7 +10,7 @@
 
 The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
 buckets (one param group, one device and dtype, one rule) and the plan is rebuilt only when the optimizer's state,
-param groups or frozen parameters change, so a step does no Python work per parameter beyond a few cheap checks.
+param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class OptimizerPredictor:
         known_lr = {p: b.lr_then for b in self._buckets if b.rule is None and b.lr_then is not None for p in b.params}
         known_lr.update(self._pending_trajectory)
         self._pending_trajectory = {}
-        grouped: dict[tuple[Any, ...], tuple[list[Tensor], list[tuple[Any, ...]]]] = {}
+        grouped: dict[tuple[Any, ...], tuple[PredictionRule | None, list[Tensor], list[tuple[Any, ...]]]] = {}
         complete = True
         for index, group in enumerate(self.optimizer.param_groups):
             rule = self.group_rule(group)
@@ -123,21 +123,20 @@ class OptimizerPredictor:
                     continue
                 if rule is None:
                     row: tuple[Any, ...] | None = ()
-                    bucket_key: tuple[Any, ...] = (index, None, p.device, p.dtype, known_lr.get(p))
+                    bucket_key: tuple[Any, ...] = (index, p.device, p.dtype, known_lr.get(p))
                 else:
                     row = rule.state_tensors(self.optimizer.state.get(p, {}))
                     if row is None:
                         complete = False
                         continue
-                    bucket_key = (index, id(rule), p.device, p.dtype)
-                params, rows = grouped.setdefault(bucket_key, ([], []))
+                    bucket_key = (index, p.device, p.dtype)
+                _, params, rows = grouped.setdefault(bucket_key, (rule, [], []))
                 params.append(p)
                 rows.append(row)
         buckets = []
-        for bucket_key, (params, rows) in grouped.items():
-            rule = self.group_rule(self.optimizer.param_groups[bucket_key[0]])
+        for bucket_key, (rule, params, rows) in grouped.items():
             columns = tuple(list(column) for column in zip(*rows, strict=True)) if rule is not None else ()
-            lr_then = bucket_key[4] if rule is None else None
+            lr_then = bucket_key[3] if rule is None else None
             buckets.append(_Bucket(bucket_key[0], rule, params, self.snapshot.buffers_for(params), columns, lr_then))
         self._buckets = buckets
         self._plan_key = key
