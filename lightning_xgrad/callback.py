@@ -16,16 +16,28 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .predictor import OptimizerPredictor, RuleChoice
+from .predictor import DTensor, OptimizerPredictor, RuleChoice
 from .snapshot import ParameterSnapshot
 
 _RULE_CHOICES = ("auto", "trajectory")
-_SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_REFUSED_STRATEGIES = {
+    FSDPStrategy: (
+        "outside forward its parameters are views of flat shards, and changes written through them may not persist "
+        "(pytorch issue 117742), so the prediction and the restore could be silently lost. Use "
+        "ModelParallelStrategy with `fully_shard` (FSDP2) in `configure_model`: XGrad predicts its DTensor shards "
+        "locally, with no communication."
+    ),
+    DeepSpeedStrategy: (
+        "its optimizer is a ZeRO wrapper over flat fp32 partitions and it accumulates gradients itself, so the "
+        "module's parameters are not what the optimizer updates. Use ModelParallelStrategy with `fully_shard` "
+        "(FSDP2) or strategy='ddp'."
+    ),
+}
 _CLOSURE_REEVALUATING = (torch.optim.LBFGS,)
 
 
@@ -89,19 +101,11 @@ class XGradCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        if isinstance(strategy, _SHARDED_STRATEGIES):
-            raise MisconfigurationException(
-                f"XGradCallback does not support {type(strategy).__name__} yet: its parameters and optimizer state "
-                "are sharded, and predicting them is not implemented. Use a data-parallel strategy "
-                "(strategy='ddp') or a single device."
-            )
-        if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "XGradCallback does not support manual optimization (automatic_optimization=False) yet; "
-                "use automatic optimization."
-            )
-        self._register_state_dict_hooks(pl_module)
+        for strategy_class, reason in _REFUSED_STRATEGIES.items():
+            if isinstance(trainer.strategy, strategy_class):
+                raise MisconfigurationException(
+                    f"XGradCallback does not support {type(trainer.strategy).__name__}: {reason}"
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for index, optimizer in enumerate(trainer.optimizers):
@@ -111,10 +115,22 @@ class XGradCallback(Callback):
                     "the closure several times per step, so the gradients would be taken at the real weights after "
                     "the first evaluation. Use a first-order optimizer such as SGD, Adam or AdamW."
                 )
+        owner: dict[torch.Tensor, int] = {}
+        for index, optimizer in enumerate(trainer.optimizers):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if owner.setdefault(p, index) != index:
+                        raise MisconfigurationException(
+                            f"XGradCallback: a parameter of shape {tuple(p.shape)} belongs to optimizers "
+                            f"{owner[p]} and {index}; each parameter must belong to one optimizer, since each "
+                            "optimizer's step restores its own parameters."
+                        )
         self._predictors = {
             id(optimizer): OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot)
             for optimizer in trainer.optimizers
         }
+        # after configure_model and the strategy's setup: the final modules, and FSDP2's DTensor parameters
+        self._register_state_dict_hooks(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The first hook where a resumed optimizer's state is in place (loaded after on_fit_start).
@@ -162,16 +178,18 @@ class XGradCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # With several optimizers (manual optimization) each step restores its own optimizer's parameters; the
+        # others keep their prediction until they step or the batch ends.
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
             predictor.restore(stepped=True)
-        self._window_open = False
+        self._window_open = any(p.phase != "idle" for p in self._predictors.values())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # A batch that should have ended the window but reached no optimizer step (an overridden optimizer_step
-        # that skips, say): the window is over, so the prediction must not outlive it.
+        # A batch that ends the window but where an optimizer did not step (manual optimization that skips one,
+        # an overridden optimizer_step that skips): the window is over, so the prediction must not outlive it.
         if not trainer.fit_loop.epoch_loop._should_accumulate():
             self._restore_all(stepped=False)
 
@@ -218,13 +236,23 @@ class XGradCallback(Callback):
             for name, param in module._parameters.items():
                 key = prefix + name
                 value = real.get(param) if param is not None else None
-                if value is not None and key in state_dict and state_dict[key] is not param:  # keep_vars keeps vars
-                    state_dict[key] = value.detach()
+                if value is None or key not in state_dict or state_dict[key] is param:  # keep_vars keeps vars
+                    continue
+                if isinstance(param, DTensor):
+                    value = DTensor.from_local(
+                        value,
+                        param.device_mesh,
+                        param.placements,
+                        run_check=False,
+                        shape=param.shape,
+                        stride=param.stride(),
+                    )
+                state_dict[key] = value.detach()
 
         return hook
 
     def _real_values(self) -> dict[Tensor, Tensor]:
-        return {p: b for predictor in self._predictors.values() for p, b in predictor.predicted_params()}
+        return {p: real for predictor in self._predictors.values() for p, _, real in predictor.predicted_params()}
 
     # ------------------------------------------------------------------ helpers
     def _restore_all(self, stepped: bool) -> None:
@@ -237,9 +265,15 @@ class XGradCallback(Callback):
 
     @torch.no_grad()
     def _shift_norms(self) -> tuple[Tensor, Tensor]:
-        pairs = [pair for predictor in self._predictors.values() for pair in predictor.predicted_params()]
-        params = [p for p, _ in pairs]
-        real = [b for _, b in pairs]
-        shift = torch.stack([d.norm().float() for d in torch._foreach_sub(params, real)]).norm()
-        norm = torch.stack([b.norm().float() for b in real]).norm()
-        return shift, norm
+        triples = [t for predictor in self._predictors.values() for t in predictor.predicted_params()]
+        predicted = [local for _, local, _ in triples]
+        real = [value for _, _, value in triples]
+        squares = torch.stack(
+            [
+                torch.stack([d.float().square().sum() for d in torch._foreach_sub(predicted, real)]).sum(),
+                torch.stack([r.float().square().sum() for r in real]).sum(),
+            ]
+        )
+        if any(isinstance(p, DTensor) for p, _, _ in triples) and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)  # sums of the shards (logging steps only)
+        return squares[0].sqrt(), squares[1].sqrt()

@@ -25,6 +25,17 @@ from .rules import PredictionRule, extrapolate_, rule_for
 from .rules._foreach import as_float
 from .snapshot import ParameterSnapshot
 
+try:  # DTensor (FSDP2, tensor parallel): predict on the local shard, elementwise, with no communication
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local_tensor(value: Any) -> Any:
+    """The rank-local shard of a DTensor (a view: in-place writes land in the DTensor), anything else as it is."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
 RuleChoice = Literal["auto", "trajectory"]
 Phase = Literal["idle", "predicted", "suspended"]
 
@@ -35,6 +46,9 @@ class _Bucket:
 
     group_index: int
     rule: PredictionRule | None
+    #: the parameters as the optimizer holds them (keys for the snapshot and for state_dict hooks)
+    owners: list[Tensor]
+    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters
     params: list[Tensor]
     buffers: list[Tensor]
     columns: tuple[list[Any], ...] = ()
@@ -111,7 +125,7 @@ class OptimizerPredictor:
         self._plan_key = None
 
     def _build_plan(self, key: tuple[Any, ...]) -> None:
-        known_lr = {p: b.lr_then for b in self._buckets if b.rule is None and b.lr_then is not None for p in b.params}
+        known_lr = {p: b.lr_then for b in self._buckets if b.rule is None and b.lr_then is not None for p in b.owners}
         known_lr.update(self._pending_trajectory)
         self._pending_trajectory = {}
         grouped: dict[tuple[Any, ...], tuple[PredictionRule | None, list[Tensor], list[tuple[Any, ...]]]] = {}
@@ -129,15 +143,18 @@ class OptimizerPredictor:
                     if row is None:
                         complete = False
                         continue
+                    row = tuple(local_tensor(entry) for entry in row)
                     bucket_key = (index, p.device, p.dtype)
-                _, params, rows = grouped.setdefault(bucket_key, (rule, [], []))
-                params.append(p)
+                _, owners, rows = grouped.setdefault(bucket_key, (rule, [], []))
+                owners.append(p)
                 rows.append(row)
         buckets = []
-        for bucket_key, (rule, params, rows) in grouped.items():
+        for bucket_key, (rule, owners, rows) in grouped.items():
             columns = tuple(list(column) for column in zip(*rows, strict=True)) if rule is not None else ()
             lr_then = bucket_key[3] if rule is None else None
-            buckets.append(_Bucket(bucket_key[0], rule, params, self.snapshot.buffers_for(params), columns, lr_then))
+            params = [local_tensor(p) for p in owners]
+            buffers = self.snapshot.buffers_for(owners, params)
+            buckets.append(_Bucket(bucket_key[0], rule, owners, params, buffers, columns, lr_then))
         self._buckets = buckets
         self._plan_key = key
         self._plan_state = self.optimizer.state
@@ -214,18 +231,20 @@ class OptimizerPredictor:
             if bucket.modified:
                 ParameterSnapshot.swap(bucket.params, bucket.buffers)
 
-    def predicted_params(self) -> list[tuple[Tensor, Tensor]]:
-        """``(parameter, real value)`` pairs for every parameter that holds a prediction now."""
+    def predicted_params(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``(parameter, predicted local tensor, real local value)`` for every parameter holding a prediction now."""
         if self.phase != "predicted":
             return []
-        return [(p, b) for k in self._buckets if k.modified for p, b in zip(k.params, k.buffers, strict=True)]
+        return [
+            triple for k in self._buckets if k.modified for triple in zip(k.owners, k.params, k.buffers, strict=True)
+        ]
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """What the trajectory rule needs after a resume: the weights before the last step and that step's lr.
 
         Keys are flat parameter indices in param-group order, as in ``optimizer.state_dict()``. Empty for state
-        rules, and while a step is in progress (a resume then skips one prediction).
+        rules, for sharded (DTensor) parameters and while a step is in progress: a resume then skips one prediction.
         """
         previous: dict[int, Tensor] = {}
         lr_then: dict[int, float] = {}
@@ -233,7 +252,9 @@ class OptimizerPredictor:
             index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
             for bucket in self._buckets:
                 if bucket.rule is None and bucket.lr_then is not None:
-                    for p, b in zip(bucket.params, bucket.buffers, strict=True):
+                    for p, b in zip(bucket.owners, bucket.buffers, strict=True):
+                        if isinstance(p, DTensor):  # a rank's shard is not a checkpoint entry: skip one prediction
+                            continue
                         previous[index[p]] = b
                         lr_then[index[p]] = bucket.lr_then
         return {"previous": previous, "lr_then": lr_then}
@@ -244,7 +265,7 @@ class OptimizerPredictor:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for i, value in state.get("previous", {}).items():
             p = params[int(i)]
-            self.snapshot.buffers_for([p])[0].copy_(value)
+            self.snapshot.buffers_for([p], [local_tensor(p)])[0].copy_(value)
             self._pending_trajectory[p] = float(state["lr_then"][i])
         self._buckets = []
         self.invalidate()

@@ -22,14 +22,15 @@ class ParameterSnapshot:
     def __init__(self) -> None:
         self._buffers: dict[Tensor, Tensor] = {}
 
-    def buffers_for(self, params: Iterable[Tensor]) -> list[Tensor]:
-        """The buffer of each parameter, allocated (uninitialised) the first time it is asked for."""
+    def buffers_for(self, keys: Iterable[Tensor], like: Iterable[Tensor]) -> list[Tensor]:
+        """The buffer of each key (a parameter), shaped like the matching tensor of ``like`` (the parameter or its
+        local shard), allocated uninitialised the first time it is asked for."""
         out = []
-        for p in params:
-            buffer = self._buffers.get(p)
-            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
-                buffer = torch.empty_like(p, memory_format=torch.preserve_format).detach()
-                self._buffers[p] = buffer
+        for key, t in zip(keys, like, strict=True):
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype or buffer.device != t.device:
+                buffer = torch.empty_like(t, memory_format=torch.preserve_format).detach()
+                self._buffers[key] = buffer
             out.append(buffer)
         return out
 

@@ -175,8 +175,8 @@ def test_chunks_cover_every_tensor_once_within_the_budget() -> None:
 def test_snapshot_save_restore_and_swap_are_exact() -> None:
     params = [p.detach() for p in _params()]
     cache = ParameterSnapshot()
-    buffers = cache.buffers_for(params)
-    assert cache.buffers_for(params)[0] is buffers[0]  # allocated once, reused
+    buffers = cache.buffers_for(params, params)
+    assert cache.buffers_for(params, params)[0] is buffers[0]  # allocated once, reused
     originals = [p.clone() for p in params]
     cache.save(params, buffers)
     for p in params:
