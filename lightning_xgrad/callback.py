@@ -268,12 +268,26 @@ class XGradCallback(Callback):
         triples = [t for predictor in self._predictors.values() for t in predictor.predicted_params()]
         predicted = [local for _, local, _ in triples]
         real = [value for _, _, value in triples]
-        squares = torch.stack(
-            [
-                torch.stack([d.float().square().sum() for d in torch._foreach_sub(predicted, real)]).sum(),
-                torch.stack([r.float().square().sum() for r in real]).sum(),
-            ]
-        )
+        shift = torch.stack([d.float().square().sum() for d in torch._foreach_sub(predicted, real)])
+        norm = torch.stack([r.float().square().sum() for r in real])
         if any(isinstance(p, DTensor) for p, _, _ in triples) and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(squares)  # sums of the shards (logging steps only)
+            # Sum the local shards over ranks (logging steps only), counting replicated elements once.
+            weights = torch.tensor([1.0 / _ranks_holding(p) for p, _, _ in triples], device=shift.device)
+            squares = torch.stack([(shift * weights).sum(), (norm * weights).sum()])
+            torch.distributed.all_reduce(squares)
+        else:
+            squares = torch.stack([shift.sum(), norm.sum()])
         return squares[0].sqrt(), squares[1].sqrt()
+
+
+def _ranks_holding(param: Tensor) -> int:
+    """How many ranks hold each element of ``param``'s local tensor: the world over the ranks that shard it."""
+    world = torch.distributed.get_world_size()
+    if not isinstance(param, DTensor):
+        return world
+    mesh = param.device_mesh
+    sharding = 1
+    for dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            sharding *= mesh.size(dim)
+    return world // sharding
