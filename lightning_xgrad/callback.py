@@ -131,6 +131,9 @@ class XGradCallback(Callback):
         }
         # after configure_model and the strategy's setup: the final modules, and FSDP2's DTensor parameters
         self._register_state_dict_hooks(pl_module)
+        for index, optimizer in enumerate(trainer.optimizers):
+            self._hook_handles.append(optimizer.register_step_pre_hook(self._restore_before_raw_step))
+            self._hook_handles.append(optimizer.register_step_post_hook(self._check_stepped_real_weights(index)))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The first hook where a resumed optimizer's state is in place (loaded after on_fit_start).
@@ -178,12 +181,35 @@ class XGradCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._restore_for_step(optimizer)
+
+    def _restore_for_step(self, optimizer: torch.optim.Optimizer) -> None:
         # With several optimizers (manual optimization) each step restores its own optimizer's parameters; the
         # others keep their prediction until they step or the batch ends.
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
             predictor.restore(stepped=True)
         self._window_open = any(p.phase != "idle" for p in self._predictors.values())
+
+    def _restore_before_raw_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """A step with no closure has its gradients already (a raw ``optimizer.step()`` in manual optimization, or
+        AMP's ``scaler.step`` after on_before_optimizer_step): the real weights go back first. Lightning's own steps
+        carry a closure that runs the forward pass, so those wait for on_before_optimizer_step."""
+        if kwargs.get("closure", args[1] if len(args) > 1 else None) is None:  # args[0] is the optimizer
+            self._restore_for_step(optimizer)
+
+    def _check_stepped_real_weights(self, index: int) -> Callable[..., None]:
+        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            predictor = self._predictors.get(id(optimizer))
+            if predictor is not None and predictor.phase != "idle":
+                raise RuntimeError(
+                    f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) stepped while its parameters "
+                    "held predicted weights, so its update would be lost at the restore. Step it through the "
+                    "LightningOptimizer that `self.optimizers()` returns, or call `optimizer.step()` without a "
+                    "closure after the backward pass."
+                )
+
+        return hook
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

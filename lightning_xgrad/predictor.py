@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .rules import PredictionRule, extrapolate_, rule_for
+from .rules import PredictionRule, extrapolate_, rewind_, rule_for
 from .rules._foreach import as_float
 from .snapshot import ParameterSnapshot
 
@@ -52,8 +52,10 @@ class _Bucket:
     params: list[Tensor]
     buffers: list[Tensor]
     columns: tuple[list[Any], ...] = ()
-    #: trajectory only: the lr of the step taken since the buffers were written; None while that is unknown
+    #: trajectory only: the lr of the last step, whose start the buffers hold while idle; None while unknown
     lr_then: float | None = None
+    #: trajectory only: the extrapolation factor in place while predicted, to rewind a step that never happens
+    factor: float | None = None
     modified: bool = field(default=False, init=False)
     snapshotted: bool = field(default=False, init=False)
 
@@ -177,9 +179,10 @@ class OptimizerPredictor:
             group = groups[bucket.group_index]
             bucket.modified = bucket.snapshotted = False
             if bucket.rule is None:
-                lr_then, bucket.lr_then = bucket.lr_then, None
-                if enabled and lr_then:
-                    extrapolate_(bucket.params, bucket.buffers, self.steps * as_float(group["lr"]) / lr_then)
+                bucket.factor = None
+                if enabled and bucket.lr_then:
+                    bucket.factor = self.steps * as_float(group["lr"]) / bucket.lr_then
+                    extrapolate_(bucket.params, bucket.buffers, bucket.factor)
                     bucket.modified = True
                 else:
                     ParameterSnapshot.save(bucket.params, bucket.buffers)
@@ -205,10 +208,17 @@ class OptimizerPredictor:
             return
         groups = self.optimizer.param_groups
         for bucket in self._buckets:
-            if bucket.modified:
-                ParameterSnapshot.restore(bucket.params, bucket.buffers)
-            if bucket.rule is None and bucket.snapshotted and stepped:
+            if bucket.rule is not None or not bucket.snapshotted:
+                if bucket.modified:
+                    ParameterSnapshot.restore(bucket.params, bucket.buffers)
+            elif stepped:  # trajectory: the buffers now hold the start of this step, taken with this lr
+                if bucket.modified:
+                    ParameterSnapshot.restore(bucket.params, bucket.buffers)
                 bucket.lr_then = as_float(groups[bucket.group_index]["lr"])
+            elif bucket.modified:  # trajectory, no update happened: keep extrapolating along the last one
+                rewind_(bucket.params, bucket.buffers, bucket.factor)
+            else:  # trajectory, the snapshot overwrote the start of the last step: that direction is lost
+                bucket.lr_then = None
             bucket.modified = bucket.snapshotted = False
         self.phase = "idle"
 

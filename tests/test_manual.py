@@ -46,10 +46,12 @@ class TwoOptimizers(TinyModule):
             opt_b.step()
 
 
-def _reference(steps: int | None, epochs: int) -> nn.Module:
+def _reference(steps: int | None, epochs: int, rule: str = "auto") -> nn.Module:
     net = make_net()
     opt_a, opt_b = _optimizers(net)
     data = batches(*make_data(64), batch_size=8)
+    previous: dict[nn.Parameter, torch.Tensor] = {}  # trajectory: weights before the optimizer's last real step
+    lr_then: dict[nn.Parameter, float] = {}
     for _ in range(epochs):
         for i, (x, y) in enumerate(data):
             real: dict[nn.Parameter, torch.Tensor] = {}
@@ -58,7 +60,10 @@ def _reference(steps: int | None, epochs: int) -> nn.Module:
                     for optimizer in (opt_a, opt_b):
                         for group in optimizer.param_groups:
                             for p in group["params"]:
-                                if optimizer.state[p]:
+                                if rule == "trajectory" and p in previous:
+                                    real[p] = p.detach().clone()
+                                    p += steps * (group["lr"] / lr_then[p]) * (p - previous[p])
+                                elif rule == "auto" and optimizer.state[p]:
                                     real[p] = p.detach().clone()
                                     p -= (
                                         steps
@@ -78,15 +83,56 @@ def _reference(steps: int | None, epochs: int) -> nn.Module:
                         if p in real:
                             p.copy_(real[p])
             for optimizer in stepping:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        previous[p], lr_then[p] = p.detach().clone(), group["lr"]
                 optimizer.step()
     return net
 
 
-@pytest.mark.parametrize("steps", [1, 2])
-def test_two_optimizers_match_the_reference(steps: int) -> None:
+@pytest.mark.parametrize(("steps", "rule"), [(1, "auto"), (2, "auto"), (1, "trajectory"), (2, "trajectory")])
+def test_two_optimizers_match_the_reference(steps: int, rule: str) -> None:
+    """The second optimizer skips every other batch; under the trajectory rule it must still be predicted from its
+    last real update, also on the batches where it steps."""
     module = TwoOptimizers()
-    trainer(callbacks=[XGradCallback(steps=steps)], max_epochs=3).fit(module, loader(*make_data(64), batch_size=8))
-    expected = flat(_reference(steps, epochs=3))
+    callback = XGradCallback(steps=steps, rule=rule)
+    trainer(callbacks=[callback], max_epochs=3).fit(module, loader(*make_data(64), batch_size=8))
+    expected = flat(_reference(steps, epochs=3, rule=rule))
     torch.testing.assert_close(flat(module), expected, rtol=1e-5, atol=1e-6)
     baseline = flat(_reference(None, epochs=3))
     assert (baseline - expected).abs().max() > 1e-3  # the prediction really changed the run
+
+
+class RawOptimizers(TwoOptimizers):
+    """The same training with the raw torch optimizers (``use_pl_optimizer=False``): no on_before_optimizer_step."""
+
+    def __init__(self, with_closure: bool = False) -> None:
+        super().__init__()
+        self.with_closure = with_closure
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        opt_a, opt_b = self.optimizers(use_pl_optimizer=False)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        x, y = batch
+        self.manual_backward(nn.functional.mse_loss(self(x), y))
+        if self.with_closure:
+            opt_a.step(lambda: None)
+        else:
+            opt_a.step()
+        if batch_idx % B_EVERY == 0:
+            opt_b.step()
+
+
+def test_raw_optimizer_steps_restore_first_and_train_like_lightning_optimizers() -> None:
+    lightning_steps, raw_steps = TwoOptimizers(), RawOptimizers()
+    for module in (lightning_steps, raw_steps):
+        trainer(callbacks=[XGradCallback()], max_epochs=3).fit(module, loader(*make_data(64), batch_size=8))
+    assert torch.equal(flat(raw_steps), flat(lightning_steps))
+
+
+def test_a_raw_step_with_a_closure_on_predicted_weights_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match=r"optimizer 0 \(Adam\) stepped while its parameters held predicted weights"):
+        trainer(callbacks=[XGradCallback()], max_epochs=2).fit(
+            RawOptimizers(with_closure=True), loader(*make_data(64), batch_size=8)
+        )

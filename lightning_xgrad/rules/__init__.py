@@ -11,7 +11,7 @@ import torch
 from .adam import AdamRule
 from .base import PredictionRule
 from .momentum import MomentumBufferRule, RMSpropRule, SGDRule
-from .trajectory import extrapolate_
+from .trajectory import extrapolate_, rewind_
 
 _REGISTRY: dict[type[torch.optim.Optimizer], PredictionRule] = {
     torch.optim.SGD: SGDRule(),
@@ -43,5 +43,6 @@ __all__ = [
     "SGDRule",
     "extrapolate_",
     "register_rule",
+    "rewind_",
     "rule_for",
 ]

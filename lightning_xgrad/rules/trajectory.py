@@ -20,3 +20,13 @@ def extrapolate_(params: list[Tensor], previous: list[Tensor], factor: float) ->
         delta = torch._foreach_sub(params[part], previous[part])
         torch._foreach_copy_(previous[part], params[part])
         torch._foreach_add_(params[part], delta, alpha=factor)
+
+
+def rewind_(params: list[Tensor], previous: list[Tensor], factor: float) -> None:
+    """Undo :func:`extrapolate_` for a step that never happened: ``params <- previous`` (exactly, the real weights) and
+    ``previous <- previous - (params_old - previous) / factor``, the weights before the last step again up to rounding,
+    so the next prediction can still extrapolate along the last applied update."""
+    for part in chunk_slices(params):
+        delta = torch._foreach_sub(params[part], previous[part])
+        torch._foreach_copy_(params[part], previous[part])
+        torch._foreach_add_(previous[part], delta, alpha=-1.0 / factor)
