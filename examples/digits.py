@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import Literal, cast, get_args
 
 import lightning as L
 import torch
+from _report import method_name, print_table, summary  # beside this file
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -179,47 +179,6 @@ def train(
     return {name: float(trainer.callback_metrics[name]) for name in ("val_loss", "val_acc")}
 
 
-def _method_name(steps: int | None) -> str:
-    return "baseline" if steps is None else f"XGrad s={steps}"
-
-
-def _summary(values: list[float], signed: bool = False) -> str:
-    fmt = "+.4f" if signed else ".4f"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):.4f}"
-
-
-def _print_table(title: str, caption: str, header: list[str], rows: list[list[str]]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-        print(title)
-        for i, row in enumerate([header, *rows]):
-            pairs = enumerate(zip(row, widths, strict=True))
-            cells = [cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in pairs]
-            print("  ".join(cells).rstrip())
-            if i == 0:
-                print("  ".join("-" * w for w in widths))
-        print(caption)
-        return
-    table = Table(title=title, caption=caption)
-    for j, name in enumerate(header):
-        table.add_column(name, justify="left" if j < 2 else "right")
-    previous = None
-    for row in rows:
-        if previous is not None and row[0] != previous:
-            table.add_section()
-        previous = row[0]
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # piped or in CI: rich would wrap at 80 columns, print at full width
-        console = Console(width=200)
-    console.print(table)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run baseline and XGrad for every optimizer and seed, then print the comparison table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -250,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                 metrics = train(steps, optimizer, epochs=args.epochs, seed=seed, progress_bar=progress_bar)
                 results.setdefault((optimizer, steps), []).append(metrics)
                 print(
-                    f"[{optimizer} seed={seed} {_method_name(steps)}] val_loss={metrics['val_loss']:.4f} "
+                    f"[{optimizer} seed={seed} {method_name(steps)}] val_loss={metrics['val_loss']:.4f} "
                     f"val_acc={metrics['val_acc']:.4f} ({time.perf_counter() - t0:.1f}s)",
                     flush=True,
                 )
@@ -261,19 +220,19 @@ def main(argv: list[str] | None = None) -> None:
         base = results[(optimizer, None)]
         for steps in methods:
             runs = results[(optimizer, steps)]
-            row = [optimizer, _method_name(steps)]
-            row += [_summary([r[k] for r in runs]) for k in ("val_loss", "val_acc")]
+            row = [optimizer, method_name(steps)]
+            row += [summary([r[k] for r in runs], digits=4) for k in ("val_loss", "val_acc")]
             if steps is None:
                 row += ["", ""]
             else:
                 for key in ("val_loss", "val_acc"):
                     deltas = [r[key] - b[key] for r, b in zip(runs, base, strict=True)]
-                    row.append(_summary(deltas, signed=True))
+                    row.append(summary(deltas, signed=True, digits=4))
             rows.append(row)
     epochs = f"{args.epochs} epoch" + ("s" if args.epochs > 1 else "")
     seeds = f"mean ± std over {args.seeds} seeds" if args.seeds > 1 else "1 seed"
     caption = "Δ = XGrad - baseline, run for run at the same seed"
-    _print_table(f"Digits, final validation after {epochs}, {seeds}", caption, header, rows)
+    print_table(f"Digits, final validation after {epochs}, {seeds}", caption, header, rows, label_columns=2)
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"wall time (all runs): {time.perf_counter() - start:.1f}s")
 

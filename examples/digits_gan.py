@@ -30,7 +30,6 @@ import functools
 import itertools
 import math
 import shlex
-import statistics
 import sys
 import time
 import warnings
@@ -38,6 +37,7 @@ import warnings
 import lightning as L
 import numpy as np
 import torch
+from _report import method_name, print_table, summary  # beside this file
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -281,43 +281,6 @@ def reference_scores() -> dict[str, float]:
     }
 
 
-def _method_name(steps: int | None) -> str:
-    return "baseline" if steps is None else f"XGrad s={steps}"
-
-
-def _summary(values: list[float], signed: bool = False) -> str:
-    fmt = "+.3f" if signed else ".3f"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):.3f}"
-
-
-def _print_table(title: str, caption: str, header: list[str], rows: list[list[str]]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-        print(title)
-        for i, row in enumerate([header, *rows]):
-            pairs = enumerate(zip(row, widths, strict=True))
-            cells = [cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in pairs]
-            print("  ".join(cells).rstrip())
-            if i == 0:
-                print("  ".join("-" * w for w in widths))
-        print(caption)
-        return
-    table = Table(title=title, caption=caption)
-    for j, name in enumerate(header):
-        table.add_column(name, justify="left" if j == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # piped or in CI: rich would wrap at 80 columns, print at full width
-        console = Console(width=200)
-    console.print(table)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the baseline and every requested XGrad s for every seed, then print the comparison table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -346,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             results.setdefault(steps, []).append(metrics)
             print(
-                f"[seed={seed} {_method_name(steps)}] val_fd={metrics['val_fd']:.3f} val_is={metrics['val_is']:.3f} "
+                f"[seed={seed} {method_name(steps)}] val_fd={metrics['val_fd']:.3f} val_is={metrics['val_is']:.3f} "
                 f"d_loss={metrics['d_loss']:.3f} g_loss={metrics['g_loss']:.3f} ({time.perf_counter() - t0:.1f}s)",
                 flush=True,
             )
@@ -360,19 +323,19 @@ def main(argv: list[str] | None = None) -> None:
     base = results[None]
     for steps in methods:
         runs = results[steps]
-        row = [_method_name(steps), *(_summary([r[k] for r in runs]) for k in ("val_fd", "val_is"))]
+        row = [method_name(steps), *(summary([r[k] for r in runs], digits=3) for k in ("val_fd", "val_is"))]
         if steps is None:
             row += ["", ""]
         else:
             for key in ("val_fd", "val_is"):
-                row.append(_summary([r[key] - b[key] for r, b in zip(runs, base, strict=True)], signed=True))
+                row.append(summary([r[key] - b[key] for r, b in zip(runs, base, strict=True)], signed=True, digits=3))
         rows.append(row)
     reference = reference_scores()
     epochs = f"{args.epochs} epoch" + ("s" if args.epochs > 1 else "")
     seeds = f"mean ± std over {args.seeds} seeds" if args.seeds > 1 else "1 seed"
     g_every = f", generator stepped every {args.g_every} batches" if args.g_every > 1 else ""
     caption = "Δ = XGrad - baseline, run for run at the same seed"
-    _print_table(f"Digits GAN, final validation after {epochs}{g_every}, {seeds}", caption, header, rows)
+    print_table(f"Digits GAN, final validation after {epochs}{g_every}, {seeds}", caption, header, rows)
     print(
         f"real data for scale: val_fd {reference['val_fd']:.3f} between two halves of the digits, "
         f"val_is {reference['val_is']:.3f} of all the digits"

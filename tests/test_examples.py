@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
+from .toolkit import load_example
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("digits_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("digits")
 
 
 def test_digits_example_trains_with_and_without_xgrad() -> None:

@@ -9,9 +9,7 @@ module's own ``on_before_optimizer_step`` (which Lightning calls after the callb
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -22,9 +20,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_xgrad import XGradCallback
 
-from .toolkit import flat, trainer
+from .toolkit import flat, load_example, trainer
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_gan.py"
 BATCHES = 6  # batch 0 predicts nothing (no Adam state yet); batches 1..5 run at predictions
 
 Weights = tuple[torch.Tensor, torch.Tensor]  # (generator, discriminator), flattened
@@ -32,11 +29,7 @@ Weights = tuple[torch.Tensor, torch.Tensor]  # (generator, discriminator), flatt
 
 @pytest.fixture(scope="module")
 def gan() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("digits_gan_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("digits_gan")
 
 
 def test_gan_example_trains_with_and_without_xgrad(gan: ModuleType) -> None:
