@@ -60,6 +60,10 @@ def state_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
         return "adam"
     if isinstance(optimizer, torch.optim.RMSprop):
         return "momentum" if group["momentum"] > 0 else "trajectory"
+    if isinstance(optimizer, torch.optim.Adamax):
+        return "adamax"
+    if isinstance(optimizer, torch.optim.RAdam):
+        return "radam"
     return "trajectory"
 
 
@@ -74,6 +78,19 @@ def direction(rule: str, group: dict[str, Any], state: dict[str, Any]) -> Tensor
         m_hat = state["exp_avg"] / (1 - beta1**k)
         v_hat = second / (1 - beta2**k)
         return m_hat / (v_hat.sqrt() + group["eps"])
+    if rule == "adamax":  # Kingma & Ba, Algorithm 2: m_hat over the exponentially weighted infinity norm
+        k = float(state["step"])
+        return state["exp_avg"] / (1 - group["betas"][0] ** k) / state["exp_inf"]
+    if rule == "radam":  # Liu et al. 2020, Algorithm 2; torch puts eps on sqrt(v), before the bias correction
+        beta1, beta2 = group["betas"]
+        k = float(state["step"])
+        m_hat = state["exp_avg"] / (1 - beta1**k)
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = rho_inf - 2 * k * beta2**k / (1 - beta2**k)
+        if rho <= 5:
+            return m_hat
+        r = ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)) ** 0.5
+        return r * m_hat * (1 - beta2**k) ** 0.5 / (state["exp_avg_sq"].sqrt() + group["eps"])
     raise ValueError(f"no state rule {rule!r}")
 
 

@@ -37,6 +37,11 @@ FACTORIES = {
     **OPTIMIZERS,
     "adamw_decay0.5": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.5),
     "amsgrad_b2_0.9": lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.9, 0.9), amsgrad=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "radam": lambda p: torch.optim.RAdam(p, lr=0.05),  # momentum-only for 5 steps: a larger lr shows XGrad
+    # decoupled decay again separates the state rule (without it) from the trajectory rule (with it)
+    "radam_decoupled0.5": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.5, decoupled_weight_decay=True),
+    "adamax_l2": lambda p: torch.optim.Adamax(p, lr=0.01, weight_decay=0.1),
 }
 
 
@@ -114,6 +119,15 @@ FORCED_TRAJECTORY = [
     _case(Case("adam", steps=1, rule="trajectory", **ACCUMULATION), "adam-rule_trajectory-accumulate3"),
 ]
 
+MORE_STATE_RULES = [
+    _case(Case("adamax", steps=1), "adamax-s1"),
+    _case(Case("adamax_l2", steps=2, schedule=warmup_then_decay), "adamax_l2-s2-warmup_decay"),
+    _case(Case("radam", steps=1), "radam-s1"),
+    _case(Case("radam", steps=2, **ACCUMULATION), "radam-s2-accumulate3"),
+    _case(Case("radam_decoupled0.5", steps=1), "radam_decoupled0.5-s1"),
+    _case(Case("radam_decoupled0.5", steps=1, rule="trajectory"), "radam_decoupled0.5-rule_trajectory-s1"),
+]
+
 
 def mse(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
@@ -170,7 +184,7 @@ def assert_far(a: Tensor, b: Tensor, what: str) -> None:
 
 
 def test_cases_cover_twenty_steps() -> None:
-    cases = [p.values[0] for p in PER_OPTIMIZER + SCHEDULED + ACCUMULATED + FORCED_TRAJECTORY]
+    cases = [p.values[0] for p in PER_OPTIMIZER + SCHEDULED + ACCUMULATED + FORCED_TRAJECTORY + MORE_STATE_RULES]
     assert min(optimizer_steps(case) for case in cases) >= 20
     accumulated = [case for case in cases if case.accumulate > 1]
     assert all(len(case.batches()) % case.accumulate != 0 for case in accumulated)
@@ -194,7 +208,7 @@ def test_reference_baseline_matches_plain_trainer(case: Case) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the callback
-@pytest.mark.parametrize("case", PER_OPTIMIZER + SCHEDULED + ACCUMULATED + FORCED_TRAJECTORY)
+@pytest.mark.parametrize("case", PER_OPTIMIZER + SCHEDULED + ACCUMULATED + FORCED_TRAJECTORY + MORE_STATE_RULES)
 def test_callback_matches_reference(case: Case) -> None:
     got = fit_trainer(case, XGradCallback(steps=case.steps, rule=case.rule))
     expected = fit_reference(case, steps=case.steps)
@@ -221,3 +235,10 @@ def test_forced_trajectory_differs_from_state_rule_on_adamw() -> None:
     trajectory = Case("adamw_decay0.5", rule="trajectory")
     state = Case("adamw_decay0.5", rule="auto")
     assert_far(fit_reference(trajectory, 1), fit_reference(state, 1), "AdamW trajectory vs state rule")
+
+
+def test_forced_trajectory_differs_from_state_rule_on_radam() -> None:
+    """RAdam's decoupled decay, like AdamW's, is in the applied update but not in the state rule's dW."""
+    trajectory = Case("radam_decoupled0.5", rule="trajectory")
+    state = Case("radam_decoupled0.5", rule="auto")
+    assert_far(fit_reference(trajectory, 1), fit_reference(state, 1), "RAdam trajectory vs state rule")

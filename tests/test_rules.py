@@ -61,17 +61,57 @@ STATE_RULE_CASES = {
     "adam_foreach_false": lambda p: torch.optim.Adam(p, lr=LR, foreach=False),
     "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=LR, momentum=0.9),
     "rmsprop_centered_momentum": lambda p: torch.optim.RMSprop(p, lr=LR, momentum=0.7, centered=True),
+    "adamax": lambda p: torch.optim.Adamax(p, lr=LR),
+    "adamax_l2_maximize": lambda p: torch.optim.Adamax(p, lr=LR, betas=(0.8, 0.9), weight_decay=0.1, maximize=True),
+    "adamax_foreach": lambda p: torch.optim.Adamax(p, lr=LR, foreach=True),
+    "radam": lambda p: torch.optim.RAdam(p, lr=LR),
+    "radam_foreach_l2": lambda p: torch.optim.RAdam(p, lr=LR, weight_decay=0.1, foreach=True),
+    "radam_fast_b2": lambda p: torch.optim.RAdam(p, lr=LR, betas=(0.9, 0.9)),
 }
 
 
+@pytest.mark.parametrize("n_steps", [4, 9], ids=["4_steps", "9_steps"])
 @pytest.mark.parametrize("name", list(STATE_RULE_CASES))
-def test_state_rule_equals_the_update_the_optimizer_applied(name: str) -> None:
+def test_state_rule_equals_the_update_the_optimizer_applied(name: str, n_steps: int) -> None:
+    """9 steps take RAdam past its rectification threshold (rho_k > 5 from step 6 with b2 = 0.999)."""
     params = _params()
     optimizer = STATE_RULE_CASES[name](params)
-    applied, _ = _run(optimizer, params, n_steps=4)
+    applied, _ = _run(optimizer, params, n_steps=n_steps)
     direction = _rule_direction(optimizer, params)
     for a, d in zip(applied, direction, strict=True):
         torch.testing.assert_close(a, LR * d, rtol=1e-10, atol=1e-12)
+
+
+def test_radam_direction_leaves_out_decoupled_decay() -> None:
+    params = _params()
+    wd = 0.3
+    optimizer = torch.optim.RAdam(params, lr=LR, weight_decay=wd, decoupled_weight_decay=True)
+    applied, before = _run(optimizer, params, n_steps=8)
+    direction = _rule_direction(optimizer, params)
+    for a, d, w in zip(applied, direction, before, strict=True):
+        torch.testing.assert_close(a, LR * wd * w + LR * d, rtol=1e-10, atol=1e-12)
+
+
+def test_radam_rule_matches_the_formula_on_both_sides_of_the_threshold() -> None:
+    """By hand from the paper's formulas: momentum alone at k=3, rectified Adam at k=12."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for k_steps in (3, 12):
+        params = _params()
+        optimizer = torch.optim.RAdam(params, lr=LR, betas=(b1, b2), eps=eps)
+        _run(optimizer, params, n_steps=k_steps)
+        direction = _rule_direction(optimizer, params)
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * k_steps * b2**k_steps / (1 - b2**k_steps)
+        for p, d in zip(params, direction, strict=True):
+            m_hat = optimizer.state[p]["exp_avg"] / (1 - b1**k_steps)
+            if rho <= 5:
+                expected = m_hat
+            else:
+                r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+                v_hat = optimizer.state[p]["exp_avg_sq"] / (1 - b2**k_steps)
+                expected = r * m_hat / (v_hat.sqrt() + eps / math.sqrt(1 - b2**k_steps))
+            torch.testing.assert_close(d, expected, rtol=1e-10, atol=1e-12)
+        assert (rho <= 5) == (k_steps == 3)
 
 
 def test_adamw_direction_leaves_out_decoupled_decay() -> None:
@@ -132,8 +172,9 @@ def test_adam_rule_with_steps_on_the_device_path_matches_the_float_path() -> Non
         lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9, nesterov=True),
         lambda p: torch.optim.RMSprop(p, lr=LR),
         lambda p: torch.optim.Adagrad(p, lr=LR),
+        lambda p: torch.optim.NAdam(p, lr=LR),
     ],
-    ids=["sgd_plain", "sgd_nesterov", "rmsprop_plain", "adagrad_unregistered"],
+    ids=["sgd_plain", "sgd_nesterov", "rmsprop_plain", "adagrad_fresh_gradient", "nadam_fresh_gradient"],
 )
 def test_groups_whose_state_lacks_the_direction_use_the_trajectory_rule(factory) -> None:
     optimizer = factory(_params())

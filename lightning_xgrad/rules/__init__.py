@@ -1,16 +1,22 @@
 """How to predict: one rule per optimizer family, a registry from optimizer classes to rules, and the fallback.
 
 Rules are pure torch and never import Lightning. The registry matches the optimizer's exact class: a subclass may
-change the update, so it gets the trajectory rule (always correct) unless a rule is registered for it.
+change the update, so it gets the trajectory rule (always correct) unless a rule is registered for it. Rules for
+optimizers of other packages are registered by the optimizer's class path and imported on first use, so
+lightning_xgrad never imports those packages itself.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .adam import AdamRule
+from .adamax import AdamaxRule
 from .base import PredictionRule
 from .momentum import MomentumBufferRule, RMSpropRule, SGDRule
+from .radam import RAdamRule
 from .trajectory import extrapolate_, rewind_
 
 _REGISTRY: dict[type[torch.optim.Optimizer], PredictionRule] = {
@@ -18,6 +24,14 @@ _REGISTRY: dict[type[torch.optim.Optimizer], PredictionRule] = {
     torch.optim.Adam: AdamRule(),
     torch.optim.AdamW: AdamRule(),
     torch.optim.RMSprop: RMSpropRule(),
+    torch.optim.Adamax: AdamaxRule(),
+    torch.optim.RAdam: RAdamRule(),
+}
+
+#: "module.Class" of an optimizer -> "module:RuleClass", resolved when an optimizer of that class first shows up
+_BY_CLASS_PATH: dict[str, str] = {
+    "lightning_xgrad.optim.adam3.AdaM3": "lightning_xgrad.rules.adam3:AdaM3Rule",
+    "pytorch_optimizer.optimizer.adabelief.AdaBelief": "lightning_xgrad.rules.adabelief:AdaBeliefRule",
 }
 
 
@@ -32,13 +46,21 @@ def register_rule(optimizer_class: type[torch.optim.Optimizer], rule: Prediction
 
 def rule_for(optimizer: torch.optim.Optimizer) -> PredictionRule | None:
     """The state rule registered for this optimizer's exact class, or ``None`` for the trajectory rule."""
-    return _REGISTRY.get(type(optimizer))
+    cls = type(optimizer)
+    rule = _REGISTRY.get(cls)
+    if rule is None and (target := _BY_CLASS_PATH.get(f"{cls.__module__}.{cls.__qualname__}")) is not None:
+        module_name, _, rule_name = target.partition(":")
+        rule = getattr(importlib.import_module(module_name), rule_name)()
+        _REGISTRY[cls] = rule
+    return rule
 
 
 __all__ = [
     "AdamRule",
+    "AdamaxRule",
     "MomentumBufferRule",
     "PredictionRule",
+    "RAdamRule",
     "RMSpropRule",
     "SGDRule",
     "extrapolate_",
