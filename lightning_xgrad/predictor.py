@@ -32,8 +32,14 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 
 def local_tensor(value: Any) -> Any:
-    """The rank-local shard of a DTensor (a view: in-place writes land in the DTensor), anything else as it is."""
-    return value.to_local() if isinstance(value, DTensor) else value
+    """The tensor the rules compute on: the rank-local shard of a DTensor, and complex tensors as real views (real and
+    imaginary parts as separate coordinates, as torch's optimizers treat them). Both are views, so in-place writes
+    land in the original; anything else comes back as it is."""
+    if isinstance(value, DTensor):
+        value = value.to_local()
+    if isinstance(value, Tensor) and value.is_complex():
+        value = torch.view_as_real(value)
+    return value
 
 
 RuleChoice = Literal["auto", "trajectory"]
@@ -88,14 +94,14 @@ class OptimizerPredictor:
         self._plan_state: Any = None
         self._plan_complete = False
         self._pending_trajectory: dict[Tensor, float] = {}
+        registered = None if rule == "trajectory" else rule_for(optimizer)
+        self._state_rule = None if registered is None else registered.bind(optimizer)
 
     # ------------------------------------------------------------------ rules
     def group_rule(self, group: dict[str, Any]) -> PredictionRule | None:
         """The state rule used for a param group, ``None`` for the trajectory rule."""
-        if self.rule == "trajectory":
-            return None
-        registered = rule_for(self.optimizer)
-        return registered if registered is not None and registered.handles(group) else None
+        rule = self._state_rule
+        return rule if rule is not None and rule.handles(group) else None
 
     def describe(self) -> str:
         """Which rule each param group gets, for the log line."""

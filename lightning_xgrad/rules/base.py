@@ -25,6 +25,11 @@ class PredictionRule(ABC):
     #: short name shown in logs and in the README's table
     name: str = "rule"
 
+    def bind(self, optimizer: Any) -> PredictionRule:
+        """The rule to use for this optimizer instance: itself, unless the optimizer keeps options outside its param
+        groups that the update depends on (the predictor calls this once per optimizer)."""
+        return self
+
     def handles(self, group: dict[str, Any]) -> bool:
         """Whether this group's hyper-parameters let the state hold dW (else the trajectory rule is used)."""
         return True
