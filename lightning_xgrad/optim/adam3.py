@@ -1,0 +1,358 @@
+"""AdaM3 (Wang et al., ICDM 2023; formerly AdaMomentum): Adam with the second moment of the momentum, not the gradient.
+
+Written the way ``torch.optim.Adam`` is: the optimizer class collects each param group's tensors, and one function per
+implementation (``_single_tensor_adam3``, ``_multi_tensor_adam3``) applies the update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
+
+__all__ = ["AdaM3", "adam3"]
+
+
+class AdaM3(Optimizer):
+    r"""AdaM3: Adam whose second moment is the moving average of the squared *momentum* ``m``, not of ``g``.
+
+    Wang, Kang, Qin, Wang, Xu, Zhang and Fu, "Momentum is All You Need for Data-Driven Adaptive Optimization",
+    ICDM 2023 (earlier "Rethinking Adam: A Twofold Exponential Moving Average Approach", arXiv 2106.11514, where it
+    was called AdaMomentum). Official code: github.com/wyzjack/AdaM3.
+
+    Why: the momentum carries more reliable directional information than a single noisy gradient, so scaling the
+    step by its second moment gives steadier per-coordinate learning rates; the paper reports Adam-like training
+    speed with better generalisation than Adam (CNNs, LSTMs, Transformers and GANs in its experiments).
+
+    The update, per parameter at step k (k counts this parameter's steps, starting at 1; ``m_0 = v_0 = 0``)::
+
+        g   = -grad if maximize else grad
+        if weight_decay != 0:
+            if decoupled_weight_decay:  p = p * (1 - lr * weight_decay)   # AdamW-style, outside the moments
+            else:                       g = g + weight_decay * p          # L2 penalty, inside the moments
+        m   = beta1 * m + (1 - beta1) * g
+        v   = beta2 * v + (1 - beta2) * m * m + eps                      # eps is added into the stored state
+        p   = p - lr * (m / (1 - beta1**k)) / sqrt(v / (1 - beta2**k))   # no eps outside the square root
+
+    This is exactly the non-rectified, non-AMSGrad path of the official code (``AdaM3.step`` in its
+    ``Transformer_NMT/fairseq/optim/adam3.py``, ``SNGAN/AdaM3.py``, ``DCGAN_BigGAN/src/AdaM3.py``, all identical),
+    which is derived from AdaBelief's: ``exp_avg_var.mul_(beta2).addcmul_(exp_avg, exp_avg, value=1 - beta2)``
+    then ``denom = exp_avg_var.add_(eps).sqrt() / math.sqrt(bias_correction2)`` and
+    ``p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)``. Because ``add_`` works in place, eps is not a
+    one-off term in the denominator: it accumulates in the state, and after the bias correction its share is exactly
+    ``eps / (1 - beta2)`` at every step (1000 * eps with beta2 = 0.999). The denominator is
+    ``sqrt(exp_avg_sq / (1 - beta2**k))`` with nothing added outside the square root.
+
+    Note that v averages the squares of the *biased* m and is corrected for beta2 only, so early steps are larger
+    than Adam's: with a constant gradient and the default betas, 10 lr at the first step (``1 / (1 - beta1)``),
+    2.2 lr at step 10, 1.07 lr at step 100. The official code behaves the same way.
+
+    Differences from the official class: the state entry is called ``exp_avg_sq`` (official: ``exp_avg_var``) and
+    ``step`` is a tensor as in torch's optimizers; the official options ``amsgrad``, ``rectify`` (a RAdam-style
+    rectification; on in its GAN code and its fairseq options, off in its CIFAR script), ``fixed_decay`` and
+    ``degenerated_to_sgd`` are not implemented; ``maximize`` and ``foreach`` are added; the L2 path does not modify
+    ``p.grad`` in place (the official code does). The official class defaults to ``eps=1e-16`` while its CIFAR
+    script and fairseq options use ``1e-8``; this class defaults to ``1e-8``.
+
+    Args:
+        params: the parameters to optimize, or dicts defining param groups.
+        lr: learning rate (default: 1e-3).
+        betas: coefficients of the moving averages of the gradient (beta1) and of the squared momentum (beta2)
+            (default: (0.9, 0.999)).
+        eps: added to the second-moment state at every step, for numerical stability (default: 1e-8).
+        weight_decay: weight decay coefficient (default: 0).
+        decoupled_weight_decay: if True, decay the weights directly, ``p *= 1 - lr * weight_decay``, as AdamW and the
+            official code's default ``weight_decouple=True``; if False, add ``weight_decay * p`` to the gradient (an
+            L2 penalty, as the official CIFAR script uses) (default: True).
+        maximize: maximize the objective instead of minimizing it (default: False).
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it where torch would for
+            Adam (on CUDA and other accelerators, not on CPU) (default: None).
+
+    State per parameter: ``step`` (a 0-dim float tensor on the CPU, as torch's Adam keeps it), ``exp_avg`` (m) and
+    ``exp_avg_sq`` (v, eps included). The last update direction per unit lr, without decoupled decay, is therefore
+    ``(exp_avg / (1 - beta1**step)) / sqrt(exp_avg_sq / (1 - beta2**step))``: what
+    :class:`lightning_xgrad.rules.adam3.AdaM3Rule` reads for XGrad.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"AdaM3: invalid lr, a tensor lr must have 1 element, got shape {tuple(lr.shape)}")
+        _check_real("lr", lr, "a number >= 0")
+        if not lr >= 0.0:  # also rejects nan
+            raise ValueError(f"AdaM3: invalid lr={lr}, must be >= 0")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"AdaM3: invalid betas={betas!r}, must be a pair (beta1, beta2) with 0 <= beta < 1")
+        for index, beta in enumerate(betas):
+            _check_real(f"betas[{index}]", beta, "a number with 0 <= beta < 1")
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"AdaM3: invalid betas[{index}]={beta}, must satisfy 0 <= beta < 1")
+        _check_real("eps", eps, "a number >= 0")
+        if not eps >= 0.0:
+            raise ValueError(f"AdaM3: invalid eps={eps}, must be >= 0")
+        _check_real("weight_decay", weight_decay, "a number >= 0")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"AdaM3: invalid weight_decay={weight_decay}, must be >= 0")
+        for name, flag in (("decoupled_weight_decay", decoupled_weight_decay), ("maximize", maximize)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"AdaM3: invalid {name}={flag!r}, must be True or False")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"AdaM3: invalid foreach={foreach!r}, must be None, True or False")
+
+        defaults = dict(
+            lr=lr,
+            betas=(float(betas[0]), float(betas[1])),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", True)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            for p in group["params"]:
+                p_state = self.state.get(p, [])
+                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_get_scalar_dtype())
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+    ) -> bool:
+        """Collect the parameters with a gradient and their state (created lazily); return whether any is complex."""
+        has_complex = False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdaM3 does not support sparse gradients; use a dense gradient (or SparseAdam)")
+            has_complex |= torch.is_complex(p)
+            params.append(p)
+            grads.append(p.grad)
+            state = self.state[p]
+            if len(state) == 0:
+                # Like torch's Adam: `step` stays on the CPU, so reading it costs no device sync.
+                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return has_complex
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: a closure that re-evaluates the model and returns the loss (run with gradients enabled).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            state_steps: list[Tensor] = []
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
+            beta1, beta2 = group["betas"]
+            adam3(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                foreach=group["foreach"],
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"],
+            )
+        return loss
+
+
+def _check_real(name: str, value: Any, allowed: str) -> None:
+    """A real number (or a 1-element real tensor), not a bool, a string or a complex number."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    is_scalar_tensor = isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
+    if not (is_number or is_scalar_tensor):
+        raise ValueError(f"AdaM3: invalid {name}={value!r}, must be {allowed}")
+
+
+def _scalar(value: float | Tensor) -> float:
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+def adam3(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    has_complex: bool = False,
+    beta1: float,
+    beta2: float,
+    lr: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    """Functional AdaM3: one step on the given tensors (see :class:`AdaM3` for the update)."""
+    if foreach is None:
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    func = _multi_tensor_adam3 if foreach else _single_tensor_adam3
+    func(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        has_complex=has_complex,
+        beta1=beta1,
+        beta2=beta2,
+        lr=_scalar(lr),
+        eps=eps,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+    )
+
+
+def _single_tensor_adam3(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True):
+        grad = -grad if maximize else grad
+        step_t += 1
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                param.mul_(1 - lr * weight_decay)
+            else:
+                grad = grad.add(param, alpha=weight_decay)
+
+        if torch.is_complex(param):  # real and imaginary parts as independent real coordinates, as torch's Adam
+            param = torch.view_as_real(param)
+            grad = torch.view_as_real(grad)
+            exp_avg = torch.view_as_real(exp_avg)
+            exp_avg_sq = torch.view_as_real(exp_avg_sq)
+
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(exp_avg, exp_avg, value=1 - beta2).add_(eps)
+
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def _multi_tensor_adam3(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    has_complex: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool,
+) -> None:
+    if len(params) == 0:
+        return
+
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device_params_, device_grads_, device_exp_avgs_, device_exp_avg_sqs_, device_steps_), _ in grouped.values():
+        device_params = cast(list[Tensor], device_params_)
+        device_grads = cast(list[Tensor], device_grads_)
+        device_exp_avgs = cast(list[Tensor], device_exp_avgs_)
+        device_exp_avg_sqs = cast(list[Tensor], device_exp_avg_sqs_)
+        device_steps = cast(list[Tensor], device_steps_)
+
+        if has_complex:
+            _view_as_real(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs)
+
+        if maximize:
+            device_grads = torch._foreach_neg(device_grads)
+
+        # Steps live on the CPU: add a CPU tensor once rather than wrapping the scalar 1 for every tensor.
+        if device_steps[0].is_cpu:
+            torch._foreach_add_(device_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+        else:
+            torch._foreach_add_(device_steps, 1)
+
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+            elif maximize:  # device_grads is already a temporary: reuse it
+                torch._foreach_add_(device_grads, device_params, alpha=weight_decay)
+            else:
+                device_grads = torch._foreach_add(device_grads, device_params, alpha=weight_decay)
+
+        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta1)
+        del device_grads
+        torch._foreach_mul_(device_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(device_exp_avg_sqs, device_exp_avgs, device_exp_avgs, 1 - beta2)
+        torch._foreach_add_(device_exp_avg_sqs, eps)
+
+        steps = [s.item() for s in device_steps]
+        step_sizes = [-lr / (1 - beta1**k) for k in steps]
+        bias_correction2_sqrts = [math.sqrt(1 - beta2**k) for k in steps]
+
+        denom = torch._foreach_sqrt(device_exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrts)
+        torch._foreach_addcdiv_(device_params, device_exp_avgs, denom, step_sizes)
