@@ -190,6 +190,30 @@ def test_subclasses_are_not_trusted_with_the_parent_rule() -> None:
     assert rule_for(MyAdam(_params(), lr=LR)) is None
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [lambda p: torch.optim.Adam(p, lr=LR), lambda p: torch.optim.RMSprop(p, lr=LR)],
+    ids=["adam_state_rule", "rmsprop_trajectory"],
+)
+def test_complex_parameters_are_predicted_on_real_views(factory) -> None:
+    """torch's optimizers treat real and imaginary parts as separate coordinates; so must the prediction."""
+    g = torch.Generator().manual_seed(5)
+    z = nn.Parameter(torch.randn(4, 3, dtype=torch.complex128, generator=g))
+    optimizer = factory([z])
+    predictor = OptimizerPredictor(optimizer)
+    for _ in range(3):
+        predictor.predict()
+        z.grad = torch.randn(4, 3, dtype=torch.complex128, generator=g)
+        predictor.restore()
+        before = z.detach().clone()
+        optimizer.step()
+    real = z.detach().clone()
+    assert predictor.predict()
+    torch.testing.assert_close(real - z.detach(), before - real, rtol=1e-10, atol=1e-12)  # W_hat = W - last update
+    predictor.restore()
+    assert torch.equal(z.detach(), real)
+
+
 def test_extrapolate_by_hand() -> None:
     w_prev = [torch.tensor([1.0, 2.0, -3.0]), torch.tensor([[0.5]])]
     w_now = [torch.tensor([0.9, 2.2, -3.0]), torch.tensor([[0.25]])]
