@@ -42,6 +42,8 @@ FACTORIES = {
     # decoupled decay again separates the state rule (without it) from the trajectory rule (with it)
     "radam_decoupled0.5": lambda p: torch.optim.RAdam(p, lr=0.05, weight_decay=0.5, decoupled_weight_decay=True),
     "adamax_l2": lambda p: torch.optim.Adamax(p, lr=0.01, weight_decay=0.1),
+    "nadam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05),
 }
 
 
@@ -126,6 +128,8 @@ MORE_STATE_RULES = [
     _case(Case("radam", steps=2, **ACCUMULATION), "radam-s2-accumulate3"),
     _case(Case("radam_decoupled0.5", steps=1), "radam_decoupled0.5-s1"),
     _case(Case("radam_decoupled0.5", steps=1, rule="trajectory"), "radam_decoupled0.5-rule_trajectory-s1"),
+    _case(Case("nadam", steps=1), "nadam-trajectory-s1"),
+    _case(Case("adagrad", steps=1, schedule=warmup_then_decay), "adagrad-trajectory-s1-warmup_decay"),
 ]
 
 
