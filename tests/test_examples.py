@@ -27,3 +27,12 @@ def test_digits_example_rejects_an_unknown_optimizer() -> None:
     digits = _load_example()
     with pytest.raises(ValueError, match="optimizer must be one of"):
         digits.DigitsClassifier(optimizer="adam")
+
+
+def test_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """``make demo`` runs examples/demo.py, which imports the example's ``train`` from ``digits`` beside it."""
+    demo = load_example("demo")
+    demo.main(["--epochs", "1", "--optimizers", "adamw", "--no-progress-bar"])
+    out = capsys.readouterr().out
+    assert "[adamw seed=0 baseline]" in out and "[adamw seed=0 XGrad s=1]" in out
+    assert "Digits, final validation after 1 epoch, 1 seed" in out

@@ -152,3 +152,16 @@ def test_generator_not_stepped_gets_its_real_weights_back_at_batch_end(gan: Modu
     for i in range(BATCHES - 1):
         assert all(torch.equal(e, r) for e, r in zip(seen.end[i], real.start[i + 1], strict=True)), f"batch {i}"
     assert all(torch.equal(w, e) for w, e in zip(_weights(module), seen.end[BATCHES - 1], strict=True))
+
+
+def test_gan_demo_prints_the_comparison_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/gan_demo.py imports the example's ``train`` from ``digits_gan`` beside it."""
+    gan_demo = load_example("gan_demo")
+    threads = torch.get_num_threads()
+    try:
+        gan_demo.main(["--epochs", "1", "--no-progress-bar"])  # sets one torch thread for the process
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "[seed=0 baseline]" in out and "[seed=0 XGrad s=1]" in out
+    assert "Digits GAN, final validation after 1 epoch, 1 seed" in out
