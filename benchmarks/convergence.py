@@ -53,6 +53,8 @@ class Task:
     config: str
     metrics: tuple[str, ...]
     higher_is_better: tuple[bool, ...]
+    #: the example's LightningCLI subclass (argument links), or LightningCLI itself
+    cli: str | None = None
 
 
 TASKS: dict[str, Task] = {
@@ -63,7 +65,13 @@ TASKS: dict[str, Task] = {
         "digits", "DigitsClassifier", "DigitsDataModule", "digits_adamw.yaml", ("val_loss", "val_acc"), (False, True)
     ),
     "char_gpt": Task(
-        "char_gpt", "CharGPT", "CharTextDataModule", "char_gpt.yaml", ("val_loss", "val_ppl"), (False, False)
+        "char_gpt",
+        "CharGPT",
+        "CharTextDataModule",
+        "char_gpt.yaml",
+        ("val_loss", "val_ppl"),
+        (False, False),
+        cli="CharGPTCLI",
     ),
     "digits_gan": Task(
         "digits_gan", "DigitsGAN", "DigitsGANData", "digits_gan.yaml", ("val_fd", "val_is"), (False, True)
@@ -112,7 +120,8 @@ def run(task: Task, module: ModuleType, seed: int, steps: int, extra: list[str])
     """Train once; the validation curve."""
     model_cls, data_cls = getattr(module, task.model), getattr(module, task.data)
     args = cli_args(task, model_cls, data_cls, seed, steps, extra)
-    cli = LightningCLI(model_cls, data_cls, args=args, run=False, save_config_callback=None)
+    cli_cls = getattr(module, task.cli) if task.cli else LightningCLI
+    cli = cli_cls(model_cls, data_cls, args=args, run=False, save_config_callback=None)
     recorder = CurveRecorder(task.metrics)
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--seeds must be >= 1 and --steps >= 0")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -223,10 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for name, seed, s in tqdm(plan, desc="runs", unit="run"):
         curve = run(TASKS[name], modules[name], seed, s, args.extra)
-        if not curve or any(not math.isfinite(v) for point in curve for v in point.values()):
-            tqdm.write(f"warning: {name} seed={seed} s={s} produced a non-finite or empty curve: {curve[-1:]}")
+        if not curve:
+            raise SystemExit(f"{name} seed={seed} s={s}: no validation epoch ran, so there is nothing to compare")
+        if any(not math.isfinite(v) for point in curve for v in point.values()):
+            tqdm.write(f"warning: {name} seed={seed} s={s} produced non-finite metrics: {curve[-1]}")
         results.setdefault(name, {}).setdefault(str(s), []).append(curve)
-        tqdm.write(f"{name} seed={seed} s={s}: " + ", ".join(f"{k}={v:.4f}" for k, v in curve[-1].items()))
+        final = ", ".join(f"{m}={curve[-1][m]:.4f}" for m in TASKS[name].metrics if m in curve[-1])
+        tqdm.write(f"{name} seed={seed} s={s}: {final}")
     wall = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)
