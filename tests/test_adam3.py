@@ -326,7 +326,7 @@ def test_rule_with_steps_on_a_device_path_agrees() -> None:
     exp_avgs, exp_avg_sqs, steps = _columns(optimizer, group["params"])
     b1, b2 = group["betas"]
     out = [torch.zeros_like(p) for p in group["params"]]
-    AdaM3Rule._add_with_device_steps(out, exp_avgs, exp_avg_sqs, steps, b1, b2, -0.7)
+    AdaM3Rule._add_with_device_steps(out, exp_avgs, exp_avg_sqs, steps, b1, b2, 0.0, -0.7)  # no outer eps
     expected = [-0.7 * d for d in _rule_dw(optimizer, group)]
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-12)  # bias corrections in float32 there
 

@@ -29,12 +29,16 @@ class AdamRule(PredictionRule):
         second_moment = state.get("max_exp_avg_sq", state["exp_avg_sq"])
         return state["exp_avg"], second_moment, state["step"]
 
+    def outer_eps(self, group: dict[str, Any]) -> float:
+        """The eps added to the square root in the denominator (Adam's ``eps``)."""
+        return float(group["eps"])
+
     def add_direction_(
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
         exp_avgs, second_moments, steps = columns
         beta1, beta2 = (float(b) for b in group["betas"])
-        eps = float(group["eps"])
+        eps = self.outer_eps(group)
         if isinstance(steps[0], Tensor) and steps[0].device != torch.device("cpu"):
             self._add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha)
             return
@@ -44,7 +48,8 @@ class AdamRule(PredictionRule):
         for part in chunk_slices(params):
             denom = torch._foreach_sqrt(second_moments[part])
             torch._foreach_div_(denom, sqrt_bc2[part])
-            torch._foreach_add_(denom, eps)
+            if eps:
+                torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, step_sizes[part])
 
     @staticmethod
@@ -70,6 +75,7 @@ class AdamRule(PredictionRule):
         for part in chunk_slices(params):
             denom = torch._foreach_sqrt(second_moments[part])
             torch._foreach_div_(denom, sqrt_bc2[part])
-            torch._foreach_add_(denom, eps)
+            if eps:
+                torch._foreach_add_(denom, eps)
             torch._foreach_mul_(denom, bc1[part])
             torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)
