@@ -6,18 +6,16 @@ tensors so a plain-PyTorch reference loop can replay exactly the batches the Tra
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.convergence import EXAMPLES, load_example  # noqa: F401  (re-exported for the tests)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -112,17 +110,3 @@ def trainer(**kwargs: Any) -> pl.Trainer:
 def flat(module: nn.Module) -> Tensor:
     """All parameters as one detached vector."""
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
-
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a script would see it: its own folder (with ``_report.py``) on sys.path."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
