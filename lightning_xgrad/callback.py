@@ -129,6 +129,13 @@ class XGradCallback(Callback):
             id(optimizer): OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot)
             for optimizer in trainer.optimizers
         }
+        # Callbacks that rescale each update elementwise (CPropCallback) share their live scales, so the prediction
+        # follows the update the optimizer will really apply.
+        for callback in trainer.callbacks:
+            provider = getattr(callback, "xgrad_direction_scales", None)
+            if callable(provider):
+                for optimizer in trainer.optimizers:
+                    self._predictors[id(optimizer)].direction_scales = provider(optimizer)
         # after configure_model and the strategy's setup: the final modules, and FSDP2's DTensor parameters
         self._register_state_dict_hooks(pl_module)
         for index, optimizer in enumerate(trainer.optimizers):
@@ -181,6 +188,14 @@ class XGradCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._restore_for_step(optimizer)
+
+    def restore_real_weights(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put the real weights of ``optimizer``'s parameters back now, ahead of its update (idempotent).
+
+        For other callbacks that read the weights in ``on_before_optimizer_step`` (CPropCallback): calling this
+        first makes them independent of the order of the callback list.
+        """
         self._restore_for_step(optimizer)
 
     def _restore_for_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -15,6 +15,7 @@ param groups or frozen parameters change; per step the Python work per parameter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -94,6 +95,10 @@ class OptimizerPredictor:
         self._plan_state: Any = None
         self._plan_complete = False
         self._pending_trajectory: dict[Tensor, float] = {}
+        #: elementwise scales the optimizer's updates get on top of its own rule (CProp's conformity scale), keyed by
+        #: parameter and filled by whoever applies them; state rules then predict with ``scale * dW``. The trajectory
+        #: rule needs none: the update it extrapolates was already scaled.
+        self.direction_scales: Mapping[Tensor, Tensor] | None = None
         registered = None if rule == "trajectory" else rule_for(optimizer)
         self._state_rule = None if registered is None else registered.bind(optimizer)
 
@@ -196,22 +201,41 @@ class OptimizerPredictor:
             elif enabled:
                 ParameterSnapshot.save(bucket.params, bucket.buffers)
                 bucket.rule.add_direction_(bucket.params, bucket.columns, group, -self.steps * as_float(group["lr"]))
+                if self.direction_scales:
+                    self._scale_prediction(bucket)
                 bucket.modified = bucket.snapshotted = True
             any_modified |= bucket.modified
         self.phase = "predicted" if any(b.snapshotted for b in self._buckets) else "idle"
         return any_modified
+
+    def _scale_prediction(self, bucket: _Bucket) -> None:
+        """``W_hat <- W + scale * (W_hat - W)`` for the bucket's parameters that have a scale, in place."""
+        scales = self.direction_scales or {}
+        chosen = [i for i, p in enumerate(bucket.owners) if p in scales]
+        if not chosen:
+            return
+        params = [bucket.params[i] for i in chosen]
+        buffers = [bucket.buffers[i] for i in chosen]
+        torch._foreach_sub_(params, buffers)
+        torch._foreach_mul_(params, [local_tensor(scales[bucket.owners[i]]) for i in chosen])
+        torch._foreach_add_(params, buffers)
 
     @torch.no_grad()
     def restore(self, stepped: bool = True) -> None:
         """End a step: put the real weights back, bit-exact.
 
         ``stepped`` says whether the optimizer is about to apply an update (the trajectory rule then knows the lr of
-        that update); with ``False`` the step was abandoned.
+        that update); with ``False`` the step was abandoned. An optimizer that needs the point where its gradients
+        were taken (the adaptive heavy-ball secant) gets a call to its ``observe_gradient_point()`` first, while the
+        parameters still hold it.
         """
         if self.phase == "suspended":
             self.resume()
         if self.phase != "predicted":
             return
+        observe = getattr(self.optimizer, "observe_gradient_point", None)
+        if stepped and observe is not None and any(bucket.modified for bucket in self._buckets):
+            observe()
         groups = self.optimizer.param_groups
         for bucket in self._buckets:
             if bucket.rule is not None or not bucket.snapshotted:

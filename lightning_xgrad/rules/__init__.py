@@ -32,6 +32,10 @@ _REGISTRY: dict[type[torch.optim.Optimizer], PredictionRule] = {
 _BY_CLASS_PATH: dict[str, str] = {
     "lightning_xgrad.optim.adam3.AdaM3": "lightning_xgrad.rules.adam3:AdaM3Rule",
     "pytorch_optimizer.optimizer.adabelief.AdaBelief": "lightning_xgrad.rules.adabelief:AdaBeliefRule",
+    "lightning_xgrad.optim.cprop.CPropSGD": "lightning_xgrad.rules.cprop:CPropSGDRule",
+    "lightning_xgrad.optim.cprop.CPropAdam": "lightning_xgrad.rules.cprop:CPropAdamRule",
+    "lightning_xgrad.optim.heavy_ball.AdaptiveHeavyBallSGD": "lightning_xgrad.rules.heavy_ball:HeavyBallSGDRule",
+    "lightning_xgrad.optim.heavy_ball.AdaptiveHeavyBallAdam": "lightning_xgrad.rules.heavy_ball:HeavyBallAdamRule",
 }
 
 
