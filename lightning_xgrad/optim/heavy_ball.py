@@ -1,0 +1,415 @@
+r"""Adaptive heavy-ball momentum (Sun, Ling, Shi, Li and Wang, arXiv 2110.09057) for SGD and for Adam.
+
+"Training Deep Neural Networks with Adaptive Momentum Inspired by the Quadratic Optimization" picks the momentum
+coefficient at every step from a curvature estimate instead of a tuned constant. For a quadratic with largest
+curvature L, heavy ball with step lr converges fastest with ``beta = (1 - sqrt(lr * L))^2``; the method estimates L
+from the last two gradients (a secant) and clips the result below 1. No official code is known, and only the paper's
+abstract and the start of its introduction could be read while this module was written (not its algorithm boxes nor
+its equations for L_k): what is implemented is the formula of this project's design notes, stated exactly below and
+in :class:`AdaptiveHeavyBallSGD` and :class:`AdaptiveHeavyBallAdam`. The heavy-ball form and the Adam form it
+modifies are the ones the paper's introduction starts from; whether the paper estimates L_k exactly like this (which
+gradients, per group or global, any smoothing of L_k) could not be checked.
+
+The momentum of step k, per param group (lr is per group, so the curvature is estimated per group)::
+
+    L_k    = ||g_k - g_{k-1}|| / ||x_k - x_{k-1}||          # norms over all the group's parameters together
+    beta_k = clip((1 - sqrt(lr * L_k))^2, 0, 1 - delta)
+
+where ``g_k`` is the gradient of step k (``p.grad``: the loss's gradient, weight decay not included) and ``x_k`` the
+point where it was taken. Without weight prediction that is the parameters at the step; with XGrad it is the
+predicted W_hat, which the predictor reports through :meth:`observe_gradient_point` just before it restores the real
+weights, so the secant pairs each gradient with its own point. ``beta = 0`` until two gradients exist (the first
+step of each group), and when ``x_k == x_{k-1}`` (lr 0, or nothing moved) L is undefined and the previous beta is
+kept. The lower clip at 0 never acts on a finite L (the formula is a square); it is kept as the formula states it.
+For ``lr * L > 1`` the formula grows again (the quadratic-optimal momentum for a step that overshoots), and any
+``lr * L`` above ``(1 + sqrt(1 - delta))^2`` is clipped at ``1 - delta``.
+
+With mini-batch gradients, ``g_k - g_{k-1}`` holds the batch-to-batch noise as well as the curvature, and since
+``||x_k - x_{k-1}|| = lr_{k-1} * ||buf_{k-1}||`` (SGD form, no prediction) ``lr * L_k`` is about
+``||g_k - g_{k-1}|| / ||buf_{k-1}||``, which does not shrink with lr: on noisy batches beta stays small (a median of
+0.03 over three epochs of the digits example with lr 0.05 or 0.01), close to plain SGD. That follows from the formula
+as stated; whether the paper does something about it could not be checked.
+
+Under data parallelism (DDP) every rank holds the same all-reduced gradients and parameters, so each computes the
+same beta with no communication. With sharded (DTensor) parameters, FSDP2 or tensor parallelism, each rank sums the
+squares of its local shards, replicated elements weighted by one over the ranks holding them, and one
+``all_reduce`` per step (both squared norms of every group in one tensor) makes them global. beta stays a tensor on
+the parameters' device: computing it needs no device-to-host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+__all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD"]
+
+
+def _local(value: Tensor) -> Tensor:
+    """The tensor to compute on: a DTensor's local shard, complex tensors as real views (both are views)."""
+    if isinstance(value, DTensor):
+        value = value.to_local()
+    if value.is_complex():
+        value = torch.view_as_real(value)
+    return value
+
+
+def _ranks_holding(param: Tensor) -> int:
+    """How many ranks hold each element of ``param``'s local tensor (the world over the ranks that shard it)."""
+    world = torch.distributed.get_world_size()
+    if not isinstance(param, DTensor):
+        return world
+    sharding = 1
+    for dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            sharding *= param.device_mesh.size(dim)
+    return world // sharding
+
+
+def _check_real(owner: str, name: str, value: Any, low: float, high: float | None, high_open: bool = False) -> None:
+    """``value`` is a real number (or a 1-element real tensor) in ``[low, high]`` (``[low, high)`` if high_open)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    is_scalar_tensor = isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
+    closing = ")" if high_open else "]"
+    allowed = f"a number in [{low}, {'inf' if high is None else high}{closing}"
+    if not (is_number or is_scalar_tensor):
+        raise ValueError(f"{owner}: invalid {name}={value!r}, must be {allowed}")
+    number = float(value)
+    above = high is not None and (number >= high if high_open else number > high)
+    if not number >= low or above:  # `not >=` also rejects nan
+        raise ValueError(f"{owner}: invalid {name}={value!r}, must be {allowed}")
+
+
+def _lr(group: dict[str, Any]) -> float:
+    lr = group["lr"]
+    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+
+
+class _AdaptiveHeavyBall(Optimizer):
+    """The secant and the momentum shared by both forms; subclasses apply the update with ``beta_k``.
+
+    State per parameter: ``prev_point`` (the point of the last gradient) and ``prev_grad`` (that gradient). Per
+    group: ``group["momentum"]``, the beta of the group's last step (0 before any step, a 0-dim tensor after), for
+    logging, e.g. ``float(optimizer.param_groups[0]["momentum"])`` or Lightning's ``LearningRateMonitor(
+    log_momentum=True)``. Both survive ``state_dict()`` / ``load_state_dict()``.
+    """
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        #: squared distance between this step's gradient point and the last one, per group index (local sums)
+        self._pending_distances: dict[int, Tensor | None] = {}
+        #: whether this step's gradient point was recorded (by XGrad's predictor) before ``step``
+        self._observed = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pending_distances = {}
+        self._observed = False
+
+    def _with_grad(self, group: dict[str, Any]) -> list[Tensor]:
+        return [p for p in group["params"] if p.grad is not None]
+
+    @torch.no_grad()
+    def observe_gradient_point(self) -> None:
+        """Record the current parameter values as the point where this step's gradients were taken.
+
+        Stores, per group, ``||x_k - x_{k-1}||^2`` against the previously recorded point and makes the current values
+        the new previous point. XGrad's predictor calls this while the parameters still hold the predicted W_hat;
+        :meth:`step` calls it itself when nobody did. Further calls before the step are ignored: the first one saw
+        the point (after a step skipped by AMP's scaler, the next prediction is the same point).
+        """
+        if self._observed:
+            return
+        self._observed = True
+        for index, group in enumerate(self.param_groups):
+            owners: list[Tensor] = []
+            known: list[Tensor] = []
+            previous: list[Tensor] = []
+            for p in self._with_grad(group):
+                state = self.state[p]
+                if "prev_point" not in state:
+                    state["prev_point"] = p.detach().clone(memory_format=torch.preserve_format)
+                else:
+                    owners.append(p)
+                    known.append(_local(p))
+                    previous.append(_local(state["prev_point"]))
+            self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous)
+            if previous:
+                torch._foreach_copy_(previous, known)
+
+    def _secant_betas(self) -> list[Tensor | None]:
+        """``beta_k`` for every group (``None`` for a group without gradients), keeping ``prev_grad`` up to date."""
+        if not self._observed:
+            self.observe_gradient_point()
+        distances: list[Tensor | None] = []
+        differences: list[Tensor | None] = []
+        for index, group in enumerate(self.param_groups):
+            owners = []
+            grads: list[Tensor] = []
+            previous = []
+            for p in self._with_grad(group):
+                state = self.state[p]
+                if "prev_grad" not in state:
+                    state["prev_grad"] = p.grad.detach().clone(memory_format=torch.preserve_format)
+                else:
+                    owners.append(p)
+                    grads.append(_local(p.grad))
+                    previous.append(_local(state["prev_grad"]))
+            differences.append(_sum_of_squared_differences(owners, grads, previous))
+            distances.append(self._pending_distances.get(index))
+            if previous:
+                torch._foreach_copy_(previous, grads)
+        self._pending_distances = {}
+        self._observed = False
+        _all_reduce_sums(self.param_groups, distances, differences)
+
+        betas: list[Tensor | None] = []
+        for group, distance, difference in zip(self.param_groups, distances, differences, strict=True):
+            params = self._with_grad(group)
+            if not params:
+                betas.append(None)
+                continue
+            device = _local(params[0]).device
+            before = group.get("momentum", 0.0)
+            before = before.to(device) if isinstance(before, Tensor) else torch.tensor(before, device=device)
+            if distance is None or difference is None:  # fewer than two gradients: no secant yet
+                beta = torch.zeros((), dtype=torch.float32, device=device)
+            else:
+                curvature = (difference / distance).sqrt()  # 0/0 and x/0 are masked below
+                beta = (1.0 - (_lr(group) * curvature).sqrt()).square().clamp(0.0, 1.0 - group["delta"])
+                beta = torch.where(distance > 0, beta, before.to(beta.dtype))
+            group["momentum"] = beta
+            betas.append(beta)
+        return betas
+
+
+def _sum_of_squared_differences(owners: list[Tensor], values: list[Tensor], previous: list[Tensor]) -> Tensor | None:
+    """``sum_i ||values[i] - previous[i]||^2`` as a 0-dim tensor (float32 or wider), ``None`` for empty lists.
+
+    For DTensor parameters (``owners``) the sum is this rank's share of the global one: each local shard's squares
+    divided by the number of ranks holding the same elements, so that the all-reduce counts replicated elements once.
+    """
+    if not values:
+        return None
+    dtype = torch.float32  # at least: half-precision parameters sum their squares in float32
+    for value in values:
+        dtype = torch.promote_types(dtype, value.dtype)
+    norms = torch._foreach_norm(torch._foreach_sub(values, previous), 2, dtype=dtype)
+    device = norms[0].device
+    squares = torch.stack([n.to(device) for n in norms]).square()
+    if any(isinstance(p, DTensor) for p in owners) and torch.distributed.is_initialized():
+        holding = torch.tensor([float(_ranks_holding(p)) for p in owners], device=device)
+        squares = squares / holding
+    return squares.sum()
+
+
+def _all_reduce_sums(groups: list[dict[str, Any]], *sums: list[Tensor | None]) -> None:
+    """With DTensor parameters, replace the local sums of squares by the global ones, all in one all-reduce.
+
+    Every rank takes part as long as the optimizer holds a DTensor with a gradient (the same on every rank); a
+    group without gradients on this rank contributes nothing.
+    """
+    params = [p for g in groups for p in g["params"] if p.grad is not None]
+    if not any(isinstance(p, DTensor) for p in params) or not torch.distributed.is_initialized():
+        return
+    # which groups have sums is the same on every rank: each holds a shard (maybe empty) of every parameter
+    present = [(k, i) for k, values in enumerate(sums) for i, value in enumerate(values) if value is not None]
+    if not present:
+        return
+    device = _local(params[0]).device
+    flat = torch.stack([sums[k][i].to(device) for k, i in present])  # type: ignore[union-attr]
+    torch.distributed.all_reduce(flat)
+    for j, (k, i) in enumerate(present):
+        sums[k][i] = flat[j]
+
+
+class AdaptiveHeavyBallSGD(_AdaptiveHeavyBall):
+    r"""SGD with adaptive heavy-ball momentum: ``beta_k`` from the secant curvature (see the module docstring).
+
+    The update, per param group at step k (``buf`` starts at 0, so the first step is plain SGD)::
+
+        g    = p.grad + weight_decay * p                 # L2 weight decay, as torch's SGD (coupled)
+        buf  = beta_k * buf + g
+        p    = p - lr * buf
+
+    With a constant lr this is exactly the heavy-ball form the paper analyses,
+    ``x_{k+1} = x_k - lr * g_k + beta_k * (x_k - x_{k-1})``: ``lr * beta_k * buf_{k-1} = beta_k * (x_{k-1} - x_k)``.
+    (With a changing lr the buffer form scales the old velocity by ``lr_k / lr_{k-1}``, as torch's SGD does.)
+
+    The secant uses ``p.grad`` without the weight decay term: with XGrad the gradient is taken at W_hat while the
+    decay acts on the real W, so only ``p.grad`` belongs to the recorded point. (The decay adds ``weight_decay`` to
+    the curvature, negligible next to a typical L.)
+
+    Args:
+        params: the parameters to optimize, or dicts defining param groups.
+        lr: learning rate (default: 0.01).
+        delta: the momentum is clipped at ``1 - delta`` (default: 0.01), ``0 < delta <= 1``.
+        weight_decay: L2 penalty coefficient, added to the gradient (default: 0).
+
+    State per parameter: ``momentum_buffer`` (the direction of the last step per unit lr, what
+    :class:`lightning_xgrad.rules.heavy_ball.HeavyBallSGDRule` reads for XGrad), ``prev_point``, ``prev_grad``; per
+    group ``momentum``, the last ``beta_k``.
+    """
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 0.01, delta: float = 0.01, weight_decay: float = 0.0):
+        owner = type(self).__name__
+        _check_real(owner, "lr", lr, 0.0, None)
+        _check_real(owner, "delta", delta, 0.0, 1.0)
+        if delta == 0:
+            raise ValueError(f"{owner}: invalid delta={delta!r}, must be a number in (0, 1]")
+        _check_real(owner, "weight_decay", weight_decay, 0.0, None)
+        super().__init__(params, dict(lr=lr, delta=float(delta), weight_decay=float(weight_decay)))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        betas = self._secant_betas()
+        for group, beta in zip(self.param_groups, betas, strict=True):
+            if beta is None:
+                continue
+            params, grads, buffers, fresh = [], [], [], []
+            for p in self._with_grad(group):
+                state = self.state[p]
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(_local(state["momentum_buffer"]))
+                fresh.append(p)
+            weight_decay = group["weight_decay"]
+            torch._foreach_mul_(buffers, beta)
+            torch._foreach_add_(buffers, grads)
+            if weight_decay != 0:
+                torch._foreach_add_(buffers, params, alpha=weight_decay)
+            torch._foreach_add_(params, buffers, alpha=-_lr(group))
+        return loss
+
+
+class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
+    r"""Adam whose first-moment coefficient is the adaptive heavy-ball momentum: ``b1 = beta_k`` at every step.
+
+    The update, per parameter at step t (t counts this parameter's steps from 1; ``m_0 = v_0 = 0``)::
+
+        p     = p * (1 - lr * weight_decay)             # decoupled weight decay, as AdamW
+        m     = beta_k * m + (1 - beta_k) * g           # g = p.grad
+        v     = beta2 * v + (1 - beta2) * g * g
+        P_t   = beta_1 * beta_2 * ... * beta_t          # the product of the momenta used, kept in the state
+        p     = p - lr * (m / (1 - P_t)) / (sqrt(v / (1 - beta2**t)) + eps)
+
+    ``1 - P_t`` is the sum of the weights m gives to the gradients, so it is the bias correction of an EMA with
+    varying coefficients (``1 - b1**t`` for a constant one). Since ``beta_1 = 0`` (no secant at the first step),
+    ``m_1 = g_1`` and ``P_t = 0``: m starts unbiased and the correction is 1; the state keeps ``P_t`` so that the
+    update and the XGrad rule stay exact for any sequence of momenta. The lr in ``beta_k``'s formula is the group's
+    lr, not Adam's per-coordinate effective step ``lr / (sqrt(v_hat) + eps)``: the paper's Adam variant could not
+    be checked on this point.
+
+    Args:
+        params: the parameters to optimize, or dicts defining param groups.
+        lr: learning rate (default: 1e-3).
+        beta2: coefficient of the second-moment moving average (default: 0.999), ``0 <= beta2 < 1``.
+        eps: added to the denominator, outside the square root, as torch's Adam (default: 1e-8).
+        delta: the momentum is clipped at ``1 - delta`` (default: 0.01), ``0 < delta <= 1``.
+        weight_decay: decoupled (AdamW) weight decay coefficient (default: 0).
+
+    State per parameter: ``step`` (a CPU float tensor, as torch's Adam), ``exp_avg`` (m), ``exp_avg_sq`` (v),
+    ``beta1_product`` (P_t, a 0-dim tensor), ``prev_point`` and ``prev_grad``; per group ``momentum``, the last
+    ``beta_k``. :class:`lightning_xgrad.rules.heavy_ball.HeavyBallAdamRule` reads dW from them for XGrad.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        delta: float = 0.01,
+        weight_decay: float = 0.0,
+    ) -> None:
+        owner = type(self).__name__
+        _check_real(owner, "lr", lr, 0.0, None)
+        _check_real(owner, "beta2", beta2, 0.0, 1.0, high_open=True)
+        _check_real(owner, "eps", eps, 0.0, None)
+        _check_real(owner, "delta", delta, 0.0, 1.0)
+        if delta == 0:
+            raise ValueError(f"{owner}: invalid delta={delta!r}, must be a number in (0, 1]")
+        _check_real(owner, "weight_decay", weight_decay, 0.0, None)
+        defaults = dict(lr=lr, beta2=float(beta2), eps=float(eps), delta=float(delta), weight_decay=float(weight_decay))
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        betas = self._secant_betas()
+        for group, beta in zip(self.param_groups, betas, strict=True):
+            if beta is None:
+                continue
+            lr, beta2, eps = _lr(group), group["beta2"], group["eps"]
+            params, grads, exp_avgs, exp_avg_sqs, steps, products = [], [], [], [], [], []
+            for p in self._with_grad(group):
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["beta1_product"] = torch.ones((), dtype=torch.float32, device=beta.device)
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                steps.append(state["step"])
+                products.append(state["beta1_product"])
+            torch._foreach_add_(steps, 1.0)
+            torch._foreach_mul_(products, beta.to(products[0].device))
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+            torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta).to(exp_avgs[0].dtype))
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+            _add_adam_direction_(params, exp_avgs, exp_avg_sqs, steps, products, beta2, eps, -lr)
+        return loss
+
+
+def _add_adam_direction_(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: Iterable[Tensor],
+    products: list[Tensor],
+    beta2: float,
+    eps: float,
+    alpha: float,
+) -> None:
+    """In place: ``params += alpha * (m / (1 - P)) / (sqrt(v / (1 - beta2**t)) + eps)``, per parameter.
+
+    Shared with the XGrad rule, which adds the same direction with ``alpha = -s * lr``. The step counts are read on
+    the host (CPU tensors, as torch's Adam keeps them); the products stay tensors on their device.
+    """
+    if alpha == 0:
+        return
+    ks = [float(k) for k in steps]
+    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in ks]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, sqrt_bc2)
+    if eps:
+        torch._foreach_add_(denom, eps)
+    # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom
+    scale = [((1.0 - product) / alpha).to(d.dtype) for product, d in zip(products, denom, strict=True)]
+    torch._foreach_mul_(denom, scale)
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
