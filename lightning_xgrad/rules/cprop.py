@@ -1,0 +1,67 @@
+"""Rules for CPropSGD and CPropAdam (``lightning_xgrad.optim.cprop``): their direction times the last step's scale.
+
+Both optimizers keep the elementwise CProp scale of their last step as ``cprop_scale``, so dW is the base optimizer's
+direction multiplied by it: ``cprop_scale * momentum_buffer`` for CPropSGD (momentum, not Nesterov) and
+``cprop_scale * m_hat / (sqrt(v_hat) + eps)`` for CPropAdam (``max_exp_avg_sq`` with amsgrad; decoupled weight decay
+left out, as for AdamW). Other CPropSGD groups (no momentum, Nesterov) get the trajectory rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._foreach import chunk_slices, steps_as_floats
+from .adam import AdamRule
+from .momentum import SGDRule
+
+
+class CPropSGDRule(SGDRule):
+    """CPropSGD with momentum and without Nesterov: dW = ``cprop_scale * momentum_buffer``."""
+
+    name = "cprop_sgd"
+
+    def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
+        if "momentum_buffer" not in state or "cprop_scale" not in state:
+            return None
+        return state["momentum_buffer"], state["cprop_scale"]
+
+    def add_direction_(
+        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+    ) -> None:
+        buffers, scales = columns
+        torch._foreach_addcmul_(params, buffers, scales, value=alpha)
+
+
+class CPropAdamRule(AdamRule):
+    """CPropAdam (L2 or decoupled weight decay, amsgrad): dW = ``cprop_scale * m_hat / (sqrt(v_hat) + eps)``."""
+
+    name = "cprop_adam"
+
+    def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
+        adam = super().state_tensors(state)
+        if adam is None or "cprop_scale" not in state:
+            return None
+        return (*adam, state["cprop_scale"])
+
+    def add_direction_(
+        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+    ) -> None:
+        exp_avgs, second_moments, steps, scales = columns
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps = self.outer_eps(group)
+        ks = steps_as_floats(steps)  # CPropAdam keeps its step counts on the CPU
+        sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in ks]
+        step_sizes = [alpha / (1.0 - beta1**k) for k in ks]
+        for part in chunk_slices(params):
+            direction = torch._foreach_sqrt(second_moments[part])
+            torch._foreach_div_(direction, sqrt_bc2[part])
+            if eps:
+                torch._foreach_add_(direction, eps)
+            torch._foreach_reciprocal_(direction)
+            torch._foreach_mul_(direction, exp_avgs[part])  # m / denom
+            torch._foreach_addcmul_(params[part], direction, scales[part], step_sizes[part])
+            del direction  # one chunk of temporaries alive at a time
