@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .rules import PredictionRule, extrapolate_, rewind_, rule_for
-from .rules._foreach import as_float
+from .rules._foreach import ScalarColumn, as_float
 from .snapshot import ParameterSnapshot
 
 try:  # DTensor (FSDP2, tensor parallel): predict on the local shard, elementwise, with no communication
@@ -163,7 +163,10 @@ class OptimizerPredictor:
                 rows.append(row)
         buckets = []
         for bucket_key, (rule, owners, rows) in grouped.items():
-            columns = tuple(list(column) for column in zip(*rows, strict=True)) if rule is not None else ()
+            columns = tuple(
+                ScalarColumn(column) if ScalarColumn.suits(column) else list(column)
+                for column in (zip(*rows, strict=True) if rule is not None else ())
+            )
             lr_then = bucket_key[3] if rule is None else None
             params = [local_tensor(p) for p in owners]
             buffers = self.snapshot.buffers_for(owners, params)

@@ -68,3 +68,4 @@ class ParameterSnapshot:
             torch._foreach_copy_(held, params[part])
             torch._foreach_copy_(params[part], buffers[part])
             torch._foreach_copy_(buffers[part], held)
+            del held

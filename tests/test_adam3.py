@@ -303,15 +303,15 @@ def test_rule_is_the_update_adam3_applied(foreach: bool, maximize: bool, decoupl
             decay = lr * wd * w_before if group["decoupled_weight_decay"] else 0.0
             torch.testing.assert_close(applied, decay + lr * dw, rtol=1e-10, atol=1e-15)
             torch.testing.assert_close(dw, reference_direction(optimizer.state[p], group), rtol=RTOL64, atol=ATOL64)
-        # The rule applied with alpha = -lr to the (decayed) weights before the step lands exactly where AdaM3 went:
-        # the same ops on the same values in the same order (CPU), so bit-identical.
+        # The rule applied with alpha = -lr to the (decayed) weights before the step lands where AdaM3 went, up to
+        # float64 rounding (the rule folds the bias corrections into per-tensor scalars, a different order of ops).
         decayed = [
             before[index[id(p)]] * (1 - lr * wd) if group["decoupled_weight_decay"] else before[index[id(p)]].clone()
             for p in group["params"]
         ]
         AdaM3Rule().add_direction_(decayed, _columns(optimizer, group["params"]), group, -lr)
         for got, p in zip(decayed, group["params"], strict=True):
-            torch.testing.assert_close(got, p.detach(), rtol=0, atol=0)
+            torch.testing.assert_close(got, p.detach(), rtol=1e-14, atol=1e-15)
 
 
 def test_rule_with_steps_on_a_device_path_agrees() -> None:

@@ -111,3 +111,4 @@ class AdaBeliefRule(PredictionRule):
                 torch._foreach_div_(denom, sqrt_bc2)
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=step_size)
+            del denom  # one chunk of temporaries alive at a time

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices, steps_as_floats
+from ._foreach import chunk_slices, steps_as_floats, uniform
 from .base import PredictionRule
 
 
@@ -42,15 +42,37 @@ class AdamRule(PredictionRule):
         if isinstance(steps[0], Tensor) and steps[0].device != torch.device("cpu"):
             self._add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha)
             return
+        # alpha * m_hat / (sqrt(v_hat) + eps) == (alpha * sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)):
+        # the bias corrections ride on per-tensor scalars, which saves a pass over v
         ks = steps_as_floats(steps)
-        sqrt_bc2 = [math.sqrt(1.0 - beta2**k) for k in ks]
-        step_sizes = [alpha / (1.0 - beta1**k) for k in ks]
+        if isinstance(k_all := uniform(ks), float):  # every tensor at the same step: scalar overloads
+            sqrt_bc2 = math.sqrt(1.0 - beta2**k_all)
+            self._add(params, exp_avgs, second_moments, eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k_all))
+            return
+        sqrt_bc2s = [math.sqrt(1.0 - beta2**k) for k in ks]
+        step_sizes = [alpha * c / (1.0 - beta1**k) for c, k in zip(sqrt_bc2s, ks, strict=True)]
+        self._add(params, exp_avgs, second_moments, [eps * c for c in sqrt_bc2s], step_sizes)
+
+    @staticmethod
+    def _add(
+        params: list[Tensor],
+        exp_avgs: list[Tensor],
+        second_moments: list[Tensor],
+        eps: float | list[float],
+        step_size: float | list[float],
+    ) -> None:
+        """``params += step_size * m / (sqrt(v) + eps)``, chunked so the temporaries stay small."""
         for part in chunk_slices(params):
             denom = torch._foreach_sqrt(second_moments[part])
-            torch._foreach_div_(denom, sqrt_bc2[part])
-            if eps:
+            if isinstance(eps, list):
+                torch._foreach_add_(denom, eps[part])
+            elif eps:
                 torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, step_sizes[part])
+            if isinstance(step_size, list):
+                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, step_size[part])
+            else:
+                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=step_size)
+            del denom  # before the next chunk allocates: one chunk of temporaries alive at a time
 
     @staticmethod
     def _add_with_device_steps(
@@ -79,3 +101,4 @@ class AdamRule(PredictionRule):
                 torch._foreach_add_(denom, eps)
             torch._foreach_mul_(denom, bc1[part])
             torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)
+            del denom

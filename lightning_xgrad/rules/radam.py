@@ -74,3 +74,4 @@ class RAdamRule(PredictionRule):
                 denom = torch._foreach_sqrt(second[part])
                 torch._foreach_add_(denom, eps)
                 torch._foreach_addcdiv_(targets[part], moments[part], denom, rectified_sizes[part])
+                del denom  # one chunk of temporaries alive at a time

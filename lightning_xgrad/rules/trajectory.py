@@ -20,6 +20,7 @@ def extrapolate_(params: list[Tensor], previous: list[Tensor], factor: float) ->
         delta = torch._foreach_sub(params[part], previous[part])
         torch._foreach_copy_(previous[part], params[part])
         torch._foreach_add_(params[part], delta, alpha=factor)
+        del delta  # one chunk of temporaries alive at a time
 
 
 def rewind_(params: list[Tensor], previous: list[Tensor], factor: float) -> None:
@@ -30,3 +31,4 @@ def rewind_(params: list[Tensor], previous: list[Tensor], factor: float) -> None
         delta = torch._foreach_sub(params[part], previous[part])
         torch._foreach_copy_(params[part], previous[part])
         torch._foreach_add_(previous[part], delta, alpha=-1.0 / factor)
+        del delta
