@@ -76,6 +76,13 @@ TASKS: dict[str, Task] = {
     "digits_gan": Task(
         "digits_gan", "DigitsGAN", "DigitsGANData", "digits_gan.yaml", ("val_fd", "val_is"), (False, True)
     ),
+    # the companion methods: the baseline row is the method alone, the XGrad rows the method with XGrad
+    "digits_cprop": Task(
+        "digits", "DigitsClassifier", "DigitsDataModule", "digits_cprop.yaml", ("val_loss", "val_acc"), (False, True)
+    ),
+    "digits_ahb": Task(
+        "digits", "DigitsClassifier", "DigitsDataModule", "digits_ahb.yaml", ("val_loss", "val_acc"), (False, True)
+    ),
 }
 
 

@@ -72,8 +72,14 @@ def _xgrad_callbacks(cli: LightningCLI) -> list[XGradCallback]:
     return [c for c in cli.trainer.callbacks if isinstance(c, XGradCallback)]
 
 
+#: configs of the companion methods, whose own test files run them (they change the optimizer, so train() has no twin)
+COMPANION_CONFIGS = {"digits_cprop": "test_cprop.py", "digits_ahb": "test_heavy_ball.py"}
+
+
 def test_every_digits_config_is_tested() -> None:
-    assert sorted(path.stem for path in CONFIGS.glob("digits*.yaml")) == sorted(CASES)
+    assert sorted(path.stem for path in CONFIGS.glob("digits*.yaml")) == sorted([*CASES, *COMPANION_CONFIGS])
+    for config, test_file in COMPANION_CONFIGS.items():
+        assert f"{config}.yaml" in (Path(__file__).parent / test_file).read_text()
 
 
 @pytest.mark.parametrize("config", sorted(CASES))
