@@ -69,6 +69,10 @@ class XGradCallback(Callback):
         start_step: no prediction before this global step.
         log_every_n_steps: log ``xgrad/relative_shift`` (``||W_hat - W|| / ||W||``) every n optimizer steps;
             ``None`` logs nothing.
+        compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
+            passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
+            first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
+            is off by default; see benchmarks/results/overhead.md for what it saves.
 
     Example::
 
@@ -81,16 +85,20 @@ class XGradCallback(Callback):
         rule: RuleChoice = "auto",
         start_step: int = 0,
         log_every_n_steps: int | None = None,
+        compile: bool = False,
     ) -> None:
         _check_int("steps", steps, 1)
         if rule not in _RULE_CHOICES:
             raise ValueError(f"XGradCallback: `rule` must be one of {_RULE_CHOICES}, got {rule!r}")
         _check_int("start_step", start_step, 0)
         _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        if not isinstance(compile, bool):
+            raise ValueError(f"XGradCallback: `compile` must be True or False, got {compile!r}")
         self.steps = steps
         self.rule: RuleChoice = rule
         self.start_step = start_step
         self.log_every_n_steps = log_every_n_steps
+        self.compile = compile
         self._snapshot = ParameterSnapshot()
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
@@ -126,7 +134,7 @@ class XGradCallback(Callback):
                             "optimizer's step restores its own parameters."
                         )
         self._predictors = {
-            id(optimizer): OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot)
+            id(optimizer): OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile)
             for optimizer in trainer.optimizers
         }
         # Callbacks that rescale each update elementwise (CPropCallback) share their live scales, so the prediction

@@ -63,6 +63,8 @@ class _Bucket:
     lr_then: float | None = None
     #: trajectory only: the extrapolation factor in place while predicted, to rewind a step that never happens
     factor: float | None = None
+    #: the rule's compiled snapshot-and-predict, when compiling was asked for and the rule has one
+    kernel: Any = None
     modified: bool = field(default=False, init=False)
     snapshotted: bool = field(default=False, init=False)
 
@@ -76,6 +78,8 @@ class OptimizerPredictor:
         rule: ``"auto"`` reads dW from the optimizer's state where a rule is registered for its class and the
             group's options, else uses the trajectory rule; ``"trajectory"`` uses the trajectory rule everywhere.
         snapshot: the buffer cache to use (shared when several optimizers are predicted).
+        compile: snapshot and predict in one ``torch.compile``d pass per tensor where the rule has a kernel (Adam,
+            AdamW, AdaM3, SGD and RMSprop momentum); compiled at the first prediction of each bucket.
     """
 
     def __init__(
@@ -84,8 +88,11 @@ class OptimizerPredictor:
         steps: int = 1,
         rule: RuleChoice = "auto",
         snapshot: ParameterSnapshot | None = None,
+        compile: bool = False,
     ) -> None:
         self.optimizer = optimizer
+        self.compile = compile
+        self._kernels: dict[tuple[Any, ...], Any] = {}  # kept across plans: a rebuilt plan reuses its compilation
         self.steps = steps
         self.rule = rule
         self.snapshot = snapshot if snapshot is not None else ParameterSnapshot()
@@ -170,7 +177,12 @@ class OptimizerPredictor:
             lr_then = bucket_key[3] if rule is None else None
             params = [local_tensor(p) for p in owners]
             buffers = self.snapshot.buffers_for(owners, params)
-            buckets.append(_Bucket(bucket_key[0], rule, owners, params, buffers, columns, lr_then))
+            bucket = _Bucket(bucket_key[0], rule, owners, params, buffers, columns, lr_then)
+            if self.compile and rule is not None:
+                if bucket_key not in self._kernels:
+                    self._kernels[bucket_key] = rule.compiled_prediction()
+                bucket.kernel = self._kernels[bucket_key]
+            buckets.append(bucket)
         self._buckets = buckets
         self._plan_key = key
         self._plan_state = self.optimizer.state
@@ -202,8 +214,11 @@ class OptimizerPredictor:
                     ParameterSnapshot.save(bucket.params, bucket.buffers)
                 bucket.snapshotted = True
             elif enabled:
-                ParameterSnapshot.save(bucket.params, bucket.buffers)
-                bucket.rule.add_direction_(bucket.params, bucket.columns, group, -self.steps * as_float(group["lr"]))
+                alpha = -self.steps * as_float(group["lr"])
+                kernel = bucket.kernel
+                if kernel is None or not kernel(bucket.params, bucket.buffers, bucket.columns, group, alpha):
+                    ParameterSnapshot.save(bucket.params, bucket.buffers)
+                    bucket.rule.add_direction_(bucket.params, bucket.columns, group, alpha)
                 if self.direction_scales:
                     self._scale_prediction(bucket)
                 bucket.modified = bucket.snapshotted = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +64,57 @@ def test_a_tiny_real_run_writes_table_plot_and_curves(convergence, tmp_path) -> 
     assert curves["0"][0][-1]["val_loss"] != curves["1"][0][-1]["val_loss"]  # the flag really added XGrad
     assert (tmp_path / "convergence.png").stat().st_size > 10_000
     assert "## digits_sgd" in (tmp_path / "convergence.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    from benchmarks import overhead
+
+    return overhead
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) -> None:
+    """The timed naive reference must do the same work: the same W_hat, and the real weights back after."""
+    from types import SimpleNamespace
+
+    from lightning_xgrad import OptimizerPredictor
+
+    module = overhead.Classifier("cnn", optimizer)
+    opt = module.configure_optimizers()
+    params = list(module.parameters())
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    real = [p.detach().clone() for p in params]
+    predictor = OptimizerPredictor(opt, steps=1)
+    predictor.predict()
+    expected = [p.detach().clone() for p in params]
+    predictor.restore()
+    naive = overhead.NaiveXGrad(steps=1)
+    naive.on_train_batch_start(SimpleNamespace(optimizers=[opt]), module, None, 0)
+    for p, want, before in zip(params, expected, real, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(want, before)
+    naive.on_before_optimizer_step(SimpleNamespace(optimizers=[opt]), module, opt)
+    assert all(torch.equal(p.detach(), before) for p, before in zip(params, real, strict=True))
+
+
+def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, tmp_path) -> None:
+    overhead.main(["--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    row = data["summary"]["cnn-sgd"]
+    param_bytes = sum(p.numel() * p.element_size() for p in overhead.cnn().parameters())
+    assert row["param_bytes"] == param_bytes
+    for variant in ("xgrad", "xgrad-compiled"):
+        assert row[variant]["persistent_bytes"] == param_bytes  # one snapshot buffer per parameter
+        # SGD's prediction works in place; the compiled kernel's only allocation is its per-tensor float32 scalars
+        assert row[variant]["transient_bytes"] <= 4 * row["tensors"]
+        assert row[variant]["hooks_ms"] > 0
+    assert row["naive"]["transient_bytes"] >= param_bytes  # a clone of every parameter, every step
+    assert len(data["raw"]["cnn-sgd"]["baseline"]["step"]) == 2
+    text = (tmp_path / "overhead.md").read_text()
+    assert "| cnn-sgd | xgrad-compiled |" in text and "## Targets" in text
+    assert (tmp_path / "overhead.png").stat().st_size > 10_000

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._foreach import chunk_slices, steps_as_floats, uniform
 from .base import PredictionRule
+from .fused import CompiledPrediction, adam_kernel
 
 
 class AdamRule(PredictionRule):
@@ -42,16 +43,38 @@ class AdamRule(PredictionRule):
         if isinstance(steps[0], Tensor) and steps[0].device != torch.device("cpu"):
             self._add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha)
             return
-        # alpha * m_hat / (sqrt(v_hat) + eps) == (alpha * sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)):
-        # the bias corrections ride on per-tensor scalars, which saves a pass over v
+        scalars = self._scalars(steps, beta1, beta2, eps, alpha)
+        self._add(params, exp_avgs, second_moments, *scalars)
+
+    @staticmethod
+    def _scalars(
+        steps: Sequence[Any], beta1: float, beta2: float, eps: float, alpha: float
+    ) -> tuple[float | list[float], float | list[float]]:
+        """Per-tensor ``(eps', step')`` such that ``alpha * m_hat / (sqrt(v_hat) + eps) == step' * m / (sqrt(v) +
+        eps')``: the bias corrections ride on scalars, which saves a pass over v. Single floats when every tensor is
+        at the same step (the usual case), so foreach ops take their cheaper scalar overloads."""
         ks = steps_as_floats(steps)
-        if isinstance(k_all := uniform(ks), float):  # every tensor at the same step: scalar overloads
-            sqrt_bc2 = math.sqrt(1.0 - beta2**k_all)
-            self._add(params, exp_avgs, second_moments, eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k_all))
-            return
+        if isinstance(k := uniform(ks), float):
+            sqrt_bc2 = math.sqrt(1.0 - beta2**k)
+            return eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k)
         sqrt_bc2s = [math.sqrt(1.0 - beta2**k) for k in ks]
-        step_sizes = [alpha * c / (1.0 - beta1**k) for c, k in zip(sqrt_bc2s, ks, strict=True)]
-        self._add(params, exp_avgs, second_moments, [eps * c for c in sqrt_bc2s], step_sizes)
+        return [eps * c for c in sqrt_bc2s], [alpha * c / (1.0 - beta1**k) for c, k in zip(sqrt_bc2s, ks, strict=True)]
+
+    def compiled_prediction(self) -> CompiledPrediction | None:
+        if type(self).add_direction_ is not AdamRule.add_direction_:  # a subclass with its own direction
+            return None
+        return CompiledPrediction(adam_kernel, 2, self._kernel_scalars)
+
+    def _kernel_scalars(
+        self, columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+    ) -> list[list[float]] | None:
+        steps = columns[2]
+        if isinstance(steps[0], Tensor) and steps[0].device.type != "cpu":
+            return None  # reading accelerator steps would sync: the eager no-sync path instead
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, step = self._scalars(steps, beta1, beta2, self.outer_eps(group), alpha)
+        n = len(steps)
+        return [eps if isinstance(eps, list) else [eps] * n, step if isinstance(step, list) else [step] * n]
 
     @staticmethod
     def _add(

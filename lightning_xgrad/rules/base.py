@@ -44,5 +44,10 @@ class PredictionRule(ABC):
     ) -> None:
         """In place: ``params[i] += alpha * dW[i]``; ``columns[j][i]`` is entry j of :meth:`state_tensors`."""
 
+    def compiled_prediction(self) -> Any:
+        """A :class:`~lightning_xgrad.rules.fused.CompiledPrediction` that snapshots and predicts in one pass, or
+        ``None`` (the default): the predictor then copies and calls :meth:`add_direction_`."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

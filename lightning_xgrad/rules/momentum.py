@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import PredictionRule
+from .fused import CompiledPrediction, momentum_kernel
 
 
 class MomentumBufferRule(PredictionRule):
@@ -30,6 +31,11 @@ class MomentumBufferRule(PredictionRule):
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
         torch._foreach_add_(params, columns[0], alpha=alpha)
+
+    def compiled_prediction(self) -> CompiledPrediction | None:
+        if type(self).add_direction_ is not MomentumBufferRule.add_direction_:  # a subclass with its own direction
+            return None
+        return CompiledPrediction(momentum_kernel, 1, lambda columns, group, alpha: [[alpha] * len(columns[0])])
 
 
 class SGDRule(MomentumBufferRule):

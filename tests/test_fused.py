@@ -1,0 +1,114 @@
+"""``compile=True``: the snapshot and the prediction in one compiled pass give the formula's W_hat and an exact copy.
+
+Checked against the formulas written out per tensor here (not against the eager path), for the rules that have a
+kernel, and end to end: Trainer + ``XGradCallback(compile=True)`` against the plain-PyTorch reference loop. Needs a C
+compiler for inductor's CPU code; skipped without one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_xgrad import OptimizerPredictor, XGradCallback
+from lightning_xgrad.optim import AdaM3, CPropAdam, CPropSGD
+from lightning_xgrad.rules import rule_for
+
+from .test_equivalence import Case, assert_close, assert_far, fit_reference, fit_trainer
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor's CPU backend needs a C compiler"
+)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.Linear(12, 3))
+
+
+def _expected_adam(p: Tensor, state: dict[str, Any], group: dict[str, Any], alpha: float, eps: float) -> Tensor:
+    beta1, beta2 = group["betas"]
+    k = float(state["step"])
+    m_hat = state["exp_avg"] / (1 - beta1**k)
+    v_hat = state["exp_avg_sq"] / (1 - beta2**k)
+    return p + alpha * m_hat / (v_hat.sqrt() + eps)
+
+
+def _train(optimizer: torch.optim.Optimizer, params: list[Tensor], steps: int, skip_first_at: int | None) -> None:
+    torch.manual_seed(1)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 0 and step == skip_first_at) else torch.randn_like(p)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("skip", [None, 2], ids=["same-step", "mixed-steps"])
+@pytest.mark.parametrize("kind", ["adam", "adamw", "adam3", "sgd", "rmsprop"])
+def test_compiled_prediction_is_the_formula_and_the_snapshot_is_exact(kind: str, skip: int | None) -> None:
+    params = list(_net().parameters())
+    optimizer = {
+        "adam": lambda: torch.optim.Adam(params, lr=0.01),
+        "adamw": lambda: torch.optim.AdamW(params, lr=0.02, weight_decay=0.1),
+        "adam3": lambda: AdaM3(params, lr=0.01),
+        "sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=0.01, momentum=0.5),
+    }[kind]()
+    _train(optimizer, params, steps=4, skip_first_at=skip)  # "mixed-steps": the first tensor is one step behind
+    group = optimizer.param_groups[0]
+    alpha = -2 * group["lr"]  # steps=2
+    real = [p.detach().clone() for p in params]
+    expected = []
+    for p in params:
+        state = optimizer.state[p]
+        if kind in ("sgd", "rmsprop"):
+            expected.append(p.detach() + alpha * state["momentum_buffer"])
+        else:
+            expected.append(_expected_adam(p.detach(), state, group, alpha, 0.0 if kind == "adam3" else group["eps"]))
+    predictor = OptimizerPredictor(optimizer, steps=2, compile=True)
+    assert predictor.predict()
+    assert all(bucket.kernel is not None for bucket in predictor._buckets)
+    for p, want, before in zip(params, expected, real, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p.detach(), before)
+        assert torch.equal(predictor.snapshot.get(p), before)  # the snapshot is an exact copy
+    predictor.restore()
+    for p, before in zip(params, real, strict=True):
+        assert torch.equal(p.detach(), before)
+
+
+def test_rules_with_their_own_direction_have_no_kernel() -> None:
+    """A subclass that changes dW (CProp's scale) must not inherit its parent's kernel, which would leave it out."""
+    params = list(_net().parameters())
+    for optimizer in (CPropAdam(params, lr=0.01), CPropSGD(params, lr=0.01, momentum=0.9)):
+        assert rule_for(optimizer).compiled_prediction() is None
+    assert rule_for(torch.optim.Adam(params)).compiled_prediction() is not None
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
+def test_trainer_with_compiled_prediction_matches_reference(optimizer: str) -> None:
+    case = Case(optimizer, steps=2)
+    got = fit_trainer(case, XGradCallback(steps=2, compile=True))
+    expected = fit_reference(case, steps=2)
+    assert_close(got, expected)
+    assert_far(fit_reference(case, steps=None), expected, "baseline vs XGrad")
+
+
+def test_compile_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"`compile` must be True or False, got 'yes'"):
+        XGradCallback(compile="yes")  # type: ignore[arg-type]
+
+
+def test_kernel_scalars_fold_the_bias_corrections() -> None:
+    """The per-tensor scalars the Adam kernel gets reproduce m_hat / (sqrt(v_hat) + eps) by hand."""
+    beta1, beta2, eps, alpha, k = 0.9, 0.99, 1e-3, -0.5, 3.0
+    m, v = 0.2, 0.04
+    expected = alpha * (m / (1 - beta1**k)) / (math.sqrt(v / (1 - beta2**k)) + eps)
+    rule = rule_for(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))
+    scalars = rule._kernel_scalars(([], [], [torch.tensor(k)]), {"betas": (beta1, beta2), "eps": eps}, alpha)
+    (eps_k,), (step_k,) = scalars
+    assert step_k * m / (math.sqrt(v) + eps_k) == pytest.approx(expected, rel=1e-12)
