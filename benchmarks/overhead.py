@@ -6,14 +6,15 @@ batches in one process, variants interleaved run by run:
 - ``mlp``: optimizer-bound, 50 blocks of Linear(256, 256) + LayerNorm(256) at batch 4 (200 tensors, 3.3 M params);
 - ``cnn``: compute-bound, a small CNN on 3x32x32 images at batch 64.
 
-Variants: ``baseline`` (no callback), ``xgrad`` (XGradCallback), ``xgrad-compiled`` (``XGradCallback(compile=True)``:
-snapshot and prediction in one compiled pass), ``naive`` (the official code's way: per parameter, a clone and one
-in-place update, in a Python loop; restored by per-parameter copies). Per step it records the time
-inside the XGrad hooks (predict + restore), the optimizer's own update (from ``on_before_optimizer_step`` to the
-step's post-hook) and the whole step (``on_train_batch_start`` to ``on_train_batch_end``). Memory: bytes the
-callback holds between steps, and the peak of the temporaries it allocates inside its hooks (CUDA:
-``max_memory_allocated``; CPU: the profiler's allocation events). Medians over steps and
-runs go to ``benchmarks/results/overhead.{md,json,png}``.
+Variants: ``xgrad`` (XGradCallback), ``xgrad-compiled`` (``XGradCallback(compile=True)``: snapshot and prediction
+in one compiled pass), ``naive`` (the official code's way: per parameter, a clone and one in-place update, in a
+Python loop; restored by per-parameter copies). In every run the callback acts on every other step only, so the
+whole-step overhead compares neighbouring steps of the same run, which cancels most of a shared machine's noise.
+Per step it records the time inside the callback's hooks (predict + restore), the optimizer's own update (from
+``on_before_optimizer_step`` to the step's post-hook) and the whole step (``on_train_batch_start`` to
+``on_train_batch_end``). Memory: bytes the callback holds between steps, and the peak of the temporaries its hooks
+allocate (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events). Medians over steps and runs go to
+``benchmarks/results/overhead.{md,json,png}``.
 
     python benchmarks/overhead.py                              # the committed run
     python benchmarks/overhead.py --runs 2 --steps 20 --cases mlp-adamw
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -45,7 +48,7 @@ from tqdm.auto import tqdm
 from lightning_xgrad import XGradCallback
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "xgrad", "xgrad-compiled", "naive")
+VARIANTS = ("xgrad", "xgrad-compiled", "naive")
 XGRAD_VARIANTS = ("xgrad", "xgrad-compiled")
 OPTIMIZERS = ("adamw", "sgd")
 MODELS = ("mlp", "cnn")
@@ -174,22 +177,34 @@ class StepTimes:
     persistent: int = 0
     #: hook time of the first predicted step (compilation, first allocations), per run
     first_hooks: list[float] = field(default_factory=list)
+    #: whether the measured callback ran in each recorded step (it runs every other step)
+    active: list[bool] = field(default_factory=list)
+    #: step time with the callback over the next step's without it, within a run: machine noise mostly cancels
+    pair_ratios: list[float] = field(default_factory=list)
 
 
 class Probe(Callback):
-    """Times one run. Put ``first`` before the XGrad callback and ``last`` after it in the callback list."""
+    """Times one run. ``first()`` goes before the measured callback in the list, the probe itself after it.
 
-    def __init__(self, times: StepTimes, warmup: int, device: torch.device, memory_step: int) -> None:
+    The measured callback runs every other step only (even global steps): each step with it is compared with the
+    next step without it in the same run, which cancels most of the machine's drift and noise. Its hooks are timed
+    (the sum per step is the XGrad cost), and one step also records their transient memory.
+    """
+
+    def __init__(self, times: StepTimes, warmup: int, device: torch.device) -> None:
         self.times = times
         self.warmup = warmup
         self.device = device
-        self.memory_step = memory_step
+        # an even step (one where the callback acts) after the first prediction, which allocates the snapshot
+        self.memory_step = warmup + warmup % 2
         self._hook_time = 0.0
         self._step_start = 0.0
         self._update_start = 0.0
+        self._update_time = 0.0
+        self._start_step = 0
+        self._last_active_time: float | None = None
         self._handle: Any = None
 
-    # the probe that comes first
     def first(self) -> Callback:
         probe = self
 
@@ -197,22 +212,26 @@ class Probe(Callback):
             def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
                 _sync(probe.device)
                 probe._hook_time = 0.0
+                probe._start_step = trainer.global_step
                 probe._step_start = time.perf_counter()
 
         return First()
 
-    def measuring(self, trainer: pl.Trainer) -> bool:
-        return trainer.global_step >= self.warmup
+    @property
+    def active(self) -> bool:
+        return self._start_step % 2 == 0
 
     def wrap(self, callback: Callback, hooks: tuple[str, ...]) -> None:
-        """Time ``callback``'s hooks (their sum per step is the XGrad cost); one step also tracks their memory."""
+        """Run ``callback``'s hooks on even steps only, timed."""
         for name in hooks:
             original = getattr(callback, name)
 
             def timed(trainer: pl.Trainer, *args: Any, _original: Callable[..., Any] = original) -> Any:
+                if not self.active:
+                    return None
                 _sync(self.device)
                 start = time.perf_counter()
-                if trainer.global_step == self.memory_step:
+                if self._start_step == self.memory_step:
                     with transient_bytes(self.device, self.times.transient.append):
                         result = _original(trainer, *args)
                 else:
@@ -223,7 +242,6 @@ class Probe(Callback):
 
             setattr(callback, name, timed)
 
-    # the probe that comes last
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._handle = trainer.optimizers[0].register_step_post_hook(self._after_update)
 
@@ -237,12 +255,20 @@ class Probe(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         _sync(self.device)
-        if trainer.global_step == 2:  # the first step with optimizer state to predict from
+        elapsed = time.perf_counter() - self._step_start
+        if self._start_step == 2:  # the first step with the callback on and optimizer state to predict from
             self.times.first_hooks.append(self._hook_time)
-        if trainer.global_step - 1 >= self.warmup:  # global_step already counts this step
-            self.times.step.append(time.perf_counter() - self._step_start)
-            self.times.hooks.append(self._hook_time)
-            self.times.update.append(self._update_time)
+        if self._start_step < self.warmup:
+            return
+        self.times.step.append(elapsed)
+        self.times.hooks.append(self._hook_time)
+        self.times.update.append(self._update_time)
+        self.times.active.append(self.active)
+        if self.active:
+            self._last_active_time = elapsed
+        elif self._last_active_time is not None:
+            self.times.pair_ratios.append(self._last_active_time / elapsed)
+            self._last_active_time = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for callback in trainer.callbacks:
@@ -257,7 +283,7 @@ def run_once(model: str, optimizer: str, variant: str, args: argparse.Namespace,
     module = Classifier(model, optimizer)
     batch_size = 4 if model == "mlp" else 64
     data = DataLoader(Synthetic(model, args.warmup + args.steps, batch_size), batch_size=None, shuffle=False)
-    probe = Probe(times, args.warmup, torch.device(args.device), memory_step=args.warmup)
+    probe = Probe(times, args.warmup, torch.device(args.device))
     callbacks: list[Callback] = [probe.first()]
     if variant in XGRAD_VARIANTS:
         xgrad = XGradCallback(steps=1, compile=variant == "xgrad-compiled")
@@ -294,28 +320,40 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def bootstrap_median_ci(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
 def summarize(results: dict[str, dict[str, StepTimes]]) -> dict[str, dict[str, Any]]:
-    """Medians and ratios per case."""
+    """Medians and ratios per case and variant."""
     summary: dict[str, dict[str, Any]] = {}
     for case, per_variant in results.items():
-        model = case.split("-")[0]
-        count, param_bytes, largest = param_stats(model)
+        count, param_bytes, largest = param_stats(case.split("-")[0])
         row: dict[str, Any] = {"tensors": count, "param_bytes": param_bytes, "largest_bytes": largest}
         for variant, t in per_variant.items():
+            on = [x for x, active in zip(t.step, t.active, strict=True) if active]
+            off = [x for x, active in zip(t.step, t.active, strict=True) if not active]
+            hooks = [x for x, active in zip(t.hooks, t.active, strict=True) if active]
+            low, high = bootstrap_median_ci(t.pair_ratios)
             row[variant] = {
-                "step_ms": 1e3 * median(t.step),
-                "hooks_ms": 1e3 * median(t.hooks),
+                "step_with_ms": 1e3 * median(on),
+                "step_without_ms": 1e3 * median(off),
+                "hooks_ms": 1e3 * median(hooks),
                 "update_ms": 1e3 * median(t.update),
+                "step_overhead": median(t.pair_ratios) - 1,
+                "step_overhead_ci": (low - 1, high - 1),
+                "first_step_hooks_s": median(t.first_hooks),
                 "persistent_bytes": t.persistent,
                 "transient_bytes": max(t.transient, default=0),
             }
-        base, naive = row["baseline"], row["naive"]
-        for variant in (*XGRAD_VARIANTS, "naive"):
+        for variant in VARIANTS:
             v = row[variant]
-            v["step_overhead"] = v["step_ms"] / base["step_ms"] - 1
+            v["hooks_over_step"] = v["hooks_ms"] / v["step_without_ms"]
             v["hooks_over_update"] = v["hooks_ms"] / v["update_ms"]
-            v["hooks_over_naive"] = v["hooks_ms"] / naive["hooks_ms"]
-            v["first_step_hooks_s"] = median(per_variant[variant].first_hooks)
+            v["hooks_over_naive"] = v["hooks_ms"] / row["naive"]["hooks_ms"]
         summary[case] = row
     return summary
 
@@ -330,32 +368,42 @@ def _check(value: float, limit: float, applies: bool) -> str:
     return f"{text} {'✓' if value <= limit else '✗'}" if applies else text
 
 
+def _overhead(v: dict[str, Any]) -> str:
+    low, high = v["step_overhead_ci"]
+    return f"{100 * v['step_overhead']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
 def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: float, args: Any) -> str:
     lines = [
         "# Overhead: XGradCallback per training step",
         "",
         f"Command: `{command}`  ",
         f"Machine: {device}, torch {torch.__version__}, Lightning {pl.__version__}, Python "
-        f"{platform.python_version()}; {args.runs} interleaved runs x {args.steps} measured steps (after "
-        f"{args.warmup} warm-up steps) per variant; wall time {wall / 60:.1f} min.  ",
-        "Medians over all measured steps of all runs. *hooks*: time inside the XGrad hooks per step (predict + "
-        "restore); *update*: the optimizer's own `step` (foreach); *step*: the whole training step; *first "
-        "predicted step*: the hooks' time at the first step with optimizer state (includes compiling).",
+        f"{platform.python_version()}; {args.runs} interleaved runs per variant, {args.steps} measured steps each "
+        f"after {args.warmup} warm-up steps; wall time {wall / 60:.1f} min.",
         "",
-        "| case | variant | step ms | hooks ms | update ms | step overhead | first predicted step | "
-        "held between steps | transient peak |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "In every run the measured callback acts on even steps only, so each step with it is paired with the next "
+        "step without it in the same run. Medians over all measured steps of all runs:",
+        "",
+        "- *step without / with*: the whole training step without and with the callback;",
+        "- *hooks*: the time inside the callback's hooks in a step (predict + restore);",
+        "- *update*: the optimizer's own `step` (foreach), from `on_before_optimizer_step` to its post-hook;",
+        "- *step overhead*: median over pairs of (step with / step without) - 1, with a 95% bootstrap interval;",
+        "- *hooks / step*: hooks over the step without, the callback's own share of the step;",
+        "- *first predicted step*: the hooks' time at the first step with optimizer state (includes compiling);",
+        "- *held*: bytes the callback keeps between steps; *transient*: peak of what its hooks allocate.",
+        "",
+        "| case | variant | step without ms | step with ms | hooks ms | update ms | step overhead | hooks / step | "
+        "first predicted step | held | transient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, row in summary.items():
         for variant in VARIANTS:
             v = row[variant]
-            if variant == "baseline":
-                lines.append(f"| {case} | {variant} | {v['step_ms']:.2f} |  | {v['update_ms']:.3f} |  |  |  |  |")
-                continue
             lines.append(
-                f"| {case} | {variant} | {v['step_ms']:.2f} | {v['hooks_ms']:.3f} | {v['update_ms']:.3f} | "
-                f"{100 * v['step_overhead']:+.1f}% | {v['first_step_hooks_s']:.2f} s | "
-                f"{_mib(v['persistent_bytes'])} | {_mib(v['transient_bytes'])} |"
+                f"| {case} | {variant} | {v['step_without_ms']:.2f} | {v['step_with_ms']:.2f} | {v['hooks_ms']:.3f} | "
+                f"{v['update_ms']:.3f} | {_overhead(v)} | {100 * v['hooks_over_step']:.1f}% | "
+                f"{v['first_step_hooks_s']:.2f} s | {_mib(v['persistent_bytes'])} | {_mib(v['transient_bytes'])} |"
             )
     lines += [
         "",
@@ -372,7 +420,7 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
         optimizer_bound = case.startswith("mlp")
         for variant in XGRAD_VARIANTS:
             v = row[variant]
-            overhead = f"{100 * v['step_overhead']:+.1f}%"
+            overhead = _overhead(v)
             if not optimizer_bound:
                 overhead += " ✓" if v["step_overhead"] <= 0.02 else " ✗"
             lines.append(
@@ -416,17 +464,21 @@ def main(argv: list[str] | None = None) -> None:
     cases = [f"{m}-{o}" for m in MODELS for o in OPTIMIZERS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=cases, default=cases)
-    parser.add_argument("--runs", type=int, default=5, help="interleaved runs per variant (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=40, help="measured steps per run (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps per run (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=8, help="interleaved runs per variant (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="measured steps per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per run (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--name", default="overhead", help="file name stem of the outputs")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.steps < 1 or args.warmup < 2:
-        parser.error("--runs and --steps must be >= 1 and --warmup >= 2 (XGrad needs optimizer state)")
+    if args.runs < 1 or args.steps < 2 or args.warmup < 4:
+        parser.error(
+            "--runs must be >= 1, --steps >= 2 (steps alternate) and --warmup >= 4 (the first prediction, at step 2, "
+            "allocates the snapshot: memory is measured after it)"
+        )
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*max_steps.*")
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the CPU memory measurement uses the profiler: keep it quiet
 
     command = "python benchmarks/overhead.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     device = (

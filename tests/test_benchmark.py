@@ -103,7 +103,7 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
 
 
 def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, tmp_path) -> None:
-    overhead.main(["--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "2", "--out", str(tmp_path)])
+    overhead.main(["--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "overhead.json").read_text())
     row = data["summary"]["cnn-sgd"]
     param_bytes = sum(p.numel() * p.element_size() for p in overhead.cnn().parameters())
@@ -114,7 +114,9 @@ def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, tmp_path) -> N
         assert row[variant]["transient_bytes"] <= 4 * row["tensors"]
         assert row[variant]["hooks_ms"] > 0
     assert row["naive"]["transient_bytes"] >= param_bytes  # a clone of every parameter, every step
-    assert len(data["raw"]["cnn-sgd"]["baseline"]["step"]) == 2
+    raw = data["raw"]["cnn-sgd"]["xgrad"]
+    assert raw["active"] == [True, False] and len(raw["pair_ratios"]) == 1  # with and without, paired
+    assert raw["hooks"][1] == 0.0  # the callback did not act in the step without it
     text = (tmp_path / "overhead.md").read_text()
     assert "| cnn-sgd | xgrad-compiled |" in text and "## Targets" in text
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
