@@ -20,6 +20,7 @@ from lightning_xgrad.optim import AdaM3, CPropAdam, CPropSGD
 from lightning_xgrad.rules import rule_for
 
 from .test_equivalence import Case, assert_close, assert_far, fit_reference, fit_trainer
+from .toolkit import TinyModule, flat, loader, make_data, trainer
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor's CPU backend needs a C compiler"
@@ -112,3 +113,27 @@ def test_kernel_scalars_fold_the_bias_corrections() -> None:
     scalars = rule._kernel_scalars(([], [], [torch.tensor(k)]), {"betas": (beta1, beta2), "eps": eps}, alpha)
     (eps_k,), (step_k,) = scalars
     assert step_k * m / (math.sqrt(v) + eps_k) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
+def test_compiled_prediction_includes_the_cprop_scale(name: str) -> None:
+    """CPropCallback's scale is applied on top of the compiled kernel's prediction, as on top of the eager one."""
+    from lightning_xgrad import CPropCallback
+
+    from .cprop_reference import Conformity
+    from .test_cprop import TORCH_OPTIMIZERS, fit, reference_fit
+
+    factory = TORCH_OPTIMIZERS[name]
+    got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, compile=True)]).net)
+    assert_close(got, reference_fit(factory, conformity=Conformity(), xgrad_steps=2))
+
+
+def test_compiled_prediction_keeps_the_heavy_ball_secant_at_the_predicted_point() -> None:
+    from .test_heavy_ball import ATOL, BATCH_SIZE, EPOCHS, RTOL, make_optimizer
+    from .test_heavy_ball import fit_reference as heavy_ball_reference
+
+    module = TinyModule(lambda p: make_optimizer("sgd", p))
+    trainer(max_epochs=EPOCHS, callbacks=[XGradCallback(steps=1, compile=True)]).fit(
+        module, loader(*make_data(), BATCH_SIZE)
+    )
+    torch.testing.assert_close(flat(module.net), heavy_ball_reference("sgd", 1), rtol=RTOL, atol=ATOL)
