@@ -192,6 +192,7 @@ def cprop_reference(
     conformity: Conformity | None = None,
     xgrad_steps: int | None = None,
     predict_with_scale: bool = True,
+    trajectory: bool = False,
     accumulate: int = 1,
     epochs: int = 1,
 ) -> None:
@@ -203,16 +204,26 @@ def cprop_reference(
        for, where dW is the optimizer's own direction (for the CProp optimizers it includes their own scale) and
        scale_prev is ``conformity``'s scale of the parameter's last step (1 when there is no ``conformity``);
        ``predict_with_scale=False`` leaves both scales out (a wrong prediction, to show that the scale matters);
+       with ``trajectory=True`` (a constant lr): W_hat = W + s * (W - W_prev) instead, W_prev the weights before the
+       last step, so the update extrapolated is the one applied, CProp's scale included (no scale applied again);
     2. forward and backward at W_hat for each micro-batch of the window, each loss divided by ``accumulate``;
     3. restore W, keep W_before, ``optimizer.step()``; with ``conformity``, for each parameter with a gradient:
        fold the gradient in, and W = W_before + scale * (W - W_before); then ``zero_grad()``.
     """
     params = list(net.parameters())
     scale_prev: dict[Tensor, Tensor] = {}
+    step_start: dict[Tensor, Tensor] = {}  # trajectory: the weights before the last step
     for _ in range(epochs):
         for window in windows(len(batches), accumulate):
             real: dict[Tensor, Tensor] = {}
-            if xgrad_steps is not None:
+            if xgrad_steps is not None and trajectory:
+                with torch.no_grad():
+                    for p in params:
+                        real[p] = p.detach().clone()
+                        if p in step_start:
+                            p.copy_(p + xgrad_steps * (p - step_start[p]))
+                        step_start[p] = real[p]
+            elif xgrad_steps is not None:
                 with torch.no_grad():
                     for p in params:
                         if isinstance(optimizer, torch.optim.Optimizer):

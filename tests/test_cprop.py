@@ -294,6 +294,22 @@ def test_callback_with_xgrad_matches_reference(name: str, cprop_first: bool) -> 
     assert_far(got, unscaled, "prediction with the scale vs without")
 
 
+@pytest.mark.parametrize(
+    ("factory", "rule"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True), "auto"),  # no state rule: trajectory
+        (TORCH_OPTIMIZERS["adamw"], "trajectory"),
+    ],
+    ids=["sgd_nesterov", "adamw_forced_trajectory"],
+)
+def test_callback_with_xgrad_trajectory_rule_matches_reference(factory: Any, rule: str) -> None:
+    """The trajectory rule extrapolates the update as applied, CProp's scale already in it (not applied twice)."""
+    got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, rule=rule)]).net)  # type: ignore[arg-type]
+    expected = reference_fit(factory, conformity=Conformity(), xgrad_steps=2, trajectory=True)
+    assert_close(got, expected)
+    assert_far(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
+
+
 @pytest.mark.parametrize("name", sorted(CPROP_OPTIMIZERS))
 def test_cprop_optimizers_with_xgrad_match_reference(name: str) -> None:
     factory, reference = CPROP_OPTIMIZERS[name]
