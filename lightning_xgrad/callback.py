@@ -21,7 +21,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .predictor import DTensor, OptimizerPredictor, RuleChoice
+from .predictor import OptimizerPredictor, RuleChoice
+from .sharding import DTensor, ranks_holding
 from .snapshot import ParameterSnapshot
 
 _RULE_CHOICES = ("auto", "trajectory")
@@ -321,22 +322,9 @@ class XGradCallback(Callback):
         norm = torch.stack([r.float().square().sum() for r in real])
         if any(isinstance(p, DTensor) for p, _, _ in triples) and torch.distributed.is_initialized():
             # Sum the local shards over ranks (logging steps only), counting replicated elements once.
-            weights = torch.tensor([1.0 / _ranks_holding(p) for p, _, _ in triples], device=shift.device)
+            weights = torch.tensor([1.0 / ranks_holding(p) for p, _, _ in triples], device=shift.device)
             squares = torch.stack([(shift * weights).sum(), (norm * weights).sum()])
             torch.distributed.all_reduce(squares)
         else:
             squares = torch.stack([shift.sum(), norm.sum()])
         return squares[0].sqrt(), squares[1].sqrt()
-
-
-def _ranks_holding(param: Tensor) -> int:
-    """How many ranks hold each element of ``param``'s local tensor: the world over the ranks that shard it."""
-    world = torch.distributed.get_world_size()
-    if not isinstance(param, DTensor):
-        return world
-    mesh = param.device_mesh
-    sharding = 1
-    for dim, placement in enumerate(param.placements):
-        if placement.is_shard():
-            sharding *= mesh.size(dim)
-    return world // sharding

@@ -50,8 +50,8 @@ from .conformity import (
     scale_applied_update_,
     update_statistics_,
 )
-from .predictor import DTensor, local_tensor
-from .rules._foreach import steps_as_floats
+from .rules._foreach import ScalarColumn, steps_as_floats
+from .sharding import DTensor, local_tensor
 
 
 @dataclass(eq=False)
@@ -120,6 +120,8 @@ class _OptimizerConformity:
             bucket.exp_avg_sqs.append(entry["exp_avg_sq"])
             bucket.steps.append(entry["step"])
             bucket.scales.append(entry["scale"])
+        for bucket in grouped.values():  # step counts read through NumPy views every step
+            bucket.steps = ScalarColumn(bucket.steps)
         self._buckets = list(grouped.values())
         self._plan_key = key
 

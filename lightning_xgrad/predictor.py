@@ -24,24 +24,8 @@ from torch import Tensor
 
 from .rules import PredictionRule, extrapolate_, rewind_, rule_for
 from .rules._foreach import ScalarColumn, as_float
+from .sharding import DTensor, local_tensor
 from .snapshot import ParameterSnapshot
-
-try:  # DTensor (FSDP2, tensor parallel): predict on the local shard, elementwise, with no communication
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
-
-
-def local_tensor(value: Any) -> Any:
-    """The tensor the rules compute on: the rank-local shard of a DTensor, and complex tensors as real views (real and
-    imaginary parts as separate coordinates, as torch's optimizers treat them). Both are views, so in-place writes
-    land in the original; anything else comes back as it is."""
-    if isinstance(value, DTensor):
-        value = value.to_local()
-    if isinstance(value, Tensor) and value.is_complex():
-        value = torch.view_as_real(value)
-    return value
-
 
 RuleChoice = Literal["auto", "trajectory"]
 Phase = Literal["idle", "predicted", "suspended"]

@@ -46,33 +46,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
+from ..rules._foreach import as_float
+from ..sharding import DTensor, local_tensor, ranks_holding
 
 __all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD"]
-
-
-def _local(value: Tensor) -> Tensor:
-    """The tensor to compute on: a DTensor's local shard, complex tensors as real views (both are views)."""
-    if isinstance(value, DTensor):
-        value = value.to_local()
-    if value.is_complex():
-        value = torch.view_as_real(value)
-    return value
-
-
-def _ranks_holding(param: Tensor) -> int:
-    """How many ranks hold each element of ``param``'s local tensor (the world over the ranks that shard it)."""
-    world = torch.distributed.get_world_size()
-    if not isinstance(param, DTensor):
-        return world
-    sharding = 1
-    for dim, placement in enumerate(param.placements):
-        if placement.is_shard():
-            sharding *= param.device_mesh.size(dim)
-    return world // sharding
 
 
 def _check_real(owner: str, name: str, value: Any, low: float, high: float | None, high_open: bool = False) -> None:
@@ -87,11 +64,6 @@ def _check_real(owner: str, name: str, value: Any, low: float, high: float | Non
     above = high is not None and (number >= high if high_open else number > high)
     if not number >= low or above:  # `not >=` also rejects nan
         raise ValueError(f"{owner}: invalid {name}={value!r}, must be {allowed}")
-
-
-def _lr(group: dict[str, Any]) -> float:
-    lr = group["lr"]
-    return float(lr.item()) if isinstance(lr, Tensor) else float(lr)
 
 
 class _AdaptiveHeavyBall(Optimizer):
@@ -140,8 +112,8 @@ class _AdaptiveHeavyBall(Optimizer):
                     state["prev_point"] = p.detach().clone(memory_format=torch.preserve_format)
                 else:
                     owners.append(p)
-                    known.append(_local(p))
-                    previous.append(_local(state["prev_point"]))
+                    known.append(local_tensor(p))
+                    previous.append(local_tensor(state["prev_point"]))
             self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous)
             if previous:
                 torch._foreach_copy_(previous, known)
@@ -162,8 +134,8 @@ class _AdaptiveHeavyBall(Optimizer):
                     state["prev_grad"] = p.grad.detach().clone(memory_format=torch.preserve_format)
                 else:
                     owners.append(p)
-                    grads.append(_local(p.grad))
-                    previous.append(_local(state["prev_grad"]))
+                    grads.append(local_tensor(p.grad))
+                    previous.append(local_tensor(state["prev_grad"]))
             differences.append(_sum_of_squared_differences(owners, grads, previous))
             distances.append(self._pending_distances.get(index))
             if previous:
@@ -178,14 +150,14 @@ class _AdaptiveHeavyBall(Optimizer):
             if not params:
                 betas.append(None)
                 continue
-            device = _local(params[0]).device
+            device = local_tensor(params[0]).device
             before = group.get("momentum", 0.0)
             before = before.to(device) if isinstance(before, Tensor) else torch.tensor(before, device=device)
             if distance is None or difference is None:  # fewer than two gradients: no secant yet
                 beta = torch.zeros((), dtype=torch.float32, device=device)
             else:
                 curvature = (difference / distance).sqrt()  # 0/0 and x/0 are masked below
-                beta = (1.0 - (_lr(group) * curvature).sqrt()).square().clamp(0.0, 1.0 - group["delta"])
+                beta = (1.0 - (as_float(group["lr"]) * curvature).sqrt()).square().clamp(0.0, 1.0 - group["delta"])
                 beta = torch.where(distance > 0, beta, before.to(beta.dtype))
             group["momentum"] = beta
             betas.append(beta)
@@ -207,7 +179,7 @@ def _sum_of_squared_differences(owners: list[Tensor], values: list[Tensor], prev
     device = norms[0].device
     squares = torch.stack([n.to(device) for n in norms]).square()
     if any(isinstance(p, DTensor) for p in owners) and torch.distributed.is_initialized():
-        holding = torch.tensor([float(_ranks_holding(p)) for p in owners], device=device)
+        holding = torch.tensor([float(ranks_holding(p)) for p in owners], device=device)
         squares = squares / holding
     return squares.sum()
 
@@ -225,7 +197,7 @@ def _all_reduce_sums(groups: list[dict[str, Any]], *sums: list[Tensor | None]) -
     present = [(k, i) for k, values in enumerate(sums) for i, value in enumerate(values) if value is not None]
     if not present:
         return
-    device = _local(params[0]).device
+    device = local_tensor(params[0]).device
     flat = torch.stack([sums[k][i].to(device) for k, i in present])  # type: ignore[union-attr]
     torch.distributed.all_reduce(flat)
     for j, (k, i) in enumerate(present):
@@ -283,18 +255,18 @@ class AdaptiveHeavyBallSGD(_AdaptiveHeavyBall):
             params, grads, buffers, fresh = [], [], [], []
             for p in self._with_grad(group):
                 state = self.state[p]
-                params.append(_local(p))
-                grads.append(_local(p.grad))
+                params.append(local_tensor(p))
+                grads.append(local_tensor(p.grad))
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buffers.append(_local(state["momentum_buffer"]))
+                buffers.append(local_tensor(state["momentum_buffer"]))
                 fresh.append(p)
             weight_decay = group["weight_decay"]
             torch._foreach_mul_(buffers, beta)
             torch._foreach_add_(buffers, grads)
             if weight_decay != 0:
                 torch._foreach_add_(buffers, params, alpha=weight_decay)
-            torch._foreach_add_(params, buffers, alpha=-_lr(group))
+            torch._foreach_add_(params, buffers, alpha=-as_float(group["lr"]))
         return loss
 
 
@@ -360,7 +332,7 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         for group, beta in zip(self.param_groups, betas, strict=True):
             if beta is None:
                 continue
-            lr, beta2, eps = _lr(group), group["beta2"], group["eps"]
+            lr, beta2, eps = as_float(group["lr"]), group["beta2"], group["eps"]
             params, grads, exp_avgs, exp_avg_sqs, steps, products = [], [], [], [], [], []
             for p in self._with_grad(group):
                 state = self.state[p]
@@ -369,10 +341,10 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["beta1_product"] = torch.ones((), dtype=torch.float32, device=beta.device)
-                params.append(_local(p))
-                grads.append(_local(p.grad))
-                exp_avgs.append(_local(state["exp_avg"]))
-                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                params.append(local_tensor(p))
+                grads.append(local_tensor(p.grad))
+                exp_avgs.append(local_tensor(state["exp_avg"]))
+                exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
                 steps.append(state["step"])
                 products.append(state["beta1_product"])
             torch._foreach_add_(steps, 1.0)

@@ -1,0 +1,41 @@
+"""Rank-local views of parameters: what elementwise math runs on under FSDP2 and tensor parallelism.
+
+Prediction, CProp and the heavy-ball secant all work elementwise on each rank's local shard, with no communication;
+where a global quantity is needed (a norm), each local element is weighted by one over the ranks that hold it.
+Pure torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # DTensor (FSDP2, tensor parallel)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local_tensor(value: Any) -> Any:
+    """The tensor elementwise math runs on: the rank-local shard of a DTensor, and complex tensors as real views
+    (real and imaginary parts as separate coordinates, as torch's optimizers treat them). Both are views, so in-place
+    writes land in the original; anything else comes back as it is."""
+    if isinstance(value, DTensor):
+        value = value.to_local()
+    if isinstance(value, Tensor) and value.is_complex():
+        value = torch.view_as_real(value)
+    return value
+
+
+def ranks_holding(param: Tensor) -> int:
+    """How many ranks hold each element of ``param``'s local tensor: the world over the ranks that shard it."""
+    world = torch.distributed.get_world_size()
+    if not isinstance(param, DTensor):
+        return world
+    sharding = 1
+    for dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            sharding *= param.device_mesh.size(dim)
+    return world // sharding
