@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
 
+from ..rules._foreach import as_float
+
 __all__ = ["AdaM3", "adam3"]
 
 
@@ -211,10 +213,6 @@ def _check_real(name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"AdaM3: invalid {name}={value!r}, must be {allowed}")
 
 
-def _scalar(value: float | Tensor) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
-
-
 def adam3(
     params: list[Tensor],
     grads: list[Tensor],
@@ -245,7 +243,7 @@ def adam3(
         has_complex=has_complex,
         beta1=beta1,
         beta2=beta2,
-        lr=_scalar(lr),
+        lr=as_float(lr),
         eps=eps,
         weight_decay=weight_decay,
         decoupled_weight_decay=decoupled_weight_decay,

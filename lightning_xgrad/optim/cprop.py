@@ -25,7 +25,7 @@ from ..conformity import (
     update_square_mean_,
     update_statistics_,
 )
-from ..rules._foreach import chunk_slices, steps_as_floats
+from ..rules._foreach import as_float, chunk_slices, steps_as_floats
 
 __all__ = ["CPropAdam", "CPropSGD"]
 
@@ -45,10 +45,6 @@ def _check_number(owner: str, name: str, value: Any, minimum: float = 0.0, below
 def _check_flag(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: invalid {name}={value!r}, must be True or False")
-
-
-def _scalar(value: float | Tensor) -> float:
-    return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
 def _new_step() -> Tensor:
@@ -180,7 +176,7 @@ class CPropSGD(Optimizer):
                 continue
             _multi_tensor_cprop_sgd(
                 *(columns[name] for name in names),
-                lr=_scalar(group["lr"]),
+                lr=as_float(group["lr"]),
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 weight_decay=group["weight_decay"],
@@ -394,7 +390,7 @@ class CPropAdam(Optimizer):
             beta1, beta2 = group["betas"]
             _multi_tensor_cprop_adam(
                 *(columns[name] for name in names),
-                lr=_scalar(group["lr"]),
+                lr=as_float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
