@@ -169,24 +169,30 @@ def xgrad_callback(mode: str) -> XGradCallback:
     return XGradCallback(log_every_n_steps=1) if mode == "xgrad_logged" else XGradCallback()
 
 
-def fit(name: str, mode: str) -> dict[str, Any]:
-    """One sharded fit; returns what this rank saves."""
-    recorder, inputs, shifts = RealWeightRecorder(), InputRecorder(), ShiftRecorder()
-    probe = MidWindowStateDictProbe(recorder)
-    xgrad = [] if mode == "baseline" else [xgrad_callback(mode)]
-    trainer = pl.Trainer(
+def sharded_trainer(callbacks: list[Callback], epochs: int = EPOCHS) -> pl.Trainer:
+    """A Trainer of WORLD_SIZE CPU processes, FSDP2 over all of them, with nothing else on (no logger, checkpoints,
+    progress bar, summary or sanity check)."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=WORLD_SIZE,
         strategy=ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1),
         use_distributed_sampler=False,
-        max_epochs=EPOCHS,
-        callbacks=[recorder, *xgrad, probe, inputs, shifts],
+        max_epochs=epochs,
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+
+
+def fit(name: str, mode: str) -> dict[str, Any]:
+    """One sharded fit; returns what this rank saves."""
+    recorder, inputs, shifts = RealWeightRecorder(), InputRecorder(), ShiftRecorder()
+    probe = MidWindowStateDictProbe(recorder)
+    xgrad = [] if mode == "baseline" else [xgrad_callback(mode)]
+    trainer = sharded_trainer([recorder, *xgrad, probe, inputs, shifts])
     module = FullyShardedModule(OPTIMIZERS[name])
     trainer.fit(module)
     assert trainer.world_size == WORLD_SIZE

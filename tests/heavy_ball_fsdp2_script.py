@@ -20,9 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.*` when run as a script
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -30,7 +28,7 @@ from torch.utils.data import DataLoader
 from lightning_xgrad import XGradCallback
 from lightning_xgrad.optim.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
 from tests.ddp_script import PER_RANK_BATCH, WORLD_SIZE, N
-from tests.fsdp2_script import FullyShardedModule, UnevenModule, full_flat
+from tests.fsdp2_script import FullyShardedModule, UnevenModule, full_flat, sharded_trainer
 from tests.toolkit import loader, make_data
 
 KINDS = ("sgd", "adam")
@@ -81,19 +79,7 @@ def main() -> None:
     torch.set_num_threads(1)  # two processes on two cores
     for kind in KINDS:
         module = ShardedHeavyBallModule(kind)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=WORLD_SIZE,
-            strategy=ModelParallelStrategy(data_parallel_size=WORLD_SIZE, tensor_parallel_size=1),
-            use_distributed_sampler=False,
-            max_epochs=EPOCHS,
-            callbacks=[XGradCallback()],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        trainer = sharded_trainer([XGradCallback()], epochs=EPOCHS)
         trainer.fit(module)
         result = {
             "params": full_flat(module),
