@@ -19,6 +19,11 @@ from .base import PredictionRule
 from .fused import CompiledPrediction, adam_kernel
 
 
+def _on_accelerator(steps: Sequence[Any]) -> bool:
+    """Whether the step counts live on an accelerator (capturable or fused Adam), where reading them would sync."""
+    return isinstance(steps[0], Tensor) and steps[0].device.type != "cpu"
+
+
 class AdamRule(PredictionRule):
     """Adam, AdamW (also with ``amsgrad``, ``maximize``, ``foreach``, ``fused`` and ``capturable``)."""
 
@@ -40,7 +45,7 @@ class AdamRule(PredictionRule):
         exp_avgs, second_moments, steps = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = self.outer_eps(group)
-        if isinstance(steps[0], Tensor) and steps[0].device != torch.device("cpu"):
+        if _on_accelerator(steps):
             self._add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha)
             return
         scalars = self._scalars(steps, beta1, beta2, eps, alpha)
@@ -69,7 +74,7 @@ class AdamRule(PredictionRule):
         self, columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> list[list[float]] | None:
         steps = columns[2]
-        if isinstance(steps[0], Tensor) and steps[0].device.type != "cpu":
+        if _on_accelerator(steps):
             return None  # reading accelerator steps would sync: the eager no-sync path instead
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, step = self._scalars(steps, beta1, beta2, self.outer_eps(group), alpha)
