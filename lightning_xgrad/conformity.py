@@ -1,8 +1,8 @@
-"""CProp's gradient-conformity statistics and scale, as multi-tensor (``torch._foreach_*``) functions. Pure torch.
+"""CProp's gradient-conformity statistics and scale, multi-tensor (``torch._foreach_*``) or one tensor at a time.
 
 CProp (Preechakul and Kijsirikul, "CProp: Adaptive Learning Rate Scaling from Past Gradient Conformity", 2019,
 arXiv 1912.11493, official code github.com/phizaz/cprop) shrinks each element's update when its recent gradients
-disagree in sign. Per element, at the t-th gradient g (the official ``cprop_lib.py``, step for step)::
+disagree in sign. Per element, at the t-th gradient g, the official ``cprop_lib.py`` computes::
 
     m      = beta * m + (1 - beta) * g            v = beta * v + (1 - beta) * g^2     (updated first, then t += 1)
     m_hat  = m / (1 - beta^t)                     v_hat = v / (1 - beta^t)
@@ -15,13 +15,39 @@ Phi is the normal CDF (``cdf="normal"``) or Bowling et al.'s logistic fit ``1 / 
 CDF and ``tanh(|0.07056 z^3 + 1.5976 z| / 2)`` for the fit; those forms are computed here: the same values (to
 float rounding) with no overflow of exp and no cancellation near z = 0.
 
-At t = 1 the variance is 0 in exact arithmetic but ``n - 1 + eps = eps``, so the float rounding of
-``v_hat - m_hat^2`` (a few ulps of g^2, nonzero for about a third of the elements in float32) divided by eps sets
-the first step's scale. The official code behaves the same way; the operations below are the official ones, in its
-order, so the result is reproducible and equals a per-tensor implementation of the formulas bit for bit there.
+**Deviation from the official code: the variance.** ``v_hat - m_hat^2`` is the bias-corrected, exponentially
+weighted variance of the gradients, but computed as that difference of two nearly equal numbers it is mostly
+rounding once the spread is small against the mean. At t = 1 it is 0 in exact arithmetic while ``n - 1 + eps =
+eps``, so its float32 rounding (a few ulps of g^2, nonzero for about a third of the elements, different for each
+kernel and device) divided by 1e-8 sets the first step's scale anywhere in [0, 1]. Here the variance is kept
+directly, as an exponential moving average of squared deviations from the running mean (the weighted form of
+Welford's update, West 1979)::
+
+    delta   = g - m_hat_{t-1}                  (m_hat_0 = 0: delta = g at t = 1)
+    m       = beta * m + (1 - beta) * g        (the official mean, unchanged)
+    exp_var = beta * exp_var + (1 - beta) * r_t * delta^2,     r_t = beta * (1 - beta^(t-1)) / (1 - beta^t)
+    var     = exp_var / (1 - beta^t)           (= v_hat - m_hat^2 in exact arithmetic, for every t)
+    se      = sqrt(var / (n - 1 + eps)) + eps
+
+Why it is the same number: with weights w_i = (1 - beta) beta^(t-i), which sum to W_t = 1 - beta^t, m_hat is the
+weighted mean and ``v_hat - m_hat^2 = sum_i w_i (g_i - m_hat)^2 / W_t``. Call the sum ``exp_var`` (it is
+bias-corrected by W_t, as m is). Adding g_t scales the old weights by beta (total beta W_{t-1}) and adds weight
+1 - beta; merging the two groups adds ``beta W_{t-1} (1 - beta) / W_t * (g_t - m_hat_{t-1})^2`` to their summed
+squares, which is the update above. r_t tends to beta, so later steps are ``exp_var = beta exp_var + beta (1 - beta)
+delta^2``; at t = 1, ``W_0 = 0`` makes r_1 = 0, so the variance is exactly 0 and se exactly eps, as in exact
+arithmetic: the first scale is ``min(1, c * |2 Phi(-m_hat / eps) - 1|)``, 1 for any gradient far above eps. No
+step subtracts two squares: the relative error of the variance is of order ulp * |g| / sigma rather than
+ulp * g^2 / sigma^2 (sigma the gradients' spread), so the float32 result tracks the official formula evaluated in
+float64: within 2e-6 of how far 20 steps moved the weights in the tests, where the official float32 arithmetic ends
+5e-3 to 0.3 of it away.
+
+The moving average m is the official one, so ``CPropAdam`` still shares Adam's ``exp_avg`` where the decays agree;
+``exp_var`` replaces v (Adam's ``exp_avg_sq`` can no longer double as a CProp statistic). States saved with the old
+(m, v) layout are converted on load by :func:`variance_from_square_mean`, approximately.
 
 The functions take lists of tensors that share a device and dtype (the optimizers' and the callback's buckets) and
-work in place; temporaries are at most two tensors per chunk of the lists, never one per parameter of the model.
+work in place; ``foreach=True`` runs ``torch._foreach_*`` kernels with temporaries of at most two tensors per chunk
+of the lists, ``foreach=False`` one tensor at a time (the optimizers' single-tensor path).
 """
 
 from __future__ import annotations
@@ -33,18 +59,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .rules._foreach import chunk_slices
+from .rules._foreach import chunk_slices, uniform
 
 __all__ = [
     "CDF_CHOICES",
+    "LEGACY_LAYOUT_WARNING",
     "ConformityCDF",
     "check_conformity_args",
     "conformity_scale_",
     "scale_applied_update_",
     "scale_from_z",
     "update_mean_",
-    "update_square_mean_",
     "update_statistics_",
+    "update_variance_",
+    "variance_from_square_mean",
 ]
 
 ConformityCDF = Literal["normal", "bft"]
@@ -53,6 +81,12 @@ CDF_CHOICES: tuple[str, ...] = ("normal", "bft")
 #: u = BFT_CUBIC * z^3 + BFT_LINEAR * z (max abs error 1.4e-4)
 BFT_CUBIC = 0.07056
 BFT_LINEAR = 1.5976
+#: The warning when statistics saved with the old (m, v) layout are converted (its start names the owner).
+LEGACY_LAYOUT_WARNING = (
+    "converted CProp statistics saved in the old layout (the moving average of g^2, {old!r}) into the exact "
+    "variance {new!r}: the conversion is approximate (v_hat - m_hat^2 keeps the rounding of v; the exact value 0 is "
+    "used after one gradient); later steps update it exactly. Save a new checkpoint to keep the new layout."
+)
 
 
 def check_conformity_args(owner: str, beta: Any, c: Any, eps: Any, cdf: Any, prefix: str = "") -> None:
@@ -72,60 +106,125 @@ def check_conformity_args(owner: str, beta: Any, c: Any, eps: Any, cdf: Any, pre
 
 
 @torch.no_grad()
-def update_mean_(exp_avgs: list[Tensor], grads: list[Tensor], beta: float) -> None:
+def update_mean_(exp_avgs: list[Tensor], grads: list[Tensor], beta: float, *, foreach: bool = True) -> None:
     """``m = beta * m + (1 - beta) * g`` in place, with the official code's operations (``mul_`` then ``add_``)."""
-    if grads:
-        torch._foreach_mul_(exp_avgs, beta)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
+    if foreach:
+        if grads:
+            torch._foreach_mul_(exp_avgs, beta)
+            torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta)
+        return
+    for exp_avg, grad in zip(exp_avgs, grads, strict=True):
+        exp_avg.mul_(beta).add_(grad, alpha=1.0 - beta)
+
+
+def _variance_coefficients(steps: Sequence[float], beta: float) -> tuple[list[float], list[float]]:
+    """Per tensor, for its t-th gradient: ``-1 / (1 - beta^(t-1))`` (0 at t = 1: m_hat_0 = 0), which turns m into
+    -m_hat_{t-1}, and the weight ``(1 - beta) * r_t`` of delta^2, exactly 0 at t = 1."""
+    mean_factors, weights = [], []
+    for t in steps:
+        previous = 1.0 - beta ** (t - 1.0)  # W_{t-1}: exactly 0 at t = 1
+        mean_factors.append(-1.0 / previous if previous > 0.0 else 0.0)
+        weights.append((1.0 - beta) * beta * previous / (1.0 - beta**t))
+    return mean_factors, weights
 
 
 @torch.no_grad()
-def update_square_mean_(exp_avg_sqs: list[Tensor], grads: list[Tensor], beta: float) -> None:
-    """``v = beta * v + (1 - beta) * g^2`` in place, with the official code's operations (``mul_`` then
-    ``addcmul_``)."""
-    if grads:
-        torch._foreach_mul_(exp_avg_sqs, beta)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta)
+def update_variance_(
+    exp_vars: list[Tensor],
+    exp_avgs: list[Tensor],
+    grads: list[Tensor],
+    steps: Sequence[float],
+    beta: float,
+    *,
+    foreach: bool = True,
+) -> None:
+    """Fold g into the variance: ``exp_var = beta * exp_var + (1 - beta) * r_t * (g - m_hat_{t-1})^2`` in place.
+
+    Call it *before* the mean is updated (it reads m_hat_{t-1} from ``exp_avgs``); ``steps[i]`` is t for tensor i,
+    counting this gradient (t >= 1). Temporaries: delta for one chunk (foreach) or one tensor.
+    """
+    if not grads:
+        return
+    mean_factors, weights = _variance_coefficients(steps, beta)
+    if not foreach:
+        columns = zip(exp_vars, exp_avgs, grads, mean_factors, weights, strict=True)
+        for exp_var, exp_avg, grad, factor, weight in columns:
+            delta = grad.add(exp_avg, alpha=factor)
+            exp_var.mul_(beta).addcmul_(delta, delta, value=weight)
+        return
+    torch._foreach_mul_(exp_vars, beta)
+    for part in chunk_slices(grads):
+        factor = uniform(mean_factors[part])
+        if isinstance(factor, float):
+            delta = torch._foreach_add(grads[part], exp_avgs[part], alpha=factor)
+        else:
+            delta = torch._foreach_mul(exp_avgs[part], factor)
+            torch._foreach_add_(delta, grads[part])
+        torch._foreach_addcmul_(exp_vars[part], delta, delta, uniform(weights[part]))
+        del delta  # one chunk of temporaries alive at a time
 
 
-def update_statistics_(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], beta: float) -> None:
-    """Fold one gradient per tensor into both moving averages (the caller then counts it: t += 1)."""
-    update_mean_(exp_avgs, grads, beta)
-    update_square_mean_(exp_avg_sqs, grads, beta)
+def update_statistics_(
+    exp_avgs: list[Tensor],
+    exp_vars: list[Tensor],
+    grads: list[Tensor],
+    steps: Sequence[float],
+    beta: float,
+    *,
+    foreach: bool = True,
+) -> None:
+    """Fold one gradient per tensor into the mean and the variance; ``steps[i]`` is t for tensor i, counting this
+    gradient (the caller counts it first: t += 1, then this)."""
+    update_variance_(exp_vars, exp_avgs, grads, steps, beta, foreach=foreach)
+    update_mean_(exp_avgs, grads, beta, foreach=foreach)
+
+
+def _scale_coefficients(steps: Sequence[float], beta: float, eps: float) -> tuple[list[float], list[float]]:
+    """Per tensor: the bias correction ``1 - beta^t`` and the factor ``1 / ((1 - beta^t) (n - 1 + eps))`` that turns
+    exp_var into (se - eps)^2 (0 where n - 1 + eps is 0, i.e. t = 1 with eps = 0: exp_var is exactly 0 there)."""
+    corrections = [1.0 - beta**t for t in steps]
+    factors = []
+    for bc in corrections:
+        dof = bc / (1.0 - beta) - 1.0 + eps  # n - 1 + eps, n = (1 - beta^t) / (1 - beta)
+        factors.append(1.0 / (bc * dof) if dof > 0.0 else 0.0)
+    return corrections, factors
 
 
 @torch.no_grad()
 def conformity_scale_(
     scales: list[Tensor],
     exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    exp_vars: list[Tensor],
     steps: Sequence[float],
     beta: float,
     c: float,
     eps: float,
     cdf: ConformityCDF,
+    *,
+    foreach: bool = True,
 ) -> None:
-    """Write CProp's scale into ``scales`` from the (uncorrected) moments and each tensor's gradient count ``steps``.
-
-    ``steps[i]`` is t for tensor i, counting the gradient just folded into the moments (t >= 1). The scale tensors
-    double as the workspace for the standard error, so the temporaries are m_hat and m_hat^2 for one chunk.
-    """
+    """Write CProp's scale into ``scales`` from the statistics and each tensor's gradient count ``steps`` (t >= 1,
+    counting the gradient just folded in). The scale tensors double as the workspace for the standard error, so
+    the only temporary is m_hat for one chunk (foreach) or one tensor."""
     if not scales:
         return
-    corrections = [1.0 - beta**t for t in steps]
-    dofs = [bc / (1.0 - beta) - 1.0 + eps for bc in corrections]  # n - 1 + eps, n = (1 - beta^t) / (1 - beta)
+    corrections, factors = _scale_coefficients(steps, beta, eps)
+    if not foreach:
+        for out, exp_avg, exp_var, bc, factor in zip(scales, exp_avgs, exp_vars, corrections, factors, strict=True):
+            z = exp_avg.div(bc)  # m_hat
+            torch.mul(exp_var, factor, out=out).sqrt_().add_(eps)  # se
+            _tensor_scale_from_z_(out, z.div_(out), c, cdf)
+        return
     for part in chunk_slices(scales):
-        out, bcs = scales[part], corrections[part]
-        m_hat = torch._foreach_div(exp_avgs[part], bcs)
-        torch._foreach_copy_(out, exp_avg_sqs[part])
-        torch._foreach_div_(out, bcs)  # v_hat
-        torch._foreach_sub_(out, torch._foreach_mul(m_hat, m_hat))  # v_hat - m_hat^2, with the official roundings
-        torch._foreach_clamp_min_(out, 0.0)
-        torch._foreach_div_(out, dofs[part])
+        out = scales[part]
+        z = torch._foreach_div(exp_avgs[part], uniform(corrections[part]))  # m_hat
+        torch._foreach_copy_(out, exp_vars[part])
+        torch._foreach_mul_(out, uniform(factors[part]))  # se^2 = var / (n - 1 + eps)
         torch._foreach_sqrt_(out)
         torch._foreach_add_(out, eps)  # se
-        torch._foreach_div_(m_hat, out)  # z = m_hat / se
-        _scale_from_z_(out, m_hat, c, cdf)
+        torch._foreach_div_(z, out)  # z = m_hat / se
+        _scale_from_z_(out, z, c, cdf)
+        del z  # one chunk of temporaries alive at a time
 
 
 def _scale_from_z_(out: list[Tensor], z: list[Tensor], c: float, cdf: ConformityCDF) -> None:
@@ -152,12 +251,41 @@ def _scale_from_z_(out: list[Tensor], z: list[Tensor], c: float, cdf: Conformity
     torch._foreach_clamp_max_(out, 1.0)
 
 
+def _tensor_scale_from_z_(out: Tensor, z: Tensor, c: float, cdf: ConformityCDF) -> None:
+    """:func:`_scale_from_z_` for one tensor, with the same operations in the same order (``z`` is only read)."""
+    if cdf == "bft":
+        torch.mul(z, z, out=out).mul_(BFT_CUBIC).add_(BFT_LINEAR).mul_(z).mul_(0.5).tanh_()
+    elif cdf == "normal":
+        torch.mul(z, 1.0 / math.sqrt(2.0), out=out).erf_()
+    else:
+        raise ValueError(f"conformity scale: `cdf` must be one of {CDF_CHOICES}, got {cdf!r}")
+    out.abs_()
+    if c != 1.0:
+        out.mul_(c)
+    out.clamp_max_(1.0)
+
+
 @torch.no_grad()
 def scale_from_z(z: Tensor, c: float = 1.0, cdf: ConformityCDF = "bft") -> Tensor:
     """``min(1, c * |2 Phi(-z) - 1|)`` for a tensor of z = m_hat / se: the last stage of :func:`conformity_scale_`."""
     out = torch.empty_like(z)
-    _scale_from_z_([out], [z.clone()], c, cdf)
+    _tensor_scale_from_z_(out, z, c, cdf)
     return out
+
+
+@torch.no_grad()
+def variance_from_square_mean(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta: float) -> Tensor:
+    """``exp_var`` from statistics saved in the old layout, m and v = EMA(g^2) after ``step`` gradients:
+    ``(1 - beta^t) * max(v_hat - m_hat^2, 0)``, computed in float64, in ``exp_avg``'s dtype.
+
+    Approximate: it keeps the rounding that v carried (the reason the layout changed); with at most one gradient
+    the exact value, 0, is used.
+    """
+    if step <= 1:
+        return torch.zeros_like(exp_avg)
+    bc = 1.0 - beta**step
+    m_hat, v_hat = exp_avg.double() / bc, exp_avg_sq.double() / bc
+    return ((v_hat - m_hat * m_hat).clamp_min(0.0) * bc).to(exp_avg.dtype)
 
 
 @torch.no_grad()

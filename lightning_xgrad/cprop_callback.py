@@ -22,8 +22,11 @@ optimizer itself: without a closure, W_before is taken in the step's pre-hook; w
 ran (an optimizer that evaluates it several times, such as LBFGS, gets its whole step scaled). Parameters without a
 gradient in a step are left alone. DTensor parameters (FSDP2, tensor parallel) work on their local shards, with no
 communication, but a checkpoint leaves their statistics out (a resume restarts them). The statistics have the
-parameter's dtype, as in the official code. Not supported: strategies whose optimizer does not update the module's
-parameters directly (DeepSpeed, FSDP1's flat parameters).
+parameter's dtype, as in the official code; their variance is an exact moving variance rather than the official
+``v_hat - m_hat^2`` (the same number in exact arithmetic, see :mod:`lightning_xgrad.conformity`), so the first step's
+scale is not float rounding noise. A checkpoint saved by an earlier version, with the old (m, v) statistics,
+resumes with a warning and its variance converted approximately. Not supported: strategies whose optimizer does not
+update the module's parameters directly (DeepSpeed, FSDP1's flat parameters).
 
 Under XGrad the prediction must follow the update that is really applied: ``CPropCallback.xgrad_direction_scales``
 hands XGradCallback the live per-parameter scales of the last step, and XGrad's state rules predict with
@@ -39,16 +42,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .callback import XGradCallback
 from .conformity import (
+    LEGACY_LAYOUT_WARNING,
     ConformityCDF,
     check_conformity_args,
     conformity_scale_,
     scale_applied_update_,
     update_statistics_,
+    variance_from_square_mean,
 )
 from .rules._foreach import ScalarColumn, steps_as_floats
 from .sharding import DTensor, local_tensor
@@ -62,7 +68,7 @@ class _Bucket:
     params: list[Tensor]  # the tensors the math runs on: local shards, complex as real views
     befores: list[Tensor]
     exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
+    exp_vars: list[Tensor]
     steps: list[Tensor]
     scales: list[Tensor]
 
@@ -93,7 +99,7 @@ class _OptimizerConformity:
             zeros = torch.zeros_like(local, memory_format=torch.preserve_format)
             entry = self.state[p] = {
                 "exp_avg": zeros,
-                "exp_avg_sq": torch.zeros_like(zeros),
+                "exp_var": torch.zeros_like(zeros),  # the moving variance, bias-corrected as exp_avg
                 "step": torch.zeros((), dtype=torch.float64),
                 # 1 (no scaling) until its first step; XGrad reads it only once the optimizer has state
                 "scale": torch.ones_like(zeros),
@@ -117,7 +123,7 @@ class _OptimizerConformity:
             bucket.params.append(local)
             bucket.befores.append(before)
             bucket.exp_avgs.append(entry["exp_avg"])
-            bucket.exp_avg_sqs.append(entry["exp_avg_sq"])
+            bucket.exp_vars.append(entry["exp_var"])
             bucket.steps.append(entry["step"])
             bucket.scales.append(entry["scale"])
         for bucket in grouped.values():  # step counts read through NumPy views every step
@@ -151,11 +157,11 @@ class _OptimizerConformity:
         self.snapshot_taken = False
         for bucket in self._buckets:
             grads = [local_tensor(p.grad) for p in bucket.owners]
-            update_statistics_(bucket.exp_avgs, bucket.exp_avg_sqs, grads, self.beta)
             torch._foreach_add_(bucket.steps, 1.0)
             ts = steps_as_floats(bucket.steps)
+            update_statistics_(bucket.exp_avgs, bucket.exp_vars, grads, ts, self.beta)
             settings = (self.beta, self.c, self.eps, self.cdf)
-            conformity_scale_(bucket.scales, bucket.exp_avgs, bucket.exp_avg_sqs, ts, *settings)
+            conformity_scale_(bucket.scales, bucket.exp_avgs, bucket.exp_vars, ts, *settings)
             scale_applied_update_(bucket.params, bucket.befores, bucket.scales)
 
     # ------------------------------------------------------------------ checkpoint
@@ -170,7 +176,7 @@ class _OptimizerConformity:
                 continue
             out[index] = {
                 "exp_avg": entry["exp_avg"],
-                "exp_avg_sq": entry["exp_avg_sq"],
+                "exp_var": entry["exp_var"],
                 "step": float(entry["step"]),
                 "scale": entry["scale"],
             }
@@ -178,14 +184,32 @@ class _OptimizerConformity:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
-        """Load :meth:`state_dict`'s output; the scales stay the same tensors XGradCallback holds."""
+        """Load :meth:`state_dict`'s output; the scales stay the same tensors XGradCallback holds. Entries saved by
+        an earlier version (``exp_avg_sq``, the moving average of g^2, instead of ``exp_var``) are converted
+        approximately, with a warning; an entry with neither is refused."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        converted = False
         for index, saved in state.items():
+            if "exp_var" not in saved and "exp_avg_sq" not in saved:
+                raise ValueError(
+                    f"CPropCallback: the checkpoint's statistics of parameter {index} have neither 'exp_var' nor the "
+                    f"older 'exp_avg_sq', got {sorted(saved)}"
+                )
             p = params[int(index)]
             entry = self._entry(p, local_tensor(p))
-            for name in ("exp_avg", "exp_avg_sq", "scale"):
+            step = float(saved["step"])
+            for name in ("exp_avg", "scale"):
                 entry[name].copy_(saved[name])
-            entry["step"].fill_(float(saved["step"]))
+            if "exp_var" in saved:
+                entry["exp_var"].copy_(saved["exp_var"])
+            else:
+                entry["exp_var"].copy_(
+                    variance_from_square_mean(saved["exp_avg"], saved["exp_avg_sq"], step, self.beta)
+                )
+                converted = True
+            entry["step"].fill_(step)
+        if converted:
+            rank_zero_warn("CPropCallback: " + LEGACY_LAYOUT_WARNING.format(old="exp_avg_sq", new="exp_var"))
         self._plan_key = None
 
 
@@ -202,6 +226,11 @@ class CPropCallback(Callback):
     so an element whose recent gradients agree in sign keeps its full update and one whose gradients flip is slowed
     down, whatever the optimizer. Works with any optimizer the LightningModule configures; see the module docstring
     for when it acts and what is supported. Composes with :class:`~lightning_xgrad.XGradCallback` in either order.
+
+    The variance ``v_hat - m_hat^2`` is kept as an exact moving variance (an EMA of squared deviations from the
+    running mean), not computed as that difference as the official code does: the same number in exact arithmetic,
+    but exactly 0 after the first gradient (where the official float32 difference, divided by ``n - 1 + eps = eps``,
+    makes the first scale rounding noise) and free of cancellation later (:mod:`lightning_xgrad.conformity`).
 
     Args:
         beta: decay of the moving averages (the official default 0.999: about the last thousand steps).

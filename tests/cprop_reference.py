@@ -9,11 +9,13 @@ reference, ``tests/reference.py``) and favours readability over speed. Per eleme
     scale = min(1, c * |2 * Phi(-z) - 1|)
     Phi = the normal CDF, or the logistic fit 1 / (1 + exp(-(0.07056 z^3 + 1.5976 z)))
 
-One caution the formulas imply: at t = 1, ``n - 1 + eps = eps`` turns the float rounding of ``v_hat - m_hat^2``
-(zero in exact arithmetic) into the scale, so the first step is only reproducible when the gradient, the moments and
-that difference are rounded the same way. The reference therefore writes each formula with the plain tensor
-operations it names (``beta * m + (1 - beta) * g``, ``v_hat - m_hat * m_hat``), and an L2 term as
-``g.add(p, alpha=weight_decay)``, the operation torch's optimizers round with.
+It is a float64 oracle of the *official* formulas: the statistics are kept in float64 whatever the dtype of the
+gradients they see, and the training loops below are meant to run on a float64 copy of the model. In exact
+arithmetic ``v_hat - m_hat^2`` equals the exponentially weighted variance that ``lightning_xgrad.conformity`` keeps
+instead. In float32 that difference keeps a few ulps of g^2 of rounding, which at t = 1 (exactly 0, divided by
+``n - 1 + eps = eps``) sets the scale anywhere in [0, 1]; in float64 the same rounding, about 1e-16 g^2, leaves
+``z = m_hat / se`` above 5e3 at t = 1 wherever it matters, so the scale is the exact-arithmetic one (1 for any
+gradient far above eps, ``|2 Phi(-g / eps) - 1|`` for one near it).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def phi(z: Tensor, cdf: str) -> Tensor:
 
 
 def conformity_scale(m: Tensor, v: Tensor, t: int, beta: float, c: float, eps: float, cdf: str) -> Tensor:
-    """CProp's scale from the uncorrected moving averages m, v after t gradients."""
+    """CProp's scale from the uncorrected moving averages m, v after t gradients (computed in float64)."""
+    m, v = m.double(), v.double()
     bias_correction = 1 - beta**t
     m_hat = m / bias_correction
     v_hat = v / bias_correction
@@ -53,7 +56,7 @@ def conformity_scale(m: Tensor, v: Tensor, t: int, beta: float, c: float, eps: f
 
 
 class Conformity:
-    """The per-parameter statistics: ``observe(p, g)`` folds in one gradient and returns the new scale."""
+    """The per-parameter statistics, in float64: ``observe(p, g)`` folds in one gradient and returns the new scale."""
 
     def __init__(self, beta: float = 0.999, c: float = 1.0, eps: float = 1e-8, cdf: str = "bft") -> None:
         self.beta, self.c, self.eps, self.cdf = beta, c, eps, cdf
@@ -62,12 +65,15 @@ class Conformity:
         self.t: dict[Tensor, int] = {}
 
     def observe(self, p: Tensor, g: Tensor) -> Tensor:
-        m = self.m.get(p, torch.zeros_like(g))
-        v = self.v.get(p, torch.zeros_like(g))
-        self.m[p] = self.beta * m + (1 - self.beta) * g
-        self.v[p] = self.beta * v + (1 - self.beta) * g * g
+        """Fold in g (as float64); the scale comes back in g's dtype."""
+        g64 = g.double()
+        m = self.m.get(p, torch.zeros_like(g64))
+        v = self.v.get(p, torch.zeros_like(g64))
+        self.m[p] = self.beta * m + (1 - self.beta) * g64
+        self.v[p] = self.beta * v + (1 - self.beta) * g64 * g64
         self.t[p] = self.t.get(p, 0) + 1
-        return conformity_scale(self.m[p], self.v[p], self.t[p], self.beta, self.c, self.eps, self.cdf)
+        scale = conformity_scale(self.m[p], self.v[p], self.t[p], self.beta, self.c, self.eps, self.cdf)
+        return scale.to(g.dtype)
 
 
 class CPropSGDReference:

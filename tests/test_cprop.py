@@ -1,12 +1,15 @@
 """CProp: the scale, CPropSGD/CPropAdam, CPropCallback, and their composition with XGrad, against the reference.
 
-The reference (``tests/cprop_reference.py``) is plain PyTorch written from the formulas, one tensor at a time. Every
-comparison with it also checks that the thing compared makes a difference (CProp against no CProp, the scaled
-prediction against the unscaled one), so a callback that silently did nothing could not pass.
+The reference (``tests/cprop_reference.py``) is plain PyTorch written from the official formulas, one tensor at a
+time, and runs in float64 on a float64 copy of the model; float32 training must stay within 1e-4 of how far it moved
+the weights (``assert_tracks``). Every comparison with it also checks that the thing compared makes a difference
+(CProp against no CProp, the scaled prediction against the unscaled one), so a callback that silently did nothing
+could not pass.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -19,7 +22,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from lightning_xgrad.callback import XGradCallback
-from lightning_xgrad.conformity import conformity_scale_, scale_from_z
+from lightning_xgrad.conformity import conformity_scale_, scale_from_z, update_statistics_
 from lightning_xgrad.cprop_callback import CPropCallback
 from lightning_xgrad.optim.cprop import CPropAdam, CPropSGD
 
@@ -29,20 +32,33 @@ from .cprop_reference import (
     CPropSGDReference,
     conformity_scale,
     cprop_reference,
+    phi,
 )
 from .toolkit import EXAMPLES, TinyModule, batches, flat, load_example, loader, make_data, make_net, trainer
 
 RTOL, ATOL = 1e-5, 1e-6
+MOVEMENT_TOLERANCE = 1e-4  # float32 training against the float64 reference: this fraction of how far it moved
 SEPARATION = 100  # "makes a difference": further apart than this many times the tolerance
 BATCH = 8
+START = flat(make_net())  # the initial weights of every run
 
 
 def assert_close(got: Tensor, expected: Tensor) -> None:
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=RTOL, atol=ATOL)
+
+
+def assert_tracks(got: Tensor, expected: Tensor, what: str = "weights") -> None:
+    """``got`` within MOVEMENT_TOLERANCE of the movement ``max |expected - START|`` of ``expected`` (float64)."""
+    movement = (expected.double() - START.double()).abs().max().item()
+    gap = (got.double() - expected.double()).abs().max().item()
+    assert gap <= MOVEMENT_TOLERANCE * movement, (
+        f"{what}: max |diff| {gap:.3g} > {MOVEMENT_TOLERANCE} x the movement {movement:.3g}"
+    )
 
 
 def assert_far(a: Tensor, b: Tensor, what: str) -> None:
-    tolerance = ATOL + RTOL * b.abs().max().item()
+    a, b = a.double(), b.double()
+    tolerance = max(ATOL + RTOL * b.abs().max().item(), MOVEMENT_TOLERANCE * (b - START.double()).abs().max().item())
     gap = (a - b).abs().max().item()
     assert gap > SEPARATION * tolerance, f"{what}: max |diff| {gap:.3g} is not > {SEPARATION} x {tolerance:.3g}"
 
@@ -87,52 +103,103 @@ def test_c_multiplies_and_clips_at_one(c: float) -> None:
     assert (got <= 1).all() and (got == 1).any() == (c > 1)
 
 
+def exact_first_scale(g: Tensor, c: float = 1.0, eps: float = 1e-8, cdf: str = "bft") -> Tensor:
+    """The scale after one gradient in exact arithmetic, in float64: the variance is 0, so se = eps and the scale is
+    min(1, c |2 Phi(-g / eps) - 1|) (1 for any gradient far above eps)."""
+    return (c * (2 * phi(-g.double() / eps, cdf) - 1).abs()).clamp(max=1)
+
+
+def first_gradient(numel: int = 96) -> Tensor:
+    """Gradients near eps = 1e-8 (scales strictly between 0 and 1), a zero (scale 0) and ordinary ones (scale 1)."""
+    tiny = torch.tensor([3e-9, -7e-9, 1.2e-8, -2.5e-8, 5e-9, 1e-9, -6e-10, 2e-9, 0.0, 4e2, -1e-3, 5e-5])
+    return torch.cat([tiny, torch.randn(numel - len(tiny), generator=torch.Generator().manual_seed(0))])
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
 @pytest.mark.parametrize("cdf", ["bft", "normal"])
 @pytest.mark.parametrize("beta", [0.999, 0.9])
-def test_conformity_scale_matches_reference(cdf: str, beta: float) -> None:
-    """Multi-tensor statistics and scale against the reference's, over 30 gradients of three tensors that share a
-    sign (scale near 1), flip sign (near 0) and mix; t = 1 included, where the scale is rounding-sensitive."""
+def test_conformity_scale_matches_float64_reference(cdf: str, beta: float, foreach: bool) -> None:
+    """The float32 statistics and scale against the float64 official formulas, over 30 gradients of three tensors
+    that share a sign (scale near 1), flip sign (near 0) and mix; t = 1 included."""
     g = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (7,), (2, 2, 2)]
-    ms, vs, scales = ([torch.zeros(s) for s in shapes] for _ in range(3))
+    ms, variances, scales = ([torch.zeros(s) for s in shapes] for _ in range(3))
     reference = Conformity(beta=beta, cdf=cdf)
     keys = [torch.empty(0) for _ in shapes]
     for t in range(1, 31):
         grads = [torch.randn(s, generator=g) for s in shapes]
         grads[0] = grads[0] * 0.3 + 2.0  # one sign
         grads[1] = (1 + 0.1 * grads[1]) * (-1) ** t  # alternating sign
-        for m, v, grad in zip(ms, vs, grads, strict=True):
-            m.mul_(beta).add_(grad, alpha=1 - beta)
-            v.mul_(beta).addcmul_(grad, grad, value=1 - beta)
-        conformity_scale_(scales, ms, vs, [t] * 3, beta, 1.0, 1e-8, cdf)  # type: ignore[arg-type]
+        update_statistics_(ms, variances, grads, [t] * 3, beta, foreach=foreach)
+        conformity_scale_(scales, ms, variances, [t] * 3, beta, 1.0, 1e-8, cdf, foreach=foreach)  # type: ignore[arg-type]
         for key, grad, scale in zip(keys, grads, scales, strict=True):
             assert_close(scale, reference.observe(key, grad))
     assert scales[0].min() == 1.0  # gradients that agree in sign keep the full update
     assert scales[1].max() < 0.3  # gradients that flip sign every step are scaled down
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
+@pytest.mark.parametrize("cdf", ["bft", "normal"])
+@pytest.mark.parametrize("c", [1.0, 3.0])
+def test_first_scale_is_the_exact_arithmetic_one(c: float, cdf: str, foreach: bool) -> None:
+    """t = 1: the variance is exactly 0, so se = eps, not eps plus float rounding divided by eps."""
+    grad = first_gradient()
+    m, variance, scale = torch.zeros_like(grad), torch.zeros_like(grad), torch.empty_like(grad)
+    update_statistics_([m], [variance], [grad], [1], 0.999, foreach=foreach)
+    assert variance.eq(0).all()
+    conformity_scale_([scale], [m], [variance], [1], 0.999, c, 1e-8, cdf, foreach=foreach)  # type: ignore[arg-type]
+    expected = exact_first_scale(grad, c, cdf=cdf)
+    assert_close(scale, expected)
+    assert ((expected > 0.01) & (expected < 0.99)).sum() >= 4 and (scale[grad.abs() > 1e-6] == 1).all()
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
+def test_variance_state_has_no_cancellation(foreach: bool) -> None:
+    """Gradients 10 +- 0.01: the kept variance, ``exp_var / (1 - beta^t)``, matches the float64 v_hat - m_hat^2 to
+    5e-3 at every step, where the official difference computed in float32 is off by more than 100 %."""
+    beta, gen = 0.9, torch.Generator().manual_seed(1)
+    m, exp_var, m32, v32 = (torch.zeros(50) for _ in range(4))
+    m64, v64 = torch.zeros(50, dtype=torch.float64), torch.zeros(50, dtype=torch.float64)
+    official_error = 0.0
+    for t in range(1, 41):
+        grad = 10 + 0.01 * torch.randn(50, generator=gen)
+        update_statistics_([m], [exp_var], [grad], [t], beta, foreach=foreach)
+        m64, v64 = beta * m64 + (1 - beta) * grad.double(), beta * v64 + (1 - beta) * grad.double() ** 2
+        m32.mul_(beta).add_(grad, alpha=1 - beta)
+        v32.mul_(beta).addcmul_(grad, grad, value=1 - beta)
+        bc = 1 - beta**t
+        expected = v64 / bc - (m64 / bc) ** 2
+        if t > 1:
+            torch.testing.assert_close(exp_var.double() / bc, expected, rtol=5e-3, atol=0)
+            official = (v32 / bc - (m32 / bc) ** 2).clamp(min=0).double()
+            official_error = max(official_error, ((official - expected).abs() / expected).max().item())
+    assert official_error > 1.0
+
+
 def test_conformity_scale_first_steps_by_hand() -> None:
-    """Two gradients 1 and 3, beta = 0.5, by hand: m = 1.75, v = 4.75, m_hat = 7/3, v_hat = 19/3, n = 1.5."""
+    """Two gradients 1 and 3, beta = 0.5, by hand: m_hat = 7/3, v_hat = 19/3, variance 19/3 - 49/9 = 8/9, n = 1.5."""
     beta, eps = 0.5, 1e-8
-    m = torch.tensor([(1 - beta) * 1.0])
-    v = torch.tensor([(1 - beta) * 1.0])
-    m = beta * m + (1 - beta) * 3.0
-    v = beta * v + (1 - beta) * 9.0
-    scale = [torch.empty(1)]
-    conformity_scale_(scale, [m], [v], [2], beta, 1.0, eps, "normal")
+    m, variance, scale = torch.zeros(1), torch.zeros(1), torch.empty(1)
+    for t, g in ((1, 1.0), (2, 3.0)):
+        update_statistics_([m], [variance], [torch.tensor([g])], [t], beta)
     bc = 1 - beta**2  # 0.75
+    assert_close(m, torch.tensor([1.75]))
+    assert_close(variance / bc, torch.tensor([8 / 9]))
+    conformity_scale_([scale], [m], [variance], [2], beta, 1.0, eps, "normal")
     m_hat, v_hat, n = 1.75 / bc, 4.75 / bc, bc / (1 - beta)
     se = math.sqrt((v_hat - m_hat**2) / (n - 1 + eps)) + eps
-    assert_close(scale[0], torch.tensor([math.erf(m_hat / se / math.sqrt(2))]))
-    assert_close(conformity_scale(m, v, 2, beta, 1.0, eps, "normal"), scale[0])
+    assert_close(scale, torch.tensor([math.erf(m_hat / se / math.sqrt(2))]))
+    assert_close(conformity_scale(torch.tensor([1.75]), torch.tensor([4.75]), 2, beta, 1.0, eps, "normal"), scale)
 
 
 # ------------------------------------------------------------------------------------------------- the optimizers
-def train_optimizer(build: Any, steps: int = 20) -> tuple[Tensor, Any, nn.Module]:
-    """``steps`` optimizer steps of ``make_net`` on fixed batches; returns the weights, the optimizer and the net."""
-    net = make_net()
+def train_optimizer(build: Any, steps: int = 20, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Any, nn.Module]:
+    """``steps`` optimizer steps of ``make_net`` on fixed batches, in ``dtype``; returns the weights, the optimizer
+    and the net."""
+    net = make_net().to(dtype)
     optimizer = build(list(net.parameters()))
-    data = batches(*make_data(steps * BATCH), BATCH)
+    x, y = make_data(steps * BATCH)
+    data = batches(x.to(dtype), y.to(dtype), BATCH)
     for batch in data:
         mse(net, batch).backward()
         optimizer.step()
@@ -169,29 +236,48 @@ def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return real, ref
 
 
+def _reference_scales(optimizer: Any, net: nn.Module, reference: Any, ref_net: nn.Module) -> None:
+    """The last step's scales of every parameter against the reference's (float64)."""
+    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+        torch.testing.assert_close(optimizer.state[p]["cprop_scale"], reference.scales[q].float(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
 @pytest.mark.parametrize("case", sorted(SGD_CASES))
-def test_cprop_sgd_matches_reference(case: str) -> None:
+def test_cprop_sgd_matches_float64_reference(case: str, foreach: bool) -> None:
     real, ref = _split(SGD_CASES[case])
-    got, optimizer, net = train_optimizer(lambda p: CPropSGD(p, **real))
-    expected, reference, ref_net = train_optimizer(lambda p: CPropSGDReference(p, **ref))
-    assert_close(got, expected)
-    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
-        assert_close(optimizer.state[p]["cprop_scale"], reference.scales[q])
+    got, optimizer, net = train_optimizer(lambda p: CPropSGD(p, **real, foreach=foreach))
+    expected, reference, ref_net = train_optimizer(lambda p: CPropSGDReference(p, **ref), dtype=torch.float64)
+    assert_tracks(got, expected)
+    _reference_scales(optimizer, net, reference, ref_net)
     plain = {k: v for k, v in real.items() if not k.startswith("cprop_")}
-    assert_far(got, train_optimizer(lambda p: torch.optim.SGD(p, **plain))[0], "CPropSGD vs SGD")
+    assert_far(got, train_optimizer(lambda p: torch.optim.SGD(p, **plain), dtype=torch.float64)[0], "CPropSGD vs SGD")
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
 @pytest.mark.parametrize("case", sorted(ADAM_CASES))
-def test_cprop_adam_matches_reference(case: str) -> None:
+def test_cprop_adam_matches_float64_reference(case: str, foreach: bool) -> None:
     real, ref = _split(ADAM_CASES[case])
-    got, optimizer, net = train_optimizer(lambda p: CPropAdam(p, **real))
-    expected, reference, ref_net = train_optimizer(lambda p: CPropAdamReference(p, **ref))
-    assert_close(got, expected)
-    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
-        assert_close(optimizer.state[p]["cprop_scale"], reference.scales[q])
+    got, optimizer, net = train_optimizer(lambda p: CPropAdam(p, **real, foreach=foreach))
+    expected, reference, ref_net = train_optimizer(lambda p: CPropAdamReference(p, **ref), dtype=torch.float64)
+    assert_tracks(got, expected)
+    _reference_scales(optimizer, net, reference, ref_net)
     plain = {k: v for k, v in real.items() if not k.startswith("cprop_")}
     torch_adam = torch.optim.AdamW if plain.pop("decoupled_weight_decay", False) else torch.optim.Adam
-    assert_far(got, train_optimizer(lambda p: torch_adam(p, **plain))[0], "CPropAdam vs Adam")
+    assert_far(got, train_optimizer(lambda p: torch_adam(p, **plain), dtype=torch.float64)[0], "CPropAdam vs Adam")
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
+@pytest.mark.parametrize("cdf", ["bft", "normal"])
+@pytest.mark.parametrize("c", [1.0, 3.0])
+@pytest.mark.parametrize("cls", [CPropSGD, CPropAdam])
+def test_optimizer_first_scale_is_the_exact_arithmetic_one(cls: type, c: float, cdf: str, foreach: bool) -> None:
+    """After one step, cprop_scale = min(1, c |2 Phi(-g / eps) - 1|) (se = eps): the variance of one gradient is 0."""
+    param = torch.zeros(96, requires_grad=True)
+    param.grad = first_gradient()
+    optimizer = cls([param], lr=0.1, cprop_c=c, cprop_cdf=cdf, foreach=foreach)
+    optimizer.step()
+    assert_close(optimizer.state[param]["cprop_scale"], exact_first_scale(param.grad, c, cdf=cdf))
 
 
 @pytest.mark.parametrize("name", ["cprop_sgd", "cprop_adam"])
@@ -220,6 +306,73 @@ def test_optimizer_state_dict_resumes_exactly(name: str) -> None:
     second.load_state_dict(saved)
     run(net, second, data[10:])
     torch.testing.assert_close(flat(net), flat(straight), rtol=0, atol=0)
+
+
+def old_layout(state_dict: dict[str, Any], beta: float, shared_square: bool) -> dict[str, Any]:
+    """A state_dict as CPropSGD / CPropAdam saved it before the exact variance: the moving average of g^2,
+    ``cprop_exp_avg_sq`` = s + m^2 / (1 - beta^t), instead of ``cprop_exp_var`` = s (none at all where CPropAdam
+    shared Adam's ``exp_avg_sq``), and no ``foreach`` option."""
+    old = copy.deepcopy(state_dict)
+    for group in old["param_groups"]:
+        del group["foreach"]
+    for entry in old["state"].values():
+        exp_var = entry.pop("cprop_exp_var").double()
+        if not shared_square:
+            m, bc = entry["cprop_exp_avg"].double(), 1 - beta ** float(entry["step"])
+            entry["cprop_exp_avg_sq"] = (exp_var + m * m / bc).float()
+    return old
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "shared_square"),
+    [(CPropSGD, dict(lr=0.05, momentum=0.9), False), (CPropAdam, dict(lr=0.01), True),
+     (CPropAdam, dict(lr=0.01, betas=(0.9, 0.99)), False)],
+    ids=["cprop_sgd", "cprop_adam_shared_v", "cprop_adam_own_v"],
+)  # fmt: skip
+def test_optimizer_converts_the_old_state_layout(cls: type, kwargs: dict[str, Any], shared_square: bool) -> None:
+    """A state_dict with the old (m, v) statistics loads with a warning, its variance v_hat - m_hat^2 converted
+    (approximately), and 10 more steps stay within the tolerance of 20 straight ones."""
+    data = batches(*make_data(20 * BATCH), BATCH)
+
+    def run(net: nn.Module, optimizer: Any, part: list[Any]) -> None:
+        for batch in part:
+            mse(net, batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    straight = make_net()
+    run(straight, cls(straight.parameters(), **kwargs), data)
+    net = make_net()
+    first = cls(net.parameters(), **kwargs)
+    run(net, first, data[:10])
+    second = cls(net.parameters(), **kwargs)
+    with pytest.warns(UserWarning, match=rf"{cls.__name__}: .*old layout.*approximate"):
+        second.load_state_dict(old_layout(first.state_dict(), 0.999, shared_square))
+    for p in net.parameters():
+        state = second.state[p]
+        assert "cprop_exp_avg_sq" not in state and state["cprop_exp_var"].dtype == torch.float32
+        expected = first.state[p]["cprop_exp_var"]
+        torch.testing.assert_close(state["cprop_exp_var"], expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+    assert second.param_groups[0]["foreach"] is None
+    run(net, second, data[10:])
+    assert_tracks(flat(net), flat(straight))
+
+
+def test_optimizer_refuses_a_state_without_cprop_statistics() -> None:
+    """torch's Adam state_dict, or a CPropAdam one without its statistics, fails loudly at load, instead of CProp
+    starting again from zero statistics (or a KeyError at the next step)."""
+    net = make_net()
+    adam = torch.optim.Adam(net.parameters(), lr=0.01)
+    mse(net, batches(*make_data(8), 8)[0]).backward()
+    adam.step()
+    with pytest.raises(ValueError, match=r"CPropAdam: .*param group 0 .*'cprop_beta'"):
+        CPropAdam(net.parameters(), lr=0.01).load_state_dict(adam.state_dict())
+    cprop = CPropAdam(net.parameters(), lr=0.01)
+    cprop.step()
+    saved = copy.deepcopy(cprop.state_dict())
+    del saved["state"][0]["cprop_exp_var"], saved["state"][0]["cprop_exp_avg"]
+    with pytest.raises(ValueError, match=r"CPropAdam: .*parameter 0 has no CProp statistics"):
+        CPropAdam(net.parameters(), lr=0.01).load_state_dict(saved)
 
 
 def test_cprop_optimizers_leave_grad_alone() -> None:
@@ -251,9 +404,11 @@ def fit(
 
 
 def reference_fit(build: Any, epochs: int = 2, accumulate: int = 1, samples: int = 96, **kw: Any) -> Tensor:
-    net = make_net()
+    """The reference loop on a float64 copy of the model and data; the float64 weights."""
+    net = make_net().double()
+    x, y = make_data(samples)
     cprop_reference(
-        net, build(list(net.parameters())), batches(*make_data(samples), BATCH), mse, epochs=epochs,
+        net, build(list(net.parameters())), batches(x.double(), y.double(), BATCH), mse, epochs=epochs,
         accumulate=accumulate, **kw,
     )  # fmt: skip
     return flat(net)
@@ -265,20 +420,48 @@ TORCH_OPTIMIZERS = {
 }
 
 
+CALLBACK_OPTIMIZERS = {**TORCH_OPTIMIZERS, "adam_l2": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=1e-3)}
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACK_OPTIMIZERS))
+@pytest.mark.parametrize("cdf", ["bft", "normal"])
+@pytest.mark.parametrize("c", [1.0, 3.0])
+def test_callback_matches_float64_reference(name: str, cdf: str, c: float) -> None:
+    """24 steps (2 epochs of 12) within 1e-4 of the movement of the float64 official formulas."""
+    factory = CALLBACK_OPTIMIZERS[name]
+    got = flat(fit(factory, [CPropCallback(c=c, cdf=cdf)]).net)  # type: ignore[arg-type]
+    assert_tracks(got, reference_fit(factory, conformity=Conformity(c=c, cdf=cdf)))
+    assert_far(got, reference_fit(factory), "CPropCallback vs no CProp")
+
+
+class GradSpy(Callback):
+    """Records each parameter's gradient in on_before_optimizer_step (under 16-mixed: after unscale_)."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
+
+
 @pytest.mark.parametrize("name", sorted(TORCH_OPTIMIZERS))
 @pytest.mark.parametrize("cdf", ["bft", "normal"])
-def test_callback_matches_reference(name: str, cdf: str) -> None:
-    factory = TORCH_OPTIMIZERS[name]
-    got = flat(fit(factory, [CPropCallback(cdf=cdf)]).net)  # type: ignore[arg-type]
-    assert_close(got, reference_fit(factory, conformity=Conformity(cdf=cdf)))
-    assert_far(got, reference_fit(factory), "CPropCallback vs no CProp")
+@pytest.mark.parametrize("c", [1.0, 3.0])
+def test_callback_first_scale_is_the_exact_arithmetic_one(name: str, cdf: str, c: float) -> None:
+    """After one step the scale is min(1, c |2 Phi(-g / eps) - 1|) (se = eps): 1 for every ordinary gradient."""
+    spy, cprop = GradSpy(), CPropCallback(c=c, cdf=cdf)  # type: ignore[arg-type]
+    fit(TORCH_OPTIMIZERS[name], [spy, cprop], epochs=1, samples=BATCH)
+    (state,) = cprop.state_dict()["optimizers"]
+    for index, entry in state.items():
+        assert entry["step"] == 1
+        assert_close(entry["scale"], exact_first_scale(spy.grads[0][index], c, cdf=cdf))
 
 
 def test_callback_with_accumulation_matches_reference() -> None:
     # 13 batches: windows of 2 and a last one of 1, 14 steps in 2 epochs
     factory = TORCH_OPTIMIZERS["adamw"]
     got = flat(fit(factory, [CPropCallback(c=2.0)], accumulate=2, samples=104).net)
-    assert_close(got, reference_fit(factory, accumulate=2, samples=104, conformity=Conformity(c=2.0)))
+    assert_tracks(got, reference_fit(factory, accumulate=2, samples=104, conformity=Conformity(c=2.0)))
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_OPTIMIZERS))
@@ -288,7 +471,7 @@ def test_callback_with_xgrad_matches_reference(name: str, cprop_first: bool) -> 
     callbacks: list[Callback] = [CPropCallback(), XGradCallback(steps=2)]
     got = flat(fit(factory, callbacks if cprop_first else callbacks[::-1]).net)
     expected = reference_fit(factory, conformity=Conformity(), xgrad_steps=2)
-    assert_close(got, expected)
+    assert_tracks(got, expected)
     assert_far(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
     unscaled = reference_fit(factory, conformity=Conformity(), xgrad_steps=2, predict_with_scale=False)
     assert_far(got, unscaled, "prediction with the scale vs without")
@@ -306,7 +489,7 @@ def test_callback_with_xgrad_trajectory_rule_matches_reference(factory: Any, rul
     """The trajectory rule extrapolates the update as applied, CProp's scale already in it (not applied twice)."""
     got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, rule=rule)]).net)  # type: ignore[arg-type]
     expected = reference_fit(factory, conformity=Conformity(), xgrad_steps=2, trajectory=True)
-    assert_close(got, expected)
+    assert_tracks(got, expected)
     assert_far(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
 
 
@@ -314,7 +497,7 @@ def test_callback_with_xgrad_trajectory_rule_matches_reference(factory: Any, rul
 def test_cprop_optimizers_with_xgrad_match_reference(name: str) -> None:
     factory, reference = CPROP_OPTIMIZERS[name]
     got = flat(fit(factory, [XGradCallback(steps=2)]).net)
-    assert_close(got, reference_fit(reference, xgrad_steps=2))
+    assert_tracks(got, reference_fit(reference, xgrad_steps=2))
     assert_far(got, reference_fit(reference, xgrad_steps=2, predict_with_scale=False), "rule without the scale")
 
 
@@ -337,6 +520,33 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     dropped = flat(fit(factory, [CPropCallback(), XGradCallback()], epochs=2, samples=80,
                        ckpt_path=str(tmp_path / "dropped.ckpt")))  # fmt: skip
     assert not torch.equal(dropped, straight)
+
+
+def test_resume_from_a_checkpoint_with_the_old_statistics(tmp_path: Path) -> None:
+    """A checkpoint whose callback state has the old (m, v) statistics (``exp_avg_sq``, the moving average of g^2,
+    instead of ``exp_var``) resumes with a warning, its variance v_hat - m_hat^2 converted (approximately), within
+    the tolerance of the run straight through; an entry with neither is refused."""
+    factory = TORCH_OPTIMIZERS["adamw"]
+    straight = flat(fit(factory, [CPropCallback()], epochs=2, samples=80))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    fit(factory, [CPropCallback(), checkpoint], epochs=1, samples=80, enable_checkpointing=True)
+    (path,) = tmp_path.glob("*.ckpt")
+    saved = torch.load(path, weights_only=False)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("CPropCallback")]
+    entries = saved["callbacks"][key]["optimizers"][0].values()
+    for entry in entries:
+        m, bc = entry["exp_avg"].double(), 1 - 0.999 ** entry["step"]
+        entry["exp_avg_sq"] = (entry.pop("exp_var").double() + m * m / bc).float()
+    torch.save(saved, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match=r"CPropCallback: .*old layout.*approximate"):
+        resumed = flat(fit(factory, [CPropCallback()], epochs=2, samples=80, ckpt_path=str(tmp_path / "old.ckpt")))
+    assert_tracks(resumed, straight)
+
+    for entry in entries:
+        del entry["exp_avg_sq"]
+    torch.save(saved, tmp_path / "broken.ckpt")
+    with pytest.raises(ValueError, match=r"CPropCallback: .*parameter 0.*'exp_var'"):
+        fit(factory, [CPropCallback()], epochs=2, samples=80, ckpt_path=str(tmp_path / "broken.ckpt"))
 
 
 class ManualModule(TinyModule):
@@ -362,20 +572,10 @@ def test_manual_optimization_matches_reference(raw: bool) -> None:
     x, y = make_data(96)
     module = ManualModule(factory, raw)
     trainer(max_epochs=2, callbacks=[CPropCallback()]).fit(module, loader(x, y, BATCH))
-    assert_close(flat(module.net), reference_fit(factory, conformity=Conformity()))
+    assert_tracks(flat(module.net), reference_fit(factory, conformity=Conformity()))
 
 
 # --------------------------------------------------------------------------------------------------- precision
-class GradSpy(Callback):
-    """Records each parameter's gradient in on_before_optimizer_step (under 16-mixed: after unscale_)."""
-
-    def __init__(self) -> None:
-        self.grads: list[list[Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
-
-
 class PoisonedModule(TinyModule):
     """Infinite loss at global step 2: the GradScaler skips that step."""
 
@@ -399,6 +599,11 @@ def test_16_mixed_statistics_see_unscaled_gradients_and_skipped_steps_change_not
         g = [spy.grads[step][index] for step in (0, 1, 3)]
         expected = ((1 - beta) * g[0] * beta + (1 - beta) * g[1]) * beta + (1 - beta) * g[2]
         assert_close(entry["exp_avg"], expected)
+        # and the variance, exp_var / (1 - beta^3), is their weighted variance about m_hat (computed in float64)
+        weights, bc = [(1 - beta) * beta**2, (1 - beta) * beta, 1 - beta], 1 - beta**3
+        mean = sum(w * x.double() for w, x in zip(weights, g, strict=True)) / bc
+        variance = sum(w * (x.double() - mean) ** 2 for w, x in zip(weights, g, strict=True)) / bc
+        torch.testing.assert_close(entry["exp_var"].double() / bc, variance, rtol=1e-4, atol=1e-12)
 
 
 def test_bf16_mixed_runs() -> None:
@@ -441,6 +646,8 @@ def test_callback_bad_arguments(kwargs: dict[str, Any], name: str) -> None:
         (CPropAdam, dict(eps=-1.0), "eps"),
         (CPropAdam, dict(amsgrad="yes"), "amsgrad"),
         (CPropAdam, dict(cprop_c=-2.0), "cprop_c"),
+        (CPropSGD, dict(foreach="yes"), "foreach"),
+        (CPropAdam, dict(foreach=1), "foreach"),
     ],
 )
 def test_optimizer_bad_arguments(cls: type, kwargs: dict[str, Any], name: str) -> None:

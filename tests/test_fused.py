@@ -121,11 +121,11 @@ def test_compiled_prediction_includes_the_cprop_scale(name: str) -> None:
     from lightning_xgrad import CPropCallback
 
     from .cprop_reference import Conformity
-    from .test_cprop import TORCH_OPTIMIZERS, fit, reference_fit
+    from .test_cprop import TORCH_OPTIMIZERS, assert_tracks, fit, reference_fit
 
     factory = TORCH_OPTIMIZERS[name]
     got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, compile=True)]).net)
-    assert_close(got, reference_fit(factory, conformity=Conformity(), xgrad_steps=2))
+    assert_tracks(got, reference_fit(factory, conformity=Conformity(), xgrad_steps=2))
 
 
 def test_compiled_prediction_keeps_the_heavy_ball_secant_at_the_predicted_point() -> None:

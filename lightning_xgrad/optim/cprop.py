@@ -2,28 +2,33 @@
 
 Preechakul and Kijsirikul, "CProp: Adaptive Learning Rate Scaling from Past Gradient Conformity", 2019, arXiv
 1912.11493; official code github.com/phizaz/cprop (``cprop/cprop_sgd.py``, ``cprop/cprop_adam.py``). The scale
-and its statistics are in :mod:`lightning_xgrad.conformity`; to add CProp to any other optimizer, use
+and its statistics are in :mod:`lightning_xgrad.conformity` (which also says why the variance is kept as an exact
+moving variance rather than the official ``v_hat - m_hat^2``); to add CProp to any other optimizer, use
 :class:`lightning_xgrad.cprop_callback.CPropCallback`. Written the way ``torch.optim``'s optimizers are: the class
-collects each param group's tensors, and one multi-tensor function per optimizer applies the update.
+collects each param group's tensors, and one function per implementation (``_single_tensor_*``,
+``_multi_tensor_*``) applies the update.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype, _view_as_real
+from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
 
 from ..conformity import (
+    LEGACY_LAYOUT_WARNING,
     ConformityCDF,
     check_conformity_args,
     conformity_scale_,
     update_mean_,
-    update_square_mean_,
     update_statistics_,
+    update_variance_,
+    variance_from_square_mean,
 )
 from ..rules._foreach import as_float, chunk_slices, steps_as_floats
 
@@ -47,6 +52,11 @@ def _check_flag(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: invalid {name}={value!r}, must be True or False")
 
 
+def _check_foreach(owner: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{owner}: invalid foreach={value!r}, must be None, True or False")
+
+
 def _new_step() -> Tensor:
     """A step counter as torch's optimizers keep it: a 0-dim float tensor on the CPU (reading it costs no sync)."""
     return torch.tensor(0.0, dtype=_get_scalar_dtype())
@@ -59,7 +69,53 @@ def _increment(steps: list[Tensor]) -> None:
         torch._foreach_add_(steps, 1)
 
 
-_SGD_STATE = ("cprop_exp_avg", "cprop_exp_avg_sq", "step", "cprop_scale")
+def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
+    """``foreach`` as given, or where torch's own optimizers would pick it (accelerators, not the CPU)."""
+    if foreach is None:
+        return _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+    return foreach
+
+
+def _real(tensor: Tensor) -> Tensor:
+    """A complex tensor as its real view (real and imaginary parts as independent coordinates), else itself."""
+    return torch.view_as_real(tensor) if torch.is_complex(tensor) else tensor
+
+
+def _convert_old_statistics(optimizer: Optimizer, owner: str) -> None:
+    """Loaded states with the old CProp statistics (m and v = EMA(g^2)) get ``cprop_exp_var`` instead, with one
+    warning; a state that has steps but neither, or a param group without CProp's options, is refused. v is
+    ``cprop_exp_avg_sq``, or Adam's ``exp_avg_sq`` where CPropAdam shared it (beta2 == cprop_beta); m is
+    ``cprop_exp_avg``, or Adam's ``exp_avg`` (beta1)."""
+    for index, group in enumerate(optimizer.param_groups):
+        if "cprop_beta" not in group:
+            raise ValueError(
+                f"{owner}: the loaded state_dict is not a {owner}'s: param group {index} has no 'cprop_beta' "
+                f"(its options: {sorted(k for k in group if k != 'params')})"
+            )
+    converted: set[str] = set()
+    params = (p for group in optimizer.param_groups for p in group["params"])
+    groups = (group for group in optimizer.param_groups for _ in group["params"])
+    for index, (p, group) in enumerate(zip(params, groups, strict=True)):
+        state = optimizer.state.get(p)
+        if not state or "step" not in state or "cprop_exp_var" in state:
+            continue
+        beta, betas = group["cprop_beta"], group.get("betas", (None, None))
+        mean_name = "exp_avg" if betas[0] == beta else "cprop_exp_avg"
+        square_name = "exp_avg_sq" if betas[1] == beta and "cprop_exp_avg_sq" not in state else "cprop_exp_avg_sq"
+        if mean_name not in state or square_name not in state:
+            raise ValueError(
+                f"{owner}: the loaded state of parameter {index} has no CProp statistics: expected {mean_name!r} "
+                f"with 'cprop_exp_var' (or, from an older version, {square_name!r}), got {sorted(state)}"
+            )
+        square = state[square_name] if square_name == "exp_avg_sq" else state.pop(square_name)
+        state["cprop_exp_var"] = variance_from_square_mean(state[mean_name], square, float(state["step"]), beta)
+        converted.add(square_name)
+    if converted:
+        old = " / ".join(sorted(converted))
+        warnings.warn(f"{owner}: " + LEGACY_LAYOUT_WARNING.format(old=old, new="cprop_exp_var"), stacklevel=4)
+
+
+_SGD_STATE = ("cprop_exp_avg", "cprop_exp_var", "step", "cprop_scale")
 
 
 class CPropSGD(Optimizer):
@@ -73,11 +129,13 @@ class CPropSGD(Optimizer):
         d   = d + momentum * buf if nesterov else buf                         (if momentum != 0)
         p   = p - lr * s * d
 
-    Differences from the official class: the weight decay is not written into ``p.grad`` (the official code adds it
-    in place); ``lr`` defaults to 1e-3 as torch's SGD (official: required); the state names follow torch's
-    (official: ``cprop_m``, ``cprop_v``, ``cprop_t``). The statistics have the parameter's dtype, as in the
-    official code: with bfloat16 parameters an average with beta = 0.999 barely moves, so keep float32 parameters
-    (``bf16-mixed``) there.
+    Differences from the official class: the variance behind s is an exact moving variance, not ``v_hat - m_hat^2``
+    (equal in exact arithmetic; see :mod:`lightning_xgrad.conformity`: the official form makes the first step's
+    scale float rounding noise); the weight decay is not written into ``p.grad`` (the official code adds it in
+    place); ``lr`` defaults to 1e-3 as torch's SGD (official: required); ``foreach`` is added; the state names
+    follow torch's (official: ``cprop_m``, ``cprop_v``, ``cprop_t``). The statistics have the parameter's dtype, as
+    in the official code: with bfloat16 parameters an average with beta = 0.999 barely moves, so keep float32
+    parameters (``bf16-mixed``) there.
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
@@ -86,17 +144,21 @@ class CPropSGD(Optimizer):
         dampening: dampening of the momentum (default: 0).
         weight_decay: L2 penalty added to the gradient after the statistics (default: 0).
         nesterov: Nesterov momentum (default: False).
-        cprop_beta: decay of the moving averages of g and g^2 behind the conformity scale (default: 0.999).
+        cprop_beta: decay of the moving mean and variance of g behind the conformity scale (default: 0.999).
         cprop_c: the scale is ``min(1, cprop_c * |2 Phi(-z) - 1|)``; larger values scale down fewer elements
             (default: 1).
         cprop_eps: added to the effective sample count and to the standard error (default: 1e-8).
         cprop_cdf: ``"bft"`` (a logistic fit of the normal CDF, the official default) or ``"normal"`` (default:
             ``"bft"``).
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it where torch would for
+            SGD (on CUDA and other accelerators, not on CPU) (default: None).
 
-    State per parameter: ``momentum_buffer`` (with momentum), ``cprop_exp_avg`` and ``cprop_exp_avg_sq`` (the moving
-    averages of g and g^2), ``step`` (their gradient count t; named as torch names it, so that ``load_state_dict``
-    keeps it a float32 CPU tensor instead of casting it to the parameter's dtype) and ``cprop_scale`` (the scale of
-    the last step).
+    State per parameter: ``momentum_buffer`` (with momentum), ``cprop_exp_avg`` (the moving average m of g),
+    ``cprop_exp_var`` (the moving variance, bias-corrected as m: ``cprop_exp_var / (1 - cprop_beta^step)`` is the
+    official ``v_hat - m_hat^2``), ``step`` (their gradient count t; named as torch names it, so that
+    ``load_state_dict`` keeps it a float32 CPU tensor instead of casting it to the parameter's dtype) and
+    ``cprop_scale`` (the scale of the last step). A state_dict saved by an earlier version (``cprop_exp_avg_sq``,
+    the moving average of g^2) loads with a warning, its variance converted approximately.
     XGrad's rule (:class:`lightning_xgrad.rules.cprop.CPropSGDRule`) reads dW = ``cprop_scale * momentum_buffer``.
     """
 
@@ -112,6 +174,7 @@ class CPropSGD(Optimizer):
         cprop_c: float = 1.0,
         cprop_eps: float = 1e-8,
         cprop_cdf: ConformityCDF = "bft",
+        foreach: bool | None = None,
     ) -> None:
         owner = "CPropSGD"
         _check_number(owner, "lr", lr)
@@ -125,6 +188,7 @@ class CPropSGD(Optimizer):
                 f"dampening={dampening!r}"
             )
         check_conformity_args(owner, cprop_beta, cprop_c, cprop_eps, cprop_cdf, prefix="cprop_")
+        _check_foreach(owner, foreach)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -135,8 +199,15 @@ class CPropSGD(Optimizer):
             cprop_c=cprop_c,
             cprop_eps=cprop_eps,
             cprop_cdf=cprop_cdf,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+        _convert_old_statistics(self, "CPropSGD")
 
     def _init_group(self, group: dict[str, Any], columns: dict[str, list[Any]]) -> None:
         """Collect the parameters with a gradient and their state (created lazily) into ``columns``."""
@@ -148,9 +219,8 @@ class CPropSGD(Optimizer):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = _new_step()
-                state["cprop_exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["cprop_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["cprop_scale"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for name in ("cprop_exp_avg", "cprop_exp_var", "cprop_scale"):
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
             columns["params"].append(p)
             columns["grads"].append(p.grad)
             columns["momentum_buffers"].append(state.get("momentum_buffer"))
@@ -174,7 +244,9 @@ class CPropSGD(Optimizer):
             self._init_group(group, columns)
             if not columns["params"]:
                 continue
-            _multi_tensor_cprop_sgd(
+            foreach = _use_foreach(group["foreach"], columns["params"])
+            step_fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
+            step_fn(
                 *(columns[name] for name in names),
                 lr=as_float(group["lr"]),
                 momentum=group["momentum"],
@@ -192,12 +264,53 @@ class CPropSGD(Optimizer):
         return loss
 
 
+def _single_tensor_cprop_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    exp_avgs: list[Tensor],
+    exp_vars: list[Tensor],
+    steps: list[Tensor],
+    scales: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cprop_cdf: ConformityCDF,
+) -> None:
+    """One CPropSGD step on one param group, one tensor at a time; fills ``momentum_buffers``' ``None`` entries."""
+    for step in steps:
+        step.add_(1)
+    ts = steps_as_floats(steps)
+    r_grads, r_exp_avgs, r_exp_vars, r_scales = (
+        [_real(t) for t in column] for column in (grads, exp_avgs, exp_vars, scales)
+    )
+    # the statistics see the raw gradient, before weight decay (official order)
+    update_statistics_(r_exp_avgs, r_exp_vars, r_grads, ts, cprop_beta, foreach=False)
+    conformity_scale_(r_scales, r_exp_avgs, r_exp_vars, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf, foreach=False)
+    for i, (param, grad, scale) in enumerate(zip(params, grads, r_scales, strict=True)):
+        direction = grad if weight_decay == 0 else grad.add(param, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:  # first step: the buffer is the direction itself
+                buf = momentum_buffers[i] = direction.detach().clone()
+            else:
+                buf.mul_(momentum).add_(direction, alpha=1 - dampening)
+            direction = direction.add(buf, alpha=momentum) if nesterov else buf
+        _real(param).addcmul_(_real(direction), scale, value=-lr)
+
+
 def _multi_tensor_cprop_sgd(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
+    exp_vars: list[Tensor],
     steps: list[Tensor],
     scales: list[Tensor],
     *,
@@ -213,21 +326,22 @@ def _multi_tensor_cprop_sgd(
 ) -> None:
     """One CPropSGD step on one param group; fills ``momentum_buffers``' ``None`` entries with new buffers."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, momentum_buffers, exp_avgs, exp_avg_sqs, steps, scales],  # type: ignore[list-item]
+        [params, grads, momentum_buffers, exp_avgs, exp_vars, steps, scales],  # type: ignore[list-item]
         with_indices=True,
     )
-    for (d_params, d_grads, d_bufs_, d_m, d_v, d_steps, d_scales), indices in grouped.values():
+    for (d_params, d_grads, d_bufs_, d_m, d_var, d_steps, d_scales), indices in grouped.values():
         d_params, d_grads = cast(list[Tensor], d_params), cast(list[Tensor], d_grads)
-        d_m, d_v, d_scales = cast(list[Tensor], d_m), cast(list[Tensor], d_v), cast(list[Tensor], d_scales)
+        d_m, d_var, d_scales = cast(list[Tensor], d_m), cast(list[Tensor], d_var), cast(list[Tensor], d_scales)
         d_steps, d_bufs = cast(list[Tensor], d_steps), cast(list[Tensor | None], d_bufs_)
         complex_views = any(torch.is_complex(p) for p in d_params)
         if complex_views:  # real and imaginary parts as independent coordinates, as torch's optimizers do
-            _view_as_real(d_params, d_grads, d_m, d_v, d_scales)
+            _view_as_real(d_params, d_grads, d_m, d_var, d_scales)
 
-        # the statistics see the raw gradient, before weight decay (official order)
-        update_statistics_(d_m, d_v, d_grads, cprop_beta)
         _increment(d_steps)
-        conformity_scale_(d_scales, d_m, d_v, steps_as_floats(d_steps), cprop_beta, cprop_c, cprop_eps, cprop_cdf)
+        ts = steps_as_floats(d_steps)
+        # the statistics see the raw gradient, before weight decay (official order)
+        update_statistics_(d_m, d_var, d_grads, ts, cprop_beta)
+        conformity_scale_(d_scales, d_m, d_var, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf)
 
         directions = d_grads
         if weight_decay != 0:
@@ -253,6 +367,9 @@ def _multi_tensor_cprop_sgd(
         torch._foreach_addcmul_(d_params, directions, d_scales, value=-lr)
 
 
+_ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "cprop_exp_avg", "cprop_exp_var", "cprop_scale")
+
+
 class CPropAdam(Optimizer):
     r"""Adam (with L2 or decoupled weight decay and AMSGrad) whose update is scaled by CProp's conformity scale.
 
@@ -261,14 +378,16 @@ class CPropAdam(Optimizer):
         g     = g + weight_decay * p                       (L2, the official behaviour)
         p     = p * (1 - lr * weight_decay)                (instead, with decoupled_weight_decay=True, as AdamW)
         m     = beta1 * m + (1 - beta1) * g                v = beta2 * v + (1 - beta2) * g^2
-        s     = conformity scale of g (after the L2 term; its statistics are m or v themselves when cprop_beta
-                equals beta1 or beta2, as the official code shares them, otherwise their own moving averages)
+        s     = conformity scale of g (after the L2 term; its mean is m itself when cprop_beta equals beta1, as the
+                official code shares it, otherwise its own moving average)
         v'    = max(v' , v) with amsgrad, else v
         p     = p - lr * s * (m / (1 - beta1^k)) / (sqrt(v' / (1 - beta2^k)) + eps)
 
-    Differences from the official class: ``decoupled_weight_decay`` is an addition (the official code has L2 only);
-    the L2 term is not written into ``p.grad`` (the official code adds it in place); with the default betas the
-    official code shares v with the statistics and so does this class, which changes no value.
+    Differences from the official class: the variance behind s is an exact moving variance, not
+    ``v_hat - m_hat^2`` (equal in exact arithmetic; see :mod:`lightning_xgrad.conformity`: the official form makes
+    the first step's scale float rounding noise), so it is one tensor per parameter of its own where the official
+    code shares Adam's v (with the default betas); ``decoupled_weight_decay`` and ``foreach`` are additions (the
+    official code has L2 only); the L2 term is not written into ``p.grad`` (the official code adds it in place).
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
@@ -279,16 +398,21 @@ class CPropAdam(Optimizer):
         amsgrad: use the maximum of the second moments so far in the denominator (default: False).
         decoupled_weight_decay: decay the weights directly, as AdamW, instead of the L2 term in g; the statistics
             then see the raw gradient (default: False).
-        cprop_beta: decay of the moving averages of g and g^2 behind the conformity scale (default: 0.999).
+        cprop_beta: decay of the moving mean and variance of g behind the conformity scale (default: 0.999).
         cprop_c: the scale is ``min(1, cprop_c * |2 Phi(-z) - 1|)``; larger values scale down fewer elements
             (default: 1).
         cprop_eps: added to the effective sample count and to the standard error (default: 1e-8).
         cprop_cdf: ``"bft"`` (a logistic fit of the normal CDF, the official default) or ``"normal"`` (default:
             ``"bft"``).
+        foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it where torch would for
+            Adam (on CUDA and other accelerators, not on CPU) (default: None).
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) as torch's Adam;
-    ``cprop_exp_avg`` / ``cprop_exp_avg_sq`` only where ``cprop_beta`` differs from beta1 / beta2; ``cprop_scale``,
-    the scale of the last step. XGrad's rule (:class:`lightning_xgrad.rules.cprop.CPropAdamRule`) reads
+    ``cprop_exp_avg`` only where ``cprop_beta`` differs from beta1; ``cprop_exp_var`` (the moving variance,
+    bias-corrected as the mean: ``cprop_exp_var / (1 - cprop_beta^step)`` is the official ``v_hat - m_hat^2``);
+    ``cprop_scale``, the scale of the last step. A state_dict saved by an earlier version (the moving average of
+    g^2 as ``cprop_exp_avg_sq``, or Adam's ``exp_avg_sq`` where beta2 equals cprop_beta) loads with a warning, its
+    variance converted approximately. XGrad's rule (:class:`lightning_xgrad.rules.cprop.CPropAdamRule`) reads
     dW = ``cprop_scale * m_hat / (sqrt(v_hat) + eps)``.
     """
 
@@ -305,6 +429,7 @@ class CPropAdam(Optimizer):
         cprop_c: float = 1.0,
         cprop_eps: float = 1e-8,
         cprop_cdf: ConformityCDF = "bft",
+        foreach: bool | None = None,
     ) -> None:
         owner = "CPropAdam"
         _check_number(owner, "lr", lr)
@@ -317,6 +442,7 @@ class CPropAdam(Optimizer):
         _check_flag(owner, "amsgrad", amsgrad)
         _check_flag(owner, "decoupled_weight_decay", decoupled_weight_decay)
         check_conformity_args(owner, cprop_beta, cprop_c, cprop_eps, cprop_cdf, prefix="cprop_")
+        _check_foreach(owner, foreach)
         defaults = dict(
             lr=lr,
             betas=(float(betas[0]), float(betas[1])),
@@ -328,14 +454,20 @@ class CPropAdam(Optimizer):
             cprop_c=cprop_c,
             cprop_eps=cprop_eps,
             cprop_cdf=cprop_cdf,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+        _convert_old_statistics(self, "CPropAdam")
+
     def _init_group(self, group: dict[str, Any], columns: dict[str, list[Any]]) -> None:
         """Collect the parameters with a gradient and their state (created lazily) into ``columns``; the CProp
-        statistics are Adam's own moving averages where the decays agree."""
-        beta1, beta2 = group["betas"]
-        shared_mean, shared_square = beta1 == group["cprop_beta"], beta2 == group["cprop_beta"]
+        mean is Adam's own where the decays agree."""
+        shared_mean = group["betas"][0] == group["cprop_beta"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -344,21 +476,18 @@ class CPropAdam(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = _new_step()
-                for name in ("exp_avg", "exp_avg_sq", "cprop_scale"):
+                for name in ("exp_avg", "exp_avg_sq", "cprop_exp_var", "cprop_scale"):
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
                     state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if not shared_mean and "cprop_exp_avg" not in state:
                 state["cprop_exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if not shared_square and "cprop_exp_avg_sq" not in state:
-                state["cprop_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             columns["params"].append(p)
             columns["grads"].append(p.grad)
-            for name in ("exp_avg", "exp_avg_sq", "step", "cprop_scale"):
+            for name in ("exp_avg", "exp_avg_sq", "step", "cprop_exp_var", "cprop_scale"):
                 columns[name].append(state[name])
             columns["max_exp_avg_sq"].append(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
             columns["cprop_exp_avg"].append(state["exp_avg"] if shared_mean else state["cprop_exp_avg"])
-            columns["cprop_exp_avg_sq"].append(state["exp_avg_sq"] if shared_square else state["cprop_exp_avg_sq"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -371,24 +500,16 @@ class CPropAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        names = (
-            "params",
-            "grads",
-            "exp_avg",
-            "exp_avg_sq",
-            "max_exp_avg_sq",
-            "step",
-            "cprop_exp_avg",
-            "cprop_exp_avg_sq",
-            "cprop_scale",
-        )
+        names = ("params", "grads", *_ADAM_STATE)
         for group in self.param_groups:
             columns: dict[str, list[Any]] = {name: [] for name in names}
             self._init_group(group, columns)
             if not columns["params"]:
                 continue
+            foreach = _use_foreach(group["foreach"], columns["params"])
+            step_fn = _multi_tensor_cprop_adam if foreach else _single_tensor_cprop_adam
             beta1, beta2 = group["betas"]
-            _multi_tensor_cprop_adam(
+            step_fn(
                 *(columns[name] for name in names),
                 lr=as_float(group["lr"]),
                 beta1=beta1,
@@ -405,6 +526,59 @@ class CPropAdam(Optimizer):
         return loss
 
 
+def _single_tensor_cprop_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    cprop_exp_avgs: list[Tensor],
+    cprop_exp_vars: list[Tensor],
+    scales: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    decoupled_weight_decay: bool,
+    cprop_beta: float,
+    cprop_c: float,
+    cprop_eps: float,
+    cprop_cdf: ConformityCDF,
+) -> None:
+    """One CPropAdam step on one param group, one tensor at a time (see :func:`_multi_tensor_cprop_adam`)."""
+    shared_mean = cprop_exp_avgs[0] is exp_avgs[0]
+    for step in steps:
+        step.add_(1)
+    ks = steps_as_floats(steps)
+    r_params, r_grads, r_m, r_v, r_vmax, r_cm, r_cv, r_scales = (
+        [_real(t) for t in column]
+        for column in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, cprop_exp_avgs, cprop_exp_vars, scales)
+    )
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            for param in r_params:
+                param.mul_(1 - lr * weight_decay)
+        else:  # L2: into the moments and the statistics, never into p.grad
+            r_grads = [grad.add(param, alpha=weight_decay) for grad, param in zip(r_grads, r_params, strict=True)]
+    update_variance_(r_cv, r_cm, r_grads, ks, cprop_beta, foreach=False)  # reads the mean before it moves
+    update_mean_(r_m, r_grads, beta1, foreach=False)
+    if not shared_mean:
+        update_mean_(r_cm, r_grads, cprop_beta, foreach=False)
+    for v, grad in zip(r_v, r_grads, strict=True):
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    del r_grads
+    conformity_scale_(r_scales, r_cm, r_cv, ks, cprop_beta, cprop_c, cprop_eps, cprop_cdf, foreach=False)
+    for param, m, v, vmax, scale, k in zip(r_params, r_m, r_v, r_vmax, r_scales, ks, strict=True):
+        if amsgrad:
+            torch.maximum(vmax, v, out=vmax)
+        direction = vmax.sqrt().div_(math.sqrt(1.0 - beta2**k)).add_(eps).reciprocal_().mul_(m)  # m / denom
+        param.addcmul_(direction, scale, value=-lr / (1.0 - beta1**k))
+
+
 def _multi_tensor_cprop_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -413,7 +587,7 @@ def _multi_tensor_cprop_adam(
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     cprop_exp_avgs: list[Tensor],
-    cprop_exp_avg_sqs: list[Tensor],
+    cprop_exp_vars: list[Tensor],
     scales: list[Tensor],
     *,
     lr: float,
@@ -429,9 +603,9 @@ def _multi_tensor_cprop_adam(
     cprop_cdf: ConformityCDF,
 ) -> None:
     """One CPropAdam step on one param group. ``max_exp_avg_sqs`` is ``exp_avg_sqs`` without amsgrad, and the CProp
-    statistics are ``exp_avgs`` / ``exp_avg_sqs`` themselves where they are shared."""
-    shared_mean, shared_square = cprop_exp_avgs[0] is exp_avgs[0], cprop_exp_avg_sqs[0] is exp_avg_sqs[0]
-    tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, cprop_exp_avgs, cprop_exp_avg_sqs, scales]
+    mean is ``exp_avgs`` itself where it is shared."""
+    shared_mean = cprop_exp_avgs[0] is exp_avgs[0]
+    tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, cprop_exp_avgs, cprop_exp_vars, scales]
     grouped = Optimizer._group_tensors_by_device_and_dtype(tensors)  # type: ignore[arg-type]
     for device_tensors, _ in grouped.values():
         d_params, d_grads, d_m, d_v, d_vmax, d_steps, d_cm, d_cv, d_scales = (
@@ -441,19 +615,19 @@ def _multi_tensor_cprop_adam(
             _view_as_real(d_params, d_grads, d_m, d_v, d_vmax, d_cm, d_cv, d_scales)
 
         _increment(d_steps)
+        ks = steps_as_floats(d_steps)
         if weight_decay != 0:
             if decoupled_weight_decay:
                 torch._foreach_mul_(d_params, 1 - lr * weight_decay)
             else:  # L2: into the moments and the statistics, never into p.grad
                 d_grads = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
+        update_variance_(d_cv, d_cm, d_grads, ks, cprop_beta)  # reads the mean before it moves
         update_mean_(d_m, d_grads, beta1)
-        update_square_mean_(d_v, d_grads, beta2)
         if not shared_mean:
             update_mean_(d_cm, d_grads, cprop_beta)
-        if not shared_square:
-            update_square_mean_(d_cv, d_grads, cprop_beta)
+        torch._foreach_mul_(d_v, beta2)
+        torch._foreach_addcmul_(d_v, d_grads, d_grads, value=1 - beta2)
         del d_grads
-        ks = steps_as_floats(d_steps)
         conformity_scale_(d_scales, d_cm, d_cv, ks, cprop_beta, cprop_c, cprop_eps, cprop_cdf)
         if amsgrad:
             torch._foreach_maximum_(d_vmax, d_v)
