@@ -21,11 +21,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .predictor import OptimizerPredictor, RuleChoice
+from ._validation import check_int
+from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
 from .sharding import DTensor, ranks_holding
 from .snapshot import ParameterSnapshot
 
-_RULE_CHOICES = ("auto", "trajectory")
 _REFUSED_STRATEGIES = {
     FSDPStrategy: (
         "outside forward its parameters are views of flat shards, and changes written through them may not persist "
@@ -39,15 +39,6 @@ _REFUSED_STRATEGIES = {
         "(FSDP2) or strategy='ddp'."
     ),
 }
-_CLOSURE_REEVALUATING = (torch.optim.LBFGS,)
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"XGradCallback: `{name}` must be {allowed}, got {value!r}")
 
 
 def _register_state_dict_post_hook(module: torch.nn.Module, hook: Callable[..., None]) -> RemovableHandle:
@@ -88,13 +79,9 @@ class XGradCallback(Callback):
         log_every_n_steps: int | None = None,
         compile: bool = False,
     ) -> None:
-        _check_int("steps", steps, 1)
-        if rule not in _RULE_CHOICES:
-            raise ValueError(f"XGradCallback: `rule` must be one of {_RULE_CHOICES}, got {rule!r}")
-        _check_int("start_step", start_step, 0)
-        _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        if not isinstance(compile, bool):
-            raise ValueError(f"XGradCallback: `compile` must be True or False, got {compile!r}")
+        check_prediction_args("XGradCallback", steps, rule, compile)  # the predictor's checks and messages
+        check_int("XGradCallback", "start_step", start_step, minimum=0)
+        check_int("XGradCallback", "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.steps = steps
         self.rule: RuleChoice = rule
         self.start_step = start_step
@@ -118,7 +105,7 @@ class XGradCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for index, optimizer in enumerate(trainer.optimizers):
-            if isinstance(optimizer, _CLOSURE_REEVALUATING):
+            if isinstance(optimizer, CLOSURE_REEVALUATING):
                 raise MisconfigurationException(
                     f"XGradCallback cannot be used with {type(optimizer).__name__} (optimizer {index}): it evaluates "
                     "the closure several times per step, so the gradients would be taken at the real weights after "

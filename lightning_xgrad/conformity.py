@@ -59,6 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ._validation import check_choice, check_real
 from .rules._foreach import chunk_slices, uniform
 
 __all__ = [
@@ -90,19 +91,12 @@ LEGACY_LAYOUT_WARNING = (
 
 
 def check_conformity_args(owner: str, beta: Any, c: Any, eps: Any, cdf: Any, prefix: str = "") -> None:
-    """Raise a ValueError naming the argument, its value and what is allowed (``prefix`` as in ``cprop_beta``)."""
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    if not (number(beta) and 0.0 <= beta < 1.0):
-        raise ValueError(f"{owner}: `{prefix}beta` must be a number with 0 <= beta < 1, got {beta!r}")
-    if not (number(c) and c >= 0.0):
-        raise ValueError(f"{owner}: `{prefix}c` must be a number >= 0, got {c!r}")
-    if not (number(eps) and eps >= 0.0):
-        raise ValueError(f"{owner}: `{prefix}eps` must be a number >= 0, got {eps!r}")
-    if cdf not in CDF_CHOICES:
-        raise ValueError(f"{owner}: `{prefix}cdf` must be one of {CDF_CHOICES}, got {cdf!r}")
+    """Refuse bad CProp settings in the package's one format (``prefix`` as in ``cprop_beta``): a TypeError for a
+    wrong type, a ValueError for a wrong value, naming the argument, the value and what is allowed."""
+    check_real(owner, f"{prefix}beta", beta, low=0.0, high=1.0, high_open=True)
+    check_real(owner, f"{prefix}c", c, low=0.0)
+    check_real(owner, f"{prefix}eps", eps, low=0.0, low_open=True)  # eps = 0: se = 0 and z = 0/0 where g = 0
+    check_choice(owner, f"{prefix}cdf", cdf, CDF_CHOICES)
 
 
 @torch.no_grad()

@@ -235,7 +235,7 @@ class CPropCallback(Callback):
     Args:
         beta: decay of the moving averages (the official default 0.999: about the last thousand steps).
         c: confidence multiplier; ``c > 1`` scales fewer elements down, ``c < 1`` more.
-        eps: added to the effective sample count and to the standard error.
+        eps: added to the effective sample count and to the standard error; must be > 0.
         cdf: ``"bft"``, a logistic fit of the normal CDF (Bowling et al. 2009, the official default), or
             ``"normal"``, the exact one.
 

@@ -17,18 +17,49 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from ._validation import argument_error, check_choice, check_flag, check_int
+from ._wrappers import unwrap_optimizer
 from .rules import PredictionRule, extrapolate_, rewind_, rule_for
 from .rules._foreach import ScalarColumn, as_float
 from .sharding import DTensor, local_tensor
 from .snapshot import ParameterSnapshot
 
 RuleChoice = Literal["auto", "trajectory"]
+RULE_CHOICES: tuple[str, ...] = get_args(RuleChoice)
 Phase = Literal["idle", "predicted", "suspended"]
+#: optimizers whose step evaluates the closure several times: after the first evaluation the gradients would be
+#: taken at the real weights, so XGrad cannot work with them
+CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
+
+
+def check_prediction_args(owner: str, steps: Any, rule: Any, compile: Any) -> None:
+    """The checks of the arguments :class:`OptimizerPredictor` and the callbacks built on it share, with one
+    message format: a TypeError for a wrong type, a ValueError for a wrong value, naming both."""
+    check_int(owner, "steps", steps, minimum=1)
+    check_choice(owner, "rule", rule, RULE_CHOICES)
+    check_flag(owner, "compile", compile)
+
+
+def check_optimizer(owner: str, optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer inside Fabric's or Lightning's wrapper, if any; refuses what is not a ``torch.optim.Optimizer``
+    (TypeError) and optimizers that re-evaluate the closure (ValueError)."""
+    inner = unwrap_optimizer(optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise argument_error(owner, "optimizer", "a torch.optim.Optimizer", optimizer, TypeError)
+    if isinstance(inner, CLOSURE_REEVALUATING):
+        raise argument_error(
+            owner,
+            "optimizer",
+            "an optimizer whose step evaluates the closure at most once (LBFGS re-evaluates it, so its gradients "
+            "would be taken at the real weights)",
+            optimizer,
+        )
+    return inner
 
 
 @dataclass(eq=False)
@@ -57,7 +88,9 @@ class OptimizerPredictor:
     """Predicts and restores the trainable parameters of one optimizer.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` whose ``step`` evaluates its closure at most once.
+        optimizer: any ``torch.optim.Optimizer`` whose ``step`` evaluates its closure at most once, or Fabric's or
+            Lightning's wrapper of one (``fabric.setup``'s optimizer, ``LightningOptimizer``): the predictor reads
+            the optimizer inside, which is what :attr:`optimizer` holds, and picks the rule of its class.
         steps: the paper's s, how many future updates to extrapolate.
         rule: ``"auto"`` reads dW from the optimizer's state where a rule is registered for its class and the
             group's options, else uses the trajectory rule; ``"trajectory"`` uses the trajectory rule everywhere.
@@ -74,7 +107,11 @@ class OptimizerPredictor:
         snapshot: ParameterSnapshot | None = None,
         compile: bool = False,
     ) -> None:
-        self.optimizer = optimizer
+        owner = type(self).__name__
+        check_prediction_args(owner, steps, rule, compile)
+        if snapshot is not None and not isinstance(snapshot, ParameterSnapshot):
+            raise argument_error(owner, "snapshot", "a ParameterSnapshot or None", snapshot, TypeError)
+        self.optimizer = check_optimizer(owner, optimizer)
         self.compile = compile
         self._kernels: dict[tuple[Any, ...], Any] = {}  # kept across plans: a rebuilt plan reuses its compilation
         self.steps = steps
@@ -90,8 +127,8 @@ class OptimizerPredictor:
         #: parameter and filled by whoever applies them; state rules then predict with ``scale * dW``. The trajectory
         #: rule needs none: the update it extrapolates was already scaled.
         self.direction_scales: Mapping[Tensor, Tensor] | None = None
-        registered = None if rule == "trajectory" else rule_for(optimizer)
-        self._state_rule = None if registered is None else registered.bind(optimizer)
+        registered = None if rule == "trajectory" else rule_for(self.optimizer)
+        self._state_rule = None if registered is None else registered.bind(self.optimizer)
 
     # ------------------------------------------------------------------ rules
     def group_rule(self, group: dict[str, Any]) -> PredictionRule | None:

@@ -23,6 +23,11 @@ Per optimizer step t, with s = ``steps``:
 3. restore W_t, ``optimizer.step()``, ``optimizer.zero_grad()``, then ``scheduler.step()`` when one is given (a
    per-step schedule, Lightning's ``interval="step"``).
 
+With a GradScaler (fp16 autocast), the textbook AMP loop of the torch documentation: the backward pass of the scaled
+loss, ``scaler.unscale_``, then the restore of step 3, ``scaler.step`` (which skips the update on inf/nan
+gradients) and ``scaler.update``. A skipped step still counts as the trajectory rule's last step: it applied no
+update, so the next prediction is W_hat = W.
+
 Windows follow Lightning: a step after every ``accumulate`` micro-batches of an epoch and on the epoch's last batch.
 """
 
@@ -97,26 +102,29 @@ def direction(rule: str, group: dict[str, Any], state: dict[str, Any]) -> Tensor
 def xgrad_reference(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Sequence[Batch],
+    batches: Sequence[Batch] | Callable[[int], Sequence[Batch]],
     loss_fn: LossFn,
     steps: int | None,
     accumulate: int = 1,
     scheduler: Any = None,
     rule: str = "auto",
     epochs: int = 1,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Train ``net`` in place for ``epochs`` passes over ``batches`` with XGrad weight prediction.
 
     Args:
         net: the model; its parameters must be the ones ``optimizer`` holds.
         optimizer: a fresh ``torch.optim`` optimizer over ``net``'s parameters.
-        batches: the micro-batches of one epoch, in order; the same list is replayed every epoch.
+        batches: the micro-batches of one epoch, in order, replayed every epoch; or a function from the epoch index
+            to that epoch's micro-batches (shuffled data).
         loss_fn: ``loss_fn(net, batch)`` returns the (undivided) loss of one micro-batch.
         steps: the number of future steps to predict (s); ``None`` trains the baseline without prediction.
         accumulate: micro-batches per optimizer step (Lightning's ``accumulate_grad_batches``).
         scheduler: stepped once after every optimizer step, if given.
         rule: ``"auto"`` (state rules where known, else the trajectory rule) or ``"trajectory"`` (everywhere).
         epochs: passes over ``batches``.
+        scaler: a GradScaler for fp16 autocast (``loss_fn`` runs the autocast); ``None`` steps plainly.
     """
     if rule not in ("auto", "trajectory"):
         raise ValueError(f"unknown rule {rule!r}")
@@ -128,8 +136,9 @@ def xgrad_reference(
     previous: dict[Tensor, Tensor] = {}
     lr_then: dict[Tensor, float] = {}
 
-    for _ in range(epochs):
-        for window in windows(len(batches), accumulate):
+    for epoch in range(epochs):
+        epoch_batches = batches(epoch) if callable(batches) else batches
+        for window in windows(len(epoch_batches), accumulate):
             # 1. predict
             real: dict[Tensor, Tensor] = {}
             if steps is not None:
@@ -152,8 +161,10 @@ def xgrad_reference(
 
             # 2. forward and backward at W_hat
             for index in window:
-                loss = loss_fn(net, batches[index]) / accumulate
-                loss.backward()
+                loss = loss_fn(net, epoch_batches[index]) / accumulate
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
 
             # 3. restore, step
             with torch.no_grad():
@@ -163,7 +174,11 @@ def xgrad_reference(
                     for p in group["params"]:
                         previous[p] = p.detach().clone()
                         lr_then[p] = float(group["lr"])
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad()
             if scheduler is not None:
                 scheduler.step()

@@ -222,27 +222,32 @@ def test_state_dict_round_trip(foreach: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- arguments
+LR = r"a finite number >= 0 \(or a 1-element tensor\)"
+BETAS = r"a pair of numbers in \[0, 1\)"
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"lr": -1e-3}, r"invalid lr=-0\.001, must be >= 0"),
-        ({"lr": float("nan")}, r"invalid lr=nan, must be >= 0"),
-        ({"lr": "0.1"}, r"invalid lr='0\.1', must be a number >= 0"),
-        ({"lr": torch.tensor([0.1, 0.2])}, r"invalid lr, a tensor lr must have 1 element"),
-        ({"betas": (1.0, 0.999)}, r"invalid betas\[0\]=1\.0, must satisfy 0 <= beta < 1"),
-        ({"betas": (0.9, -0.1)}, r"invalid betas\[1\]=-0\.1, must satisfy 0 <= beta < 1"),
-        ({"betas": (0.9,)}, r"invalid betas=\(0\.9,\), must be a pair \(beta1, beta2\)"),
-        ({"betas": 0.9}, r"invalid betas=0\.9, must be a pair"),
-        ({"eps": -1e-8}, r"invalid eps=-1e-08, must be >= 0"),
-        ({"eps": None}, r"invalid eps=None, must be a number >= 0"),
-        ({"weight_decay": -0.1}, r"invalid weight_decay=-0\.1, must be >= 0"),
-        ({"decoupled_weight_decay": "yes"}, r"invalid decoupled_weight_decay='yes', must be True or False"),
-        ({"maximize": 1}, r"invalid maximize=1, must be True or False"),
-        ({"foreach": "auto"}, r"invalid foreach='auto', must be None, True or False"),
+        ({"lr": -1e-3}, ValueError, rf"`lr` must be {LR}, got -0\.001"),
+        ({"lr": float("nan")}, ValueError, rf"`lr` must be {LR}, got nan"),
+        ({"lr": float("inf")}, ValueError, rf"`lr` must be {LR}, got inf"),
+        ({"lr": "0.1"}, TypeError, rf"`lr` must be {LR}, got '0\.1'"),
+        ({"lr": torch.tensor([0.1, 0.2])}, ValueError, rf"`lr` must be {LR}, got tensor\(\[0\.1000, 0\.2000\]\)"),
+        ({"betas": (1.0, 0.999)}, ValueError, r"`betas\[0\]` must be a number in \[0, 1\), got 1\.0"),
+        ({"betas": (0.9, -0.1)}, ValueError, r"`betas\[1\]` must be a number in \[0, 1\), got -0\.1"),
+        ({"betas": (0.9,)}, ValueError, rf"`betas` must be {BETAS}, got \(0\.9,\)"),
+        ({"betas": 0.9}, TypeError, rf"`betas` must be {BETAS}, got 0\.9"),
+        ({"eps": -1e-8}, ValueError, r"`eps` must be a finite number >= 0, got -1e-08"),
+        ({"eps": None}, TypeError, r"`eps` must be a finite number >= 0, got None"),
+        ({"weight_decay": -0.1}, ValueError, r"`weight_decay` must be a finite number >= 0, got -0\.1"),
+        ({"decoupled_weight_decay": "yes"}, TypeError, r"`decoupled_weight_decay` must be True or False, got 'yes'"),
+        ({"maximize": 1}, TypeError, r"`maximize` must be True or False, got 1"),
+        ({"foreach": "auto"}, TypeError, r"`foreach` must be None, True or False, got 'auto'"),
     ],
 )
-def test_invalid_arguments(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=r"^AdaM3: " + message):
+def test_invalid_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=r"^AdaM3: " + message + "$"):
         AdaM3([nn.Parameter(torch.zeros(2))], **kwargs)
 
 

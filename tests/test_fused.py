@@ -100,7 +100,7 @@ def test_trainer_with_compiled_prediction_matches_reference(optimizer: str) -> N
 
 
 def test_compile_must_be_a_bool() -> None:
-    with pytest.raises(ValueError, match=r"`compile` must be True or False, got 'yes'"):
+    with pytest.raises(TypeError, match=r"^XGradCallback: `compile` must be True or False, got 'yes'$"):
         XGradCallback(compile="yes")  # type: ignore[arg-type]
 
 

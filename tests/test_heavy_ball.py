@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -251,24 +252,26 @@ def test_state_dict_round_trip_continues_exactly(kind: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("factory", "kwargs", "name"),
+    ("factory", "kwargs", "name", "error"),
     [
-        (AdaptiveHeavyBallSGD, dict(lr=-0.1), "lr"),
-        (AdaptiveHeavyBallSGD, dict(lr="0.1"), "lr"),
-        (AdaptiveHeavyBallSGD, dict(delta=0.0), "delta"),
-        (AdaptiveHeavyBallSGD, dict(delta=1.5), "delta"),
-        (AdaptiveHeavyBallSGD, dict(delta=float("nan")), "delta"),
-        (AdaptiveHeavyBallSGD, dict(weight_decay=-1.0), "weight_decay"),
-        (AdaptiveHeavyBallAdam, dict(lr=-1e-3), "lr"),
-        (AdaptiveHeavyBallAdam, dict(beta2=1.0), "beta2"),
-        (AdaptiveHeavyBallAdam, dict(beta2=True), "beta2"),
-        (AdaptiveHeavyBallAdam, dict(eps=-1e-8), "eps"),
-        (AdaptiveHeavyBallAdam, dict(delta=-0.1), "delta"),
-        (AdaptiveHeavyBallAdam, dict(weight_decay=-0.01), "weight_decay"),
+        (AdaptiveHeavyBallSGD, dict(lr=-0.1), "lr", ValueError),
+        (AdaptiveHeavyBallSGD, dict(lr="0.1"), "lr", TypeError),
+        (AdaptiveHeavyBallSGD, dict(delta=0.0), "delta", ValueError),
+        (AdaptiveHeavyBallSGD, dict(delta=1.5), "delta", ValueError),
+        (AdaptiveHeavyBallSGD, dict(delta=float("nan")), "delta", ValueError),
+        (AdaptiveHeavyBallSGD, dict(weight_decay=-1.0), "weight_decay", ValueError),
+        (AdaptiveHeavyBallAdam, dict(lr=-1e-3), "lr", ValueError),
+        (AdaptiveHeavyBallAdam, dict(beta2=1.0), "beta2", ValueError),
+        (AdaptiveHeavyBallAdam, dict(beta2=True), "beta2", TypeError),
+        (AdaptiveHeavyBallAdam, dict(eps=-1e-8), "eps", ValueError),
+        (AdaptiveHeavyBallAdam, dict(delta=-0.1), "delta", ValueError),
+        (AdaptiveHeavyBallAdam, dict(weight_decay=-0.01), "weight_decay", ValueError),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_them(factory: type, kwargs: dict[str, Any], name: str) -> None:
-    with pytest.raises(ValueError, match=rf"{factory.__name__}: invalid {name}=.*must be"):
+def test_bad_arguments_raise_naming_them(
+    factory: type, kwargs: dict[str, Any], name: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=rf"^{factory.__name__}: `{name}` must be .*, got {re.escape(repr(kwargs[name]))}$"):
         factory([nn.Parameter(torch.zeros(2))], **kwargs)
 
 

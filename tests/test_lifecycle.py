@@ -314,21 +314,24 @@ def test_the_rule_each_optimizer_got_is_logged(caplog: pytest.LogCaptureFixture)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "error", "message"),
     [
-        ({"steps": 0}, "`steps` must be an integer >= 1, got 0"),
-        ({"steps": 1.5}, "`steps` must be an integer >= 1, got 1.5"),
-        ({"steps": True}, "`steps` must be an integer >= 1, got True"),
-        ({"steps": "2"}, "`steps` must be an integer >= 1, got '2'"),
-        ({"rule": "adam"}, "`rule` must be one of ('auto', 'trajectory'), got 'adam'"),
-        ({"start_step": -1}, "`start_step` must be an integer >= 0, got -1"),
-        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be an integer >= 1 or None, got 0"),
+        ({"steps": 0}, ValueError, "`steps` must be an integer >= 1, got 0"),
+        ({"steps": 1.5}, TypeError, "`steps` must be an integer >= 1, got 1.5"),
+        ({"steps": True}, TypeError, "`steps` must be an integer >= 1, got True"),
+        ({"steps": "2"}, TypeError, "`steps` must be an integer >= 1, got '2'"),
+        ({"rule": "adam"}, ValueError, "`rule` must be one of ('auto', 'trajectory'), got 'adam'"),
+        ({"start_step": -1}, ValueError, "`start_step` must be an integer >= 0, got -1"),
+        ({"log_every_n_steps": 0}, ValueError, "`log_every_n_steps` must be an integer >= 1 or None, got 0"),
+        ({"log_every_n_steps": 2.0}, TypeError, "`log_every_n_steps` must be an integer >= 1 or None, got 2.0"),
     ],
 )
-def test_bad_arguments_are_named_with_the_allowed_values(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError) as info:
+def test_bad_arguments_are_named_with_the_allowed_values(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as info:
         XGradCallback(**kwargs)
-    assert message in str(info.value)
+    assert str(info.value) == f"XGradCallback: {message}"
 
 
 def test_lbfgs_is_refused() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
 
+from .._validation import check_flag, check_real, check_real_pair
 from ..rules._foreach import as_float
 
 __all__ = ["AdaM3", "adam3"]
@@ -62,7 +63,7 @@ class AdaM3(Optimizer):
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
-        lr: learning rate (default: 1e-3).
+        lr: learning rate, a finite number >= 0 or a 1-element tensor (default: 1e-3).
         betas: coefficients of the moving averages of the gradient (beta1) and of the squared momentum (beta2)
             (default: (0.9, 0.999)).
         eps: added to the second-moment state at every step, for numerical stability (default: 1e-8).
@@ -91,28 +92,14 @@ class AdaM3(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"AdaM3: invalid lr, a tensor lr must have 1 element, got shape {tuple(lr.shape)}")
-        _check_real("lr", lr, "a number >= 0")
-        if not lr >= 0.0:  # also rejects nan
-            raise ValueError(f"AdaM3: invalid lr={lr}, must be >= 0")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"AdaM3: invalid betas={betas!r}, must be a pair (beta1, beta2) with 0 <= beta < 1")
-        for index, beta in enumerate(betas):
-            _check_real(f"betas[{index}]", beta, "a number with 0 <= beta < 1")
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"AdaM3: invalid betas[{index}]={beta}, must satisfy 0 <= beta < 1")
-        _check_real("eps", eps, "a number >= 0")
-        if not eps >= 0.0:
-            raise ValueError(f"AdaM3: invalid eps={eps}, must be >= 0")
-        _check_real("weight_decay", weight_decay, "a number >= 0")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"AdaM3: invalid weight_decay={weight_decay}, must be >= 0")
-        for name, flag in (("decoupled_weight_decay", decoupled_weight_decay), ("maximize", maximize)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"AdaM3: invalid {name}={flag!r}, must be True or False")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"AdaM3: invalid foreach={foreach!r}, must be None, True or False")
+        owner = "AdaM3"
+        check_real(owner, "lr", lr, low=0.0, allow_tensor=True)
+        betas = check_real_pair(owner, "betas", betas, low=0.0, high=1.0, high_open=True)
+        check_real(owner, "eps", eps, low=0.0)
+        check_real(owner, "weight_decay", weight_decay, low=0.0)
+        check_flag(owner, "decoupled_weight_decay", decoupled_weight_decay)
+        check_flag(owner, "maximize", maximize)
+        check_flag(owner, "foreach", foreach, allow_none=True)
 
         defaults = dict(
             lr=lr,
@@ -203,14 +190,6 @@ class AdaM3(Optimizer):
                 maximize=group["maximize"],
             )
         return loss
-
-
-def _check_real(name: str, value: Any, allowed: str) -> None:
-    """A real number (or a 1-element real tensor), not a bool, a string or a complex number."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    is_scalar_tensor = isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
-    if not (is_number or is_scalar_tensor):
-        raise ValueError(f"AdaM3: invalid {name}={value!r}, must be {allowed}")
 
 
 def adam3(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
 
+from .._validation import argument_error, check_flag, check_real, check_real_pair
 from ..conformity import (
     LEGACY_LAYOUT_WARNING,
     ConformityCDF,
@@ -33,28 +34,6 @@ from ..conformity import (
 from ..rules._foreach import as_float, chunk_slices, steps_as_floats
 
 __all__ = ["CPropAdam", "CPropSGD"]
-
-
-def _check_number(owner: str, name: str, value: Any, minimum: float = 0.0, below: float | None = None) -> None:
-    """A finite real number (a 1-element tensor for ``lr``) within ``[minimum, below)``, else a ValueError."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = float(value.item())
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum
-    if ok and below is not None:
-        ok = value < below
-    if not ok:
-        allowed = f"a number >= {minimum}" if below is None else f"a number with {minimum} <= {name} < {below}"
-        raise ValueError(f"{owner}: invalid {name}={value!r}, must be {allowed}")
-
-
-def _check_flag(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: invalid {name}={value!r}, must be True or False")
-
-
-def _check_foreach(owner: str, value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"{owner}: invalid foreach={value!r}, must be None, True or False")
 
 
 def _new_step() -> Tensor:
@@ -139,7 +118,7 @@ class CPropSGD(Optimizer):
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
-        lr: learning rate (default: 1e-3).
+        lr: learning rate, a finite number >= 0 or a 1-element tensor (default: 1e-3).
         momentum: momentum factor (default: 0).
         dampening: dampening of the momentum (default: 0).
         weight_decay: L2 penalty added to the gradient after the statistics (default: 0).
@@ -147,7 +126,7 @@ class CPropSGD(Optimizer):
         cprop_beta: decay of the moving mean and variance of g behind the conformity scale (default: 0.999).
         cprop_c: the scale is ``min(1, cprop_c * |2 Phi(-z) - 1|)``; larger values scale down fewer elements
             (default: 1).
-        cprop_eps: added to the effective sample count and to the standard error (default: 1e-8).
+        cprop_eps: added to the effective sample count and to the standard error; must be > 0 (default: 1e-8).
         cprop_cdf: ``"bft"`` (a logistic fit of the normal CDF, the official default) or ``"normal"`` (default:
             ``"bft"``).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it where torch would for
@@ -177,18 +156,19 @@ class CPropSGD(Optimizer):
         foreach: bool | None = None,
     ) -> None:
         owner = "CPropSGD"
-        _check_number(owner, "lr", lr)
-        _check_number(owner, "momentum", momentum)
-        _check_number(owner, "dampening", dampening)
-        _check_number(owner, "weight_decay", weight_decay)
-        _check_flag(owner, "nesterov", nesterov)
+        check_real(owner, "lr", lr, low=0.0, allow_tensor=True)
+        check_real(owner, "momentum", momentum, low=0.0)
+        check_real(owner, "dampening", dampening, low=0.0)
+        check_real(owner, "weight_decay", weight_decay, low=0.0)
+        check_flag(owner, "nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(
-                f"{owner}: nesterov=True requires momentum > 0 and dampening = 0, got momentum={momentum!r}, "
-                f"dampening={dampening!r}"
+            allowed = (
+                f"False with momentum={momentum!r} and dampening={dampening!r} (Nesterov needs momentum > 0 and "
+                "dampening = 0)"
             )
+            raise argument_error(owner, "nesterov", allowed, nesterov)
         check_conformity_args(owner, cprop_beta, cprop_c, cprop_eps, cprop_cdf, prefix="cprop_")
-        _check_foreach(owner, foreach)
+        check_flag(owner, "foreach", foreach, allow_none=True)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -391,7 +371,7 @@ class CPropAdam(Optimizer):
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
-        lr: learning rate (default: 1e-3).
+        lr: learning rate, a finite number >= 0 or a 1-element tensor (default: 1e-3).
         betas: decays of Adam's moving averages of g and g^2 (default: (0.9, 0.999)).
         eps: added to the denominator, outside the square root (default: 1e-8).
         weight_decay: weight decay coefficient (default: 0).
@@ -401,7 +381,7 @@ class CPropAdam(Optimizer):
         cprop_beta: decay of the moving mean and variance of g behind the conformity scale (default: 0.999).
         cprop_c: the scale is ``min(1, cprop_c * |2 Phi(-z) - 1|)``; larger values scale down fewer elements
             (default: 1).
-        cprop_eps: added to the effective sample count and to the standard error (default: 1e-8).
+        cprop_eps: added to the effective sample count and to the standard error; must be > 0 (default: 1e-8).
         cprop_cdf: ``"bft"`` (a logistic fit of the normal CDF, the official default) or ``"normal"`` (default:
             ``"bft"``).
         foreach: use the multi-tensor (``torch._foreach_*``) implementation; ``None`` picks it where torch would for
@@ -432,17 +412,14 @@ class CPropAdam(Optimizer):
         foreach: bool | None = None,
     ) -> None:
         owner = "CPropAdam"
-        _check_number(owner, "lr", lr)
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"{owner}: invalid betas={betas!r}, must be a pair (beta1, beta2) with 0 <= beta < 1")
-        for index, beta in enumerate(betas):
-            _check_number(owner, f"betas[{index}]", beta, 0.0, 1.0)
-        _check_number(owner, "eps", eps)
-        _check_number(owner, "weight_decay", weight_decay)
-        _check_flag(owner, "amsgrad", amsgrad)
-        _check_flag(owner, "decoupled_weight_decay", decoupled_weight_decay)
+        check_real(owner, "lr", lr, low=0.0, allow_tensor=True)
+        betas = check_real_pair(owner, "betas", betas, low=0.0, high=1.0, high_open=True)
+        check_real(owner, "eps", eps, low=0.0)
+        check_real(owner, "weight_decay", weight_decay, low=0.0)
+        check_flag(owner, "amsgrad", amsgrad)
+        check_flag(owner, "decoupled_weight_decay", decoupled_weight_decay)
         check_conformity_args(owner, cprop_beta, cprop_c, cprop_eps, cprop_cdf, prefix="cprop_")
-        _check_foreach(owner, foreach)
+        check_flag(owner, "foreach", foreach, allow_none=True)
         defaults = dict(
             lr=lr,
             betas=(float(betas[0]), float(betas[1])),

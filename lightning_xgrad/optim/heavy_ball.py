@@ -46,24 +46,11 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
 
+from .._validation import check_real
 from ..rules._foreach import as_float
 from ..sharding import DTensor, local_tensor, ranks_holding
 
 __all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD"]
-
-
-def _check_real(owner: str, name: str, value: Any, low: float, high: float | None, high_open: bool = False) -> None:
-    """``value`` is a real number (or a 1-element real tensor) in ``[low, high]`` (``[low, high)`` if high_open)."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    is_scalar_tensor = isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex()
-    closing = ")" if high_open else "]"
-    allowed = f"a number in [{low}, {'inf' if high is None else high}{closing}"
-    if not (is_number or is_scalar_tensor):
-        raise ValueError(f"{owner}: invalid {name}={value!r}, must be {allowed}")
-    number = float(value)
-    above = high is not None and (number >= high if high_open else number > high)
-    if not number >= low or above:  # `not >=` also rejects nan
-        raise ValueError(f"{owner}: invalid {name}={value!r}, must be {allowed}")
 
 
 class _AdaptiveHeavyBall(Optimizer):
@@ -223,7 +210,7 @@ class AdaptiveHeavyBallSGD(_AdaptiveHeavyBall):
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
-        lr: learning rate (default: 0.01).
+        lr: learning rate, a finite number >= 0 or a 1-element tensor (default: 0.01).
         delta: the momentum is clipped at ``1 - delta`` (default: 0.01), ``0 < delta <= 1``.
         weight_decay: L2 penalty coefficient, added to the gradient (default: 0).
 
@@ -234,11 +221,9 @@ class AdaptiveHeavyBallSGD(_AdaptiveHeavyBall):
 
     def __init__(self, params: ParamsT, lr: float | Tensor = 0.01, delta: float = 0.01, weight_decay: float = 0.0):
         owner = type(self).__name__
-        _check_real(owner, "lr", lr, 0.0, None)
-        _check_real(owner, "delta", delta, 0.0, 1.0)
-        if delta == 0:
-            raise ValueError(f"{owner}: invalid delta={delta!r}, must be a number in (0, 1]")
-        _check_real(owner, "weight_decay", weight_decay, 0.0, None)
+        check_real(owner, "lr", lr, low=0.0, allow_tensor=True)
+        check_real(owner, "delta", delta, low=0.0, high=1.0, low_open=True)
+        check_real(owner, "weight_decay", weight_decay, low=0.0)
         super().__init__(params, dict(lr=lr, delta=float(delta), weight_decay=float(weight_decay)))
 
     @torch.no_grad()
@@ -290,7 +275,7 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
 
     Args:
         params: the parameters to optimize, or dicts defining param groups.
-        lr: learning rate (default: 1e-3).
+        lr: learning rate, a finite number >= 0 or a 1-element tensor (default: 1e-3).
         beta2: coefficient of the second-moment moving average (default: 0.999), ``0 <= beta2 < 1``.
         eps: added to the denominator, outside the square root, as torch's Adam (default: 1e-8).
         delta: the momentum is clipped at ``1 - delta`` (default: 0.01), ``0 < delta <= 1``.
@@ -311,13 +296,11 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         weight_decay: float = 0.0,
     ) -> None:
         owner = type(self).__name__
-        _check_real(owner, "lr", lr, 0.0, None)
-        _check_real(owner, "beta2", beta2, 0.0, 1.0, high_open=True)
-        _check_real(owner, "eps", eps, 0.0, None)
-        _check_real(owner, "delta", delta, 0.0, 1.0)
-        if delta == 0:
-            raise ValueError(f"{owner}: invalid delta={delta!r}, must be a number in (0, 1]")
-        _check_real(owner, "weight_decay", weight_decay, 0.0, None)
+        check_real(owner, "lr", lr, low=0.0, allow_tensor=True)
+        check_real(owner, "beta2", beta2, low=0.0, high=1.0, high_open=True)
+        check_real(owner, "eps", eps, low=0.0)
+        check_real(owner, "delta", delta, low=0.0, high=1.0, low_open=True)
+        check_real(owner, "weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, beta2=float(beta2), eps=float(eps), delta=float(delta), weight_decay=float(weight_decay))
         super().__init__(params, defaults)
 

@@ -1,7 +1,9 @@
 """How to predict: one rule per optimizer family, a registry from optimizer classes to rules, and the fallback.
 
 Rules are pure torch and never import Lightning. The registry matches the optimizer's exact class: a subclass may
-change the update, so it gets the trajectory rule (always correct) unless a rule is registered for it. Rules for
+change the update, so it gets the trajectory rule (always correct) unless a rule is registered for it. Fabric's and
+Lightning's optimizer wrappers (``FabricAdamW``, ``LightningAdamW``) are subclasses too, but known ones that change
+nothing: the lookup takes the optimizer inside them (recognised by class path, without importing Lightning). Rules for
 optimizers of other packages are registered by the optimizer's class path and imported on first use, so
 lightning_xgrad never imports those packages itself.
 """
@@ -12,6 +14,8 @@ import importlib
 
 import torch
 
+from .._validation import argument_error
+from .._wrappers import unwrap_optimizer
 from .adam import AdamRule
 from .adamax import AdamaxRule
 from .base import PredictionRule
@@ -42,15 +46,16 @@ _BY_CLASS_PATH: dict[str, str] = {
 def register_rule(optimizer_class: type[torch.optim.Optimizer], rule: PredictionRule) -> None:
     """Teach XGrad how to read dW from ``optimizer_class``'s state (replaces any rule registered before)."""
     if not isinstance(optimizer_class, type):
-        raise TypeError(f"register_rule: optimizer_class must be a class, got {optimizer_class!r}")
+        raise argument_error("register_rule", "optimizer_class", "a class", optimizer_class, TypeError)
     if not isinstance(rule, PredictionRule):
-        raise TypeError(f"register_rule: rule must be a PredictionRule, got {type(rule).__name__}")
+        raise argument_error("register_rule", "rule", "a PredictionRule", rule, TypeError)
     _REGISTRY[optimizer_class] = rule
 
 
 def rule_for(optimizer: torch.optim.Optimizer) -> PredictionRule | None:
-    """The state rule registered for this optimizer's exact class, or ``None`` for the trajectory rule."""
-    cls = type(optimizer)
+    """The state rule registered for this optimizer's exact class, or ``None`` for the trajectory rule (Fabric's and
+    Lightning's wrappers are looked through)."""
+    cls = type(unwrap_optimizer(optimizer))
     rule = _REGISTRY.get(cls)
     if rule is None and (target := _BY_CLASS_PATH.get(f"{cls.__module__}.{cls.__qualname__}")) is not None:
         module_name, _, rule_name = target.partition(":")
