@@ -264,6 +264,8 @@ class XGradCallback(Callback):
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
             predictor.restore(stepped=True)
+        else:  # an optimizer that appeared mid-window (predicted from the next window on): no update on W_hat
+            _restore_each(self._predictors.values(), stepped=False)
         self._window_open = any(p.phase != "idle" for p in self._predictors.values())
 
     def _restore_before_raw_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -821,3 +821,35 @@ def test_relative_shift_reaches_the_logger_at_its_own_steps(tmp_path, trainer_ev
     assert [step for step, _ in logged] == [step for step, _ in expected]  # every value once, at its own step
     for (_, value), (_, truth) in zip(logged, expected, strict=True):
         assert value == pytest.approx(truth, rel=1e-5)
+
+
+class ReplaceOptimizerMidWindow(Callback):
+    """After XGradCallback: replaces the optimizer at the start of one batch, when the prediction is already in
+    place (and then keeps it)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if trainer.global_step == self.at_step:
+            trainer.strategy.optimizers = [OPTIMIZERS["adam"](pl_module.parameters())]
+
+
+def test_an_optimizer_replaced_mid_window_updates_the_real_weights() -> None:
+    """Its first update starts from the real weights (the old optimizer's prediction is put back first); from the next
+    window on it is predicted itself."""
+    real, seen, at_update = RealWeights(), SeenWeights(), RealAtUpdate()
+    callbacks = [real, XGradCallback(), ReplaceOptimizerMidWindow(4), seen, at_update]
+    _fit(TinyModule(OPTIMIZERS["sgd_momentum"]), callbacks, max_epochs=1)
+    assert not torch.equal(seen.at_batch_start[(0, 4)], real.at_batch_start[(0, 4)])  # it ran at a prediction
+    assert torch.equal(at_update.weights[4], real.at_batch_start[(0, 4)])  # the new optimizer's update: real weights
+    assert all(torch.equal(at_update.weights[i], real.at_batch_start[(0, i)]) for i in range(10))
+    assert not torch.equal(seen.at_batch_start[(0, 6)], real.at_batch_start[(0, 6)])  # the new one is predicted
+
+
+class RealAtUpdate(Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.weights.append(flat(pl_module))

@@ -50,9 +50,11 @@ class StudentTeacher(pl.LightningModule):
         self.optimizer_name, self.inside_real_weights, self.momentum = optimizer, inside_real_weights, momentum
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if self.inside_real_weights:
-            with XGradCallback.real_weights(self):  # the teacher follows the real student, not W_hat
-                update_teacher(self.student, self.teacher, self.momentum)
+        if self.inside_real_weights:  # the README's recipe, word for word
+            with XGradCallback.real_weights(self), torch.no_grad():  # not W_hat: the teacher follows the real student
+                torch._foreach_lerp_(
+                    list(self.teacher.parameters()), list(self.student.parameters()), 1 - self.momentum
+                )
         else:
             update_teacher(self.student, self.teacher, self.momentum)
         return distillation_loss(self.student, self.teacher, batch)
@@ -70,9 +72,10 @@ class ClampedCritic(pl.LightningModule):
         self.optimizer_name, self.inside_real_weights = optimizer, inside_real_weights
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if self.inside_real_weights:
-            with XGradCallback.real_weights(self):  # clamp the real weights: the edit is kept
-                clamp_(self.critic)
+        if self.inside_real_weights:  # the README's recipe, word for word
+            with XGradCallback.real_weights(self), torch.no_grad():  # clamped at W_hat, the clip would be undone
+                for p in self.critic.parameters():
+                    p.clamp_(-CLIP, CLIP)
         else:
             clamp_(self.critic)
         x, y = batch
