@@ -231,11 +231,12 @@ class OptimizerPredictor:
                 elif enabled:
                     alpha = -self.steps * as_float(group["lr"])
                     kernel = bucket.kernel
-                    if kernel is None or not kernel(bucket.params, bucket.buffers, bucket.columns, group, alpha):
+                    if kernel is not None and kernel(bucket.params, bucket.buffers, bucket.columns, group, alpha):
+                        bucket.modified = True
+                    else:
                         ParameterSnapshot.save(bucket.params, bucket.buffers)
-                        bucket.modified = True  # from here on the buffers hold the real weights
+                        bucket.modified = True  # the buffers hold the real weights: restorable from here on
                         bucket.rule.add_direction_(bucket.params, bucket.columns, group, alpha)
-                    bucket.modified = True
                     if self.direction_scales:
                         self._scale_prediction(bucket)
                 any_modified |= bucket.modified
@@ -352,8 +353,10 @@ class OptimizerPredictor:
 
     def close(self) -> None:
         """Remove the hook this predictor put on the optimizer (the end of training); restores first."""
-        self.restore(stepped=False)
-        self._load_hook.remove()
+        try:
+            self.restore(stepped=False)
+        finally:
+            self._load_hook.remove()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
