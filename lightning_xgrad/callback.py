@@ -4,12 +4,16 @@ At the first micro-batch of every optimizer step the callback writes ``W_hat = W
 module, forward and backward run there, and ``on_before_optimizer_step`` (after AMP unscaling, before clipping and
 the update) puts the real weights back, so the optimizer updates W with the gradient taken at W_hat. Predicted
 weights never leave a training step: validation, checkpoints (through a ``state_dict`` hook, so weights-only and
-mid-window saves too), exceptions and the end of fit all see the real weights.
+mid-window saves too), ``torch.save`` and ``copy.deepcopy`` of the module, exceptions and the end of fit all see the
+real weights; code inside ``training_step`` reads and edits them in :meth:`XGradCallback.real_weights`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,13 +21,13 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._validation import check_int
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
-from .sharding import DTensor, ranks_holding
+from .sharding import DTensor, local_tensor, ranks_holding
 from .snapshot import ParameterSnapshot
 
 _REFUSED_STRATEGIES = {
@@ -59,12 +63,19 @@ class XGradCallback(Callback):
         rule: ``"auto"`` uses the optimizer's state where a rule is registered, else the trajectory rule;
             ``"trajectory"`` uses the trajectory rule for every optimizer.
         start_step: no prediction before this global step.
-        log_every_n_steps: log ``xgrad/relative_shift`` (``||W_hat - W|| / ||W||``) every n optimizer steps;
+        log_every_n_steps: log ``xgrad/relative_shift`` (``||W_hat - W|| / ||W||``) every n optimizer steps, to the
+            Trainer's loggers at the step it was computed (whatever the Trainer's own ``log_every_n_steps``);
             ``None`` logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
             passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
             first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
             is off by default; see benchmarks/results/overhead.md for what it saves.
+
+    Add it once: two instances would predict on top of each other, so a second one is refused at the start of fit.
+    Its checkpoint state (what the trajectory rule needs after a resume) is written from ``on_save_checkpoint`` under
+    ``checkpoint["callbacks"]["XGradCallback"]`` rather than from ``state_dict()``: Lightning rejects two callbacks
+    with a ``state_dict`` and the same ``state_key`` in ``Trainer.__init__``, with a message that does not say what
+    to do, before any hook of ours could.
 
     Example::
 
@@ -90,8 +101,11 @@ class XGradCallback(Callback):
         self._snapshot = ParameterSnapshot()
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
-        self._hook_handles: list[RemovableHandle] = []
+        self._module_hooks: list[RemovableHandle] = []
+        self._optimizer_hooks: list[RemovableHandle] = []
         self._window_open = False  # between an optimizer step's first micro-batch and its update
+        self._window_enabled = True  # whether this window predicts (start_step, a step-less batch)
+        self._holding_real_weights = False  # inside real_weights()
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -102,41 +116,19 @@ class XGradCallback(Callback):
                 raise MisconfigurationException(
                     f"XGradCallback does not support {type(trainer.strategy).__name__}: {reason}"
                 )
+        count = sum(isinstance(callback, XGradCallback) for callback in trainer.callbacks)
+        if count > 1:
+            raise MisconfigurationException(
+                f"XGradCallback was added {count} times to the Trainer's callbacks; add it once (each would predict "
+                "on top of the others). With LightningCLI this happens when the config already lists it and the "
+                "command line appends another with `--trainer.callbacks+=lightning_xgrad.XGradCallback`: set the "
+                "arguments of the one in the config instead (`init_args: {steps: 2}`), or remove it from the config."
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for index, optimizer in enumerate(trainer.optimizers):
-            if isinstance(optimizer, CLOSURE_REEVALUATING):
-                raise MisconfigurationException(
-                    f"XGradCallback cannot be used with {type(optimizer).__name__} (optimizer {index}): it evaluates "
-                    "the closure several times per step, so the gradients would be taken at the real weights after "
-                    "the first evaluation. Use a first-order optimizer such as SGD, Adam or AdamW."
-                )
-        owner: dict[torch.Tensor, int] = {}
-        for index, optimizer in enumerate(trainer.optimizers):
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if owner.setdefault(p, index) != index:
-                        raise MisconfigurationException(
-                            f"XGradCallback: a parameter of shape {tuple(p.shape)} belongs to optimizers "
-                            f"{owner[p]} and {index}; each parameter must belong to one optimizer, since each "
-                            "optimizer's step restores its own parameters."
-                        )
-        self._predictors = {
-            id(optimizer): OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile)
-            for optimizer in trainer.optimizers
-        }
-        # Callbacks that rescale each update elementwise (CPropCallback) share their live scales, so the prediction
-        # follows the update the optimizer will really apply.
-        for callback in trainer.callbacks:
-            provider = getattr(callback, "xgrad_direction_scales", None)
-            if callable(provider):
-                for optimizer in trainer.optimizers:
-                    self._predictors[id(optimizer)].direction_scales = provider(optimizer)
+        self._attach_optimizers(trainer)
         # after configure_model and the strategy's setup: the final modules, and FSDP2's DTensor parameters
         self._register_state_dict_hooks(pl_module)
-        for index, optimizer in enumerate(trainer.optimizers):
-            self._hook_handles.append(optimizer.register_step_pre_hook(self._restore_before_raw_step))
-            self._hook_handles.append(optimizer.register_step_post_hook(self._check_stepped_real_weights(index)))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The first hook where a resumed optimizer's state is in place (loaded after on_fit_start).
@@ -147,22 +139,79 @@ class XGradCallback(Callback):
             self._loaded_state = None
         for predictor in predictors:
             predictor.invalidate()
-        for index, optimizer in enumerate(trainer.optimizers):
+        if not any(optimizer.param_groups for optimizer in trainer.optimizers):
+            rank_zero_warn("XGradCallback: the model has no optimizer, so XGrad has nothing to predict.")
+        self._announce(trainer, range(len(trainer.optimizers)))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        try:
+            self._restore_all(stepped=False)
+        finally:
+            for handle in self._module_hooks + self._optimizer_hooks:
+                handle.remove()
+            self._module_hooks, self._optimizer_hooks = [], []
+            for predictor in self._predictors.values():
+                predictor.close()
+            self._predictors = {}
+            self._snapshot.clear()
+
+    # ------------------------------------------------------------------ optimizers
+    def _attach_optimizers(self, trainer: pl.Trainer) -> list[int]:
+        """Predictors and step hooks for ``trainer.optimizers``, keeping those of optimizers already known; returns
+        the indices of the new ones. Runs at the start of fit and whenever the optimizers changed (a callback may
+        assign ``trainer.strategy.optimizers`` during fit)."""
+        optimizers = list(trainer.optimizers)
+        _check_optimizers(optimizers)
+        known = {id(predictor.optimizer): predictor for predictor in self._predictors.values()}
+        current = {id(optimizer) for optimizer in optimizers}
+        for key, predictor in known.items():
+            if key not in current:
+                predictor.close()
+        self._predictors, new = {}, []
+        for index, optimizer in enumerate(optimizers):
+            predictor = known.get(id(optimizer))
+            if predictor is None:
+                predictor = OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile)
+                new.append(index)
+            self._predictors[id(optimizer)] = predictor
+        # Callbacks that rescale each update elementwise (CPropCallback) share their live scales, so the prediction
+        # follows the update the optimizer will really apply.
+        for callback in trainer.callbacks:
+            provider = getattr(callback, "xgrad_direction_scales", None)
+            if callable(provider):
+                for optimizer in optimizers:
+                    self._predictors[id(optimizer)].direction_scales = provider(optimizer)
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = []
+        for index, optimizer in enumerate(optimizers):
+            self._optimizer_hooks.append(optimizer.register_step_pre_hook(self._restore_before_raw_step))
+            self._optimizer_hooks.append(optimizer.register_step_post_hook(self._check_stepped_real_weights(index)))
+        return new
+
+    def _follow_optimizer_changes(self, trainer: pl.Trainer) -> None:
+        """At the start of a window: predict for the optimizers the strategy holds now (O(number of optimizers))."""
+        optimizers = trainer.optimizers
+        predictors = self._predictors.values()
+        if len(optimizers) == len(predictors) and all(
+            predictor.optimizer is optimizer for predictor, optimizer in zip(predictors, optimizers, strict=True)
+        ):
+            return
+        self._announce(trainer, self._attach_optimizers(trainer))
+
+    def _announce(self, trainer: pl.Trainer, indices: Any) -> None:
+        """Log, once per optimizer, which rule it predicts with."""
+        for index in indices:
+            optimizer = trainer.optimizers[index]
+            if not optimizer.param_groups:  # Lightning's stand-in when configure_optimizers returns None
+                continue
             rule = self._predictors[id(optimizer)].describe()
             rank_zero_info(
                 f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rule} rule, "
                 f"steps={self.steps}"
             )
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._restore_all(stepped=False)
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
-        self._predictors = {}
-        self._snapshot.clear()
 
     # ------------------------------------------------------------------ the step
     def on_train_batch_start(
@@ -172,14 +221,16 @@ class XGradCallback(Callback):
             for predictor in self._predictors.values():
                 predictor.resume()
             return
+        self._follow_optimizer_changes(trainer)
         self._window_open = True
-        enabled = trainer.global_step >= self.start_step
+        # No prediction where no gradient will be taken: StochasticWeightAveraging's last epoch only recomputes
+        # BatchNorm statistics (at the averaged weights), with backward skipped.
+        self._window_enabled = trainer.global_step >= self.start_step and not trainer.fit_loop._skip_backward
         predicted = False
         for predictor in self._predictors.values():
-            predicted |= predictor.predict(enabled)
+            predicted |= predictor.predict(self._window_enabled)
         if predicted and self._should_log(trainer):
-            shift, norm = self._shift_norms()
-            pl_module.log("xgrad/relative_shift", shift / norm.clamp_min(1e-30), on_step=True, on_epoch=False)
+            self._log_relative_shift(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -200,6 +251,8 @@ class XGradCallback(Callback):
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
             predictor.restore(stepped=True)
+        else:  # an optimizer that appeared mid-window (predicted from the next window on): no update on W_hat
+            _restore_each(self._predictors.values(), stepped=False)
         self._window_open = any(p.phase != "idle" for p in self._predictors.values())
 
     def _restore_before_raw_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -241,10 +294,80 @@ class XGradCallback(Callback):
             predictor.suspend()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_all(stepped=False)
+        # The user's exception is the one that must surface: a failing restore is reported, not raised.
+        try:
+            self._restore_all(stepped=False)
+        except Exception as error:
+            warnings.warn(
+                f"XGradCallback: after {type(exception).__name__}, the real weights of some parameters could not be "
+                f"put back ({type(error).__name__}: {error}); those parameters may hold predicted weights.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ reading and editing the real weights
+    @staticmethod
+    @contextmanager
+    def real_weights(owner: pl.LightningModule | pl.Trainer) -> Iterator[None]:
+        """Hold the real weights in the module for the duration of a ``with`` block, inside ``training_step``.
+
+        Mid-step the module holds the predicted weights W_hat. Inside this context it holds the real weights,
+        bit-exactly: read them (a BYOL/DINO teacher's EMA update) or edit them in place (a WGAN weight clamp), and
+        the edits are kept. On exit the prediction is recomputed from the real weights as they are then, so the step
+        carries on as if the edit had been made before it began.
+
+        ``owner`` is the LightningModule (``self`` in ``training_step``) or the Trainer; the XGradCallback is found
+        among ``trainer.callbacks``. Without one, outside a training step, in validation, or nested, it does
+        nothing, so a module can use it whether or not XGrad is on::
+
+            def training_step(self, batch, batch_idx):
+                with XGradCallback.real_weights(self):
+                    for p in self.critic.parameters():
+                        p.clamp_(-0.01, 0.01)
+                ...
+        """
+        if isinstance(owner, pl.Trainer):
+            trainer: pl.Trainer | None = owner
+        elif isinstance(owner, pl.LightningModule):
+            try:
+                trainer = owner.trainer
+            except RuntimeError:  # not attached to a Trainer: nothing is predicted
+                trainer = None
+        else:
+            raise TypeError(
+                "XGradCallback.real_weights: `owner` must be a LightningModule or a Trainer, got "
+                f"{type(owner).__name__}"
+            )
+        callbacks = [c for c in getattr(trainer, "callbacks", None) or () if isinstance(c, XGradCallback)]
+        with ExitStack() as stack:
+            for callback in callbacks:
+                stack.enter_context(callback._real_weights_in_place())
+            yield
+
+    @contextmanager
+    def _real_weights_in_place(self) -> Iterator[None]:
+        predicted = [predictor for predictor in self._predictors.values() if predictor.phase == "predicted"]
+        if self._holding_real_weights or not predicted:
+            yield
+            return
+        self._holding_real_weights = True
+        try:
+            # as for a step that never happens: the trajectory rule keeps the displacement it extrapolated
+            _restore_each(predicted, stepped=False)
+            yield
+        finally:
+            self._holding_real_weights = False
+        # only on a normal exit: after an exception the real weights stay and the window is over
+        for predictor in predicted:
+            predictor.predict(self._window_enabled)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Not `state_dict()`: see the class docstring. Lightning still hands this back to load_state_dict on resume.
+        checkpoint.setdefault("callbacks", {})[self.state_key] = self._checkpoint_state()
+
+    def _checkpoint_state(self) -> dict[str, Any]:
         return {
             "steps": self.steps,
             "rule": self.rule,
@@ -253,52 +376,46 @@ class XGradCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Runs before the optimizers exist: applied in on_train_start.
+        saved = (state_dict.get("steps", self.steps), state_dict.get("rule", self.rule))
+        if saved != (self.steps, self.rule):
+            rank_zero_warn(
+                f"XGradCallback: the checkpoint was saved with steps={saved[0]}, rule={saved[1]!r}; this run uses "
+                f"steps={self.steps}, rule={self.rule!r}, which apply from the resumed step on."
+            )
         self._loaded_state = state_dict
 
     def _register_state_dict_hooks(self, pl_module: pl.LightningModule) -> None:
         """Make every ``state_dict()`` of the module report the real weights while a prediction is in place."""
-        for handle in self._hook_handles:
+        for handle in self._module_hooks:
             handle.remove()
-        self._hook_handles = [
-            _register_state_dict_post_hook(module, self._real_weights_hook())
+        self._module_hooks = [
+            _register_state_dict_post_hook(module, _RealWeightsHook(self, module))
             for module in pl_module.modules()
             if any(True for _ in module.parameters(recurse=False))
         ]
-
-    def _real_weights_hook(self) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-            real = self._real_values()
-            if not real:
-                return
-            for name, param in module._parameters.items():
-                key = prefix + name
-                value = real.get(param) if param is not None else None
-                if value is None or key not in state_dict or state_dict[key] is param:  # keep_vars keeps vars
-                    continue
-                if isinstance(param, DTensor):
-                    value = DTensor.from_local(
-                        value,
-                        param.device_mesh,
-                        param.placements,
-                        run_check=False,
-                        shape=param.shape,
-                        stride=param.stride(),
-                    )
-                state_dict[key] = value.detach()
-
-        return hook
 
     def _real_values(self) -> dict[Tensor, Tensor]:
         return {p: real for predictor in self._predictors.values() for p, _, real in predictor.predicted_params()}
 
     # ------------------------------------------------------------------ helpers
     def _restore_all(self, stepped: bool) -> None:
-        for predictor in self._predictors.values():
-            predictor.restore(stepped=stepped)
         self._window_open = False
+        _restore_each(self._predictors.values(), stepped)
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         return self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0
+
+    def _log_relative_shift(self, trainer: pl.Trainer) -> None:
+        """To the loggers directly, at the step Lightning labels this batch's own metrics with (as
+        LearningRateMonitor does): ``self.log`` from a batch-start hook would reach them only at the Trainer's
+        cadence, repeated until overwritten."""
+        if not trainer.loggers:
+            return
+        shift, norm = self._shift_norms()
+        metrics = {"xgrad/relative_shift": float(shift / norm.clamp_min(1e-30))}
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     @torch.no_grad()
     def _shift_norms(self) -> tuple[Tensor, Tensor]:
@@ -315,3 +432,101 @@ class XGradCallback(Callback):
         else:
             squares = torch.stack([shift.sum(), norm.sum()])
         return squares[0].sqrt(), squares[1].sqrt()
+
+
+def _check_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Refuse what XGrad cannot predict correctly: closure re-evaluating optimizers, parameters in two optimizers."""
+    for index, optimizer in enumerate(optimizers):
+        if isinstance(optimizer, CLOSURE_REEVALUATING):
+            raise MisconfigurationException(
+                f"XGradCallback cannot be used with {type(optimizer).__name__} (optimizer {index}): it evaluates "
+                "the closure several times per step, so the gradients would be taken at the real weights after "
+                "the first evaluation. Use a first-order optimizer such as SGD, Adam or AdamW."
+            )
+    owner: dict[torch.Tensor, int] = {}
+    for index, optimizer in enumerate(optimizers):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if owner.setdefault(p, index) != index:
+                    raise MisconfigurationException(
+                        f"XGradCallback: a parameter of shape {tuple(p.shape)} belongs to optimizers "
+                        f"{owner[p]} and {index}; each parameter must belong to one optimizer, since each "
+                        "optimizer's step restores its own parameters."
+                    )
+
+
+def _restore_each(predictors: Any, stepped: bool) -> None:
+    """Restore every predictor even if one fails; the first failure is raised after all were tried."""
+    errors = []
+    for predictor in predictors:
+        try:
+            predictor.restore(stepped=stepped)
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
+
+
+class _RealWeightsHook:
+    """A module's ``state_dict`` post-hook: while a prediction is in place, the module's own parameters are reported
+    with their real values (DTensors stay DTensors).
+
+    A class rather than a closure, so that a module carrying it can be pickled (``torch.save(module)``) or deep-copied
+    mid-window: the copy gets the real weights of the parameters this module owns, and an inert hook. It refers to
+    the callback and the module weakly: the hook must not keep either alive.
+    """
+
+    def __init__(self, callback: XGradCallback | None, module: torch.nn.Module | None) -> None:
+        self._callback = None if callback is None else weakref.ref(callback)
+        self._module = None if module is None else weakref.ref(module)
+
+    def _own_real_values(self) -> list[tuple[Tensor, Tensor]]:
+        callback = None if self._callback is None else self._callback()
+        module = None if self._module is None else self._module()
+        if callback is None or module is None:
+            return []
+        real = callback._real_values()
+        if not real:
+            return []
+        return [(p, real[p]) for p in module._parameters.values() if p is not None and p in real]
+
+    def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        real = dict(self._own_real_values())
+        if not real:
+            return
+        for name, param in module._parameters.items():
+            key = prefix + name
+            value = real.get(param) if param is not None else None
+            if value is None or key not in state_dict or state_dict[key] is param:  # keep_vars keeps vars
+                continue
+            if isinstance(param, DTensor):
+                value = DTensor.from_local(
+                    value,
+                    param.device_mesh,
+                    param.placements,
+                    run_check=False,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+            state_dict[key] = value.detach()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RealWeightsHook:
+        # A module's parameters are copied before its hooks (``_parameters`` precedes ``_state_dict_hooks``).
+        with torch.no_grad():
+            for param, value in self._own_real_values():
+                copied = memo.get(id(param))
+                if copied is not None:
+                    local_tensor(copied).copy_(value)
+        return _RealWeightsHook(None, None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        pairs = self._own_real_values()
+        return (_with_real_values, (tuple(p for p, _ in pairs), tuple(v.detach().clone() for _, v in pairs)))
+
+
+def _with_real_values(params: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> _RealWeightsHook:
+    """Unpickling a module saved mid-window: its parameters get the real values, and the hook is inert."""
+    with torch.no_grad():
+        for param, value in zip(params, values, strict=True):
+            local_tensor(param).copy_(value)
+    return _RealWeightsHook(None, None)

@@ -10,11 +10,16 @@
 
 The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
 buckets (one param group, one device and dtype, one rule) and the plan is rebuilt only when the optimizer's state,
-param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read.
+param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read
+(changes to the state are noticed in O(1), see :mod:`lightning_xgrad.optimizer_state`).
+
+Restoring is exception-safe: every bucket is restored even if one fails, and the first failure is raised after.
 """
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -24,8 +29,10 @@ from torch import Tensor
 
 from ._validation import argument_error, check_choice, check_flag, check_int
 from ._wrappers import unwrap_optimizer
+from .optimizer_state import watch_state
 from .rules import PredictionRule, extrapolate_, rewind_, rule_for
 from .rules._foreach import ScalarColumn, as_float
+from .rules.trajectory import trajectory_lr
 from .sharding import DTensor, local_tensor
 from .snapshot import ParameterSnapshot
 
@@ -74,14 +81,18 @@ class _Bucket:
     params: list[Tensor]
     buffers: list[Tensor]
     columns: tuple[list[Any], ...] = ()
-    #: trajectory only: the lr of the last step, whose start the buffers hold while idle; None while unknown
+    #: trajectory only: while the buffers hold the start of the last step, the lr that step's update was applied with
+    #: (the displacement ``W - buffers`` is that update); None while no update is known
     lr_then: float | None = None
-    #: trajectory only: the extrapolation factor in place while predicted, to rewind a step that never happens
-    factor: float | None = None
+    #: trajectory only, while predicted: the lr the prediction's displacement ``W_hat - W`` corresponds to
+    #: (``steps * lr_now``), kept by a step that never happens
+    lr_predicted: float = 0.0
     #: the rule's compiled snapshot-and-predict, when compiling was asked for and the rule has one
     kernel: Any = None
+    #: the parameters hold W_hat and the buffers the real W
     modified: bool = field(default=False, init=False)
-    snapshotted: bool = field(default=False, init=False)
+    #: trajectory only: the buffers still hold the start of the last step; the real W goes in at the update
+    pending: bool = field(default=False, init=False)
 
 
 class OptimizerPredictor:
@@ -122,6 +133,8 @@ class OptimizerPredictor:
         self._plan_key: tuple[Any, ...] | None = None
         self._plan_state: Any = None
         self._plan_complete = False
+        self._watched_state: Any = None
+        self._load_hook = optimizer.register_load_state_dict_post_hook(_invalidate_after_load(self))
         self._pending_trajectory: dict[Tensor, float] = {}
         #: elementwise scales the optimizer's updates get on top of its own rule (CProp's conformity scale), keyed by
         #: parameter and filled by whoever applies them; state rules then predict with ``scale * dW``. The trajectory
@@ -149,17 +162,35 @@ class OptimizerPredictor:
     # ------------------------------------------------------------------ plan
     def _current_key(self) -> tuple[Any, ...]:
         groups = self.optimizer.param_groups
+        state = self.optimizer.state
         return (
-            len(self.optimizer.state),
+            # every change to the state mapping's entries, when it is watched (the usual case: O(1) per step) ...
+            getattr(state, "version", None) if state is self._watched_state else None,
+            len(state),
             tuple(len(g["params"]) for g in groups),
             tuple(p.requires_grad for g in groups for p in g["params"]),
         )
 
+    def _plan_is_current(self, key: tuple[Any, ...]) -> bool:
+        if not (self._plan_complete and key == self._plan_key and self.optimizer.state is self._plan_state):
+            return False
+        if self._watched_state is self._plan_state:
+            return True
+        # ... otherwise (a mapping that cannot be watched) compare each planned parameter's state dict, in C loops
+        state = self._plan_state
+        return all(map(operator.is_, map(state.get, self._plan_owners), self._plan_dicts))
+
     def _ensure_plan(self) -> None:
         key = self._current_key()
-        if self._plan_complete and key == self._plan_key and self.optimizer.state is self._plan_state:
-            return
-        self._build_plan(key)
+        if not self._plan_is_current(key):
+            self._build_plan(self._current_key() if self._watch() else key)
+
+    def _watch(self) -> bool:
+        """Watch the optimizer's current state mapping for changes; whether it was newly swapped in."""
+        if self._watched_state is self.optimizer.state:
+            return False
+        self._watched_state = watch_state(self.optimizer)
+        return self._watched_state is not None
 
     def invalidate(self) -> None:
         """Force a new plan at the next prediction (after the optimizer's state was loaded or moved)."""
@@ -171,6 +202,8 @@ class OptimizerPredictor:
         self._pending_trajectory = {}
         grouped: dict[tuple[Any, ...], tuple[PredictionRule | None, list[Tensor], list[tuple[Any, ...]]]] = {}
         complete = True
+        state = self.optimizer.state
+        planned_owners, planned_dicts = [], []
         for index, group in enumerate(self.optimizer.param_groups):
             rule = self.group_rule(group)
             for p in group["params"]:
@@ -180,11 +213,14 @@ class OptimizerPredictor:
                     row: tuple[Any, ...] | None = ()
                     bucket_key: tuple[Any, ...] = (index, p.device, p.dtype, known_lr.get(p))
                 else:
-                    row = rule.state_tensors(self.optimizer.state.get(p, {}))
+                    entry = state.get(p)
+                    planned_owners.append(p)
+                    planned_dicts.append(entry)
+                    row = rule.state_tensors(entry if entry is not None else {})
                     if row is None:
                         complete = False
                         continue
-                    row = tuple(local_tensor(entry) for entry in row)
+                    row = tuple(local_tensor(value) for value in row)
                     bucket_key = (index, p.device, p.dtype)
                 _, owners, rows = grouped.setdefault(bucket_key, (rule, [], []))
                 owners.append(p)
@@ -206,7 +242,8 @@ class OptimizerPredictor:
             buckets.append(bucket)
         self._buckets = buckets
         self._plan_key = key
-        self._plan_state = self.optimizer.state
+        self._plan_state = state
+        self._plan_owners, self._plan_dicts = planned_owners, planned_dicts
         self._plan_complete = complete
 
     # ------------------------------------------------------------------ window
@@ -214,38 +251,53 @@ class OptimizerPredictor:
     def predict(self, enabled: bool = True) -> bool:
         """Start a step: write W_hat into the parameters (the real W into the snapshot).
 
-        With ``enabled=False`` nothing is predicted, but trajectory parameters are still snapshotted so that the
-        next step knows the update applied by this one. Returns whether any parameter now holds a prediction.
+        With ``enabled=False`` nothing is predicted, but the trajectory rule still records the update this step
+        applies, so the next step can extrapolate it. Returns whether any parameter now holds a prediction. If a
+        rule fails, the parameters predicted so far get their real weights back before the error propagates.
         """
         if self.phase != "idle":
             raise RuntimeError(f"predict() called while the parameters are {self.phase}")
         self._ensure_plan()
         groups = self.optimizer.param_groups
         any_modified = False
-        for bucket in self._buckets:
-            group = groups[bucket.group_index]
-            bucket.modified = bucket.snapshotted = False
-            if bucket.rule is None:
-                bucket.factor = None
-                if enabled and bucket.lr_then:
-                    bucket.factor = self.steps * as_float(group["lr"]) / bucket.lr_then
-                    extrapolate_(bucket.params, bucket.buffers, bucket.factor)
-                    bucket.modified = True
-                else:
-                    ParameterSnapshot.save(bucket.params, bucket.buffers)
-                bucket.snapshotted = True
-            elif enabled:
-                alpha = -self.steps * as_float(group["lr"])
-                kernel = bucket.kernel
-                if kernel is None or not kernel(bucket.params, bucket.buffers, bucket.columns, group, alpha):
-                    ParameterSnapshot.save(bucket.params, bucket.buffers)
-                    bucket.rule.add_direction_(bucket.params, bucket.columns, group, alpha)
-                if self.direction_scales:
-                    self._scale_prediction(bucket)
-                bucket.modified = bucket.snapshotted = True
-            any_modified |= bucket.modified
-        self.phase = "predicted" if any(b.snapshotted for b in self._buckets) else "idle"
+        try:
+            for bucket in self._buckets:
+                group = groups[bucket.group_index]
+                if bucket.rule is None:
+                    self._predict_trajectory(bucket, group, enabled)
+                elif enabled:
+                    alpha = -self.steps * as_float(group["lr"])
+                    kernel = bucket.kernel
+                    if kernel is not None and kernel(bucket.params, bucket.buffers, bucket.columns, group, alpha):
+                        bucket.modified = True
+                    else:
+                        ParameterSnapshot.save(bucket.params, bucket.buffers)
+                        bucket.modified = True  # the buffers hold the real weights: restorable from here on
+                        bucket.rule.add_direction_(bucket.params, bucket.columns, group, alpha)
+                    if self.direction_scales:
+                        self._scale_prediction(bucket)
+                any_modified |= bucket.modified
+        except BaseException:
+            self.phase = "predicted"
+            self.restore(stepped=False)
+            raise
+        self.phase = "predicted" if any(b.modified or b.pending for b in self._buckets) else "idle"
         return any_modified
+
+    def _predict_trajectory(self, bucket: _Bucket, group: dict[str, Any], enabled: bool) -> None:
+        """``W_hat = W + steps * (lr_now / lr_then) * (W - W_prev)``; nothing to extrapolate while no update is known,
+        after an update applied at lr 0 (it says nothing about the direction) or at lr 0 now."""
+        bucket.pending = True
+        lr_then = bucket.lr_then
+        if not enabled or not lr_then:
+            return
+        lr_now = trajectory_lr(group["lr"])
+        if lr_now == 0:
+            return
+        extrapolate_(bucket.params, bucket.buffers, self.steps * lr_now / lr_then)
+        bucket.lr_predicted = self.steps * lr_now
+        bucket.modified = True
+        bucket.pending = False
 
     def _scale_prediction(self, bucket: _Bucket) -> None:
         """``W_hat <- W + scale * (W_hat - W)`` for the bucket's parameters that have a scale, in place."""
@@ -263,33 +315,51 @@ class OptimizerPredictor:
     def restore(self, stepped: bool = True) -> None:
         """End a step: put the real weights back, bit-exact.
 
-        ``stepped`` says whether the optimizer is about to apply an update (the trajectory rule then knows the lr of
-        that update); with ``False`` the step was abandoned. An optimizer that needs the point where its gradients
-        were taken (the adaptive heavy-ball secant) gets a call to its ``observe_gradient_point()`` first, while the
-        parameters still hold it.
+        ``stepped`` says whether the optimizer is about to apply an update (the trajectory rule then records it);
+        with ``False`` the step was abandoned, and the trajectory rule keeps extrapolating along the last update it
+        knows. An optimizer that needs the point where its gradients were taken (the adaptive heavy-ball secant) gets
+        a call to its ``observe_gradient_point()`` first, while the parameters still hold it.
+
+        Every bucket is restored even if one fails (or the observer does); the first error is raised afterwards and
+        the predictor is idle either way.
         """
         if self.phase == "suspended":
             self.resume()
         if self.phase != "predicted":
             return
+        errors: list[BaseException] = []
         observe = getattr(self.optimizer, "observe_gradient_point", None)
         if stepped and observe is not None and any(bucket.modified for bucket in self._buckets):
-            observe()
+            try:
+                observe()
+            except Exception as error:  # the real weights go back first
+                errors.append(error)
         groups = self.optimizer.param_groups
         for bucket in self._buckets:
-            if bucket.rule is not None or not bucket.snapshotted:
-                if bucket.modified:
-                    ParameterSnapshot.restore(bucket.params, bucket.buffers)
-            elif stepped:  # trajectory: the buffers now hold the start of this step, taken with this lr
-                if bucket.modified:
-                    ParameterSnapshot.restore(bucket.params, bucket.buffers)
-                bucket.lr_then = as_float(groups[bucket.group_index]["lr"])
-            elif bucket.modified:  # trajectory, no update happened: keep extrapolating along the last one
-                rewind_(bucket.params, bucket.buffers, bucket.factor)
-            else:  # trajectory, the snapshot overwrote the start of the last step: that direction is lost
-                bucket.lr_then = None
-            bucket.modified = bucket.snapshotted = False
+            try:
+                self._restore_bucket(bucket, groups[bucket.group_index], stepped)
+            except Exception as error:  # go on: every other bucket gets its real weights back
+                errors.append(error)
+            finally:
+                bucket.modified = bucket.pending = False
         self.phase = "idle"
+        if errors:
+            raise errors[0]
+
+    def _restore_bucket(self, bucket: _Bucket, group: dict[str, Any], stepped: bool) -> None:
+        if bucket.rule is not None:
+            if bucket.modified:
+                ParameterSnapshot.restore(bucket.params, bucket.buffers)
+        elif stepped:  # trajectory: the buffers get the start of this step, and its lr is recorded
+            if bucket.modified:
+                ParameterSnapshot.restore(bucket.params, bucket.buffers)
+            elif bucket.pending:
+                ParameterSnapshot.save(bucket.params, bucket.buffers)
+            bucket.lr_then = trajectory_lr(group["lr"])
+        elif bucket.modified:  # trajectory, no update happened: keep the displacement the prediction applied
+            rewind_(bucket.params, bucket.buffers)
+            bucket.lr_then = bucket.lr_predicted
+        # trajectory, unmodified and abandoned: the buffers still hold the start of the last step, nothing to do
 
     @torch.no_grad()
     def suspend(self) -> None:
@@ -317,6 +387,13 @@ class OptimizerPredictor:
         return [
             triple for k in self._buckets if k.modified for triple in zip(k.owners, k.params, k.buffers, strict=True)
         ]
+
+    def close(self) -> None:
+        """Remove the hook this predictor put on the optimizer (the end of training); restores first."""
+        try:
+            self.restore(stepped=False)
+        finally:
+            self._load_hook.remove()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -348,3 +425,16 @@ class OptimizerPredictor:
             self._pending_trajectory[p] = float(state["lr_then"][i])
         self._buckets = []
         self.invalidate()
+
+
+def _invalidate_after_load(predictor: OptimizerPredictor) -> Any:
+    """A load_state_dict post-hook that marks the predictor's plan stale (held weakly: the optimizer must not keep
+    a finished predictor alive)."""
+    reference = weakref.ref(predictor)
+
+    def hook(optimizer: torch.optim.Optimizer) -> None:
+        live = reference()
+        if live is not None:
+            live.invalidate()
+
+    return hook

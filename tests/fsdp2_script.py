@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.*` when r
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -153,15 +154,43 @@ class MidWindowStateDictProbe(Callback):
         self.rows.append([sd_gap, dcp_gap, shift, 1.0])
 
 
+class _ShiftLogger(Logger):
+    """A logger that keeps every ``xgrad/relative_shift`` it receives, by step (on every rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_step: dict[int, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "shift"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "xgrad/relative_shift" in metrics and step is not None:
+            self.by_step[step] = float(metrics["xgrad/relative_shift"])
+
+
 class ShiftRecorder(Callback):
-    """``xgrad/relative_shift`` in ``callback_metrics`` after every batch (NaN while nothing was logged)."""
+    """``xgrad/relative_shift`` as the Trainer's loggers received it for every batch (NaN where nothing was logged for
+    that batch's step); it adds its own logger to the Trainer at the start of fit."""
 
     def __init__(self) -> None:
         self.values: list[float] = []
+        self._logger = _ShiftLogger()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        trainer.loggers = [*trainer.loggers, self._logger]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        value = trainer.callback_metrics.get("xgrad/relative_shift")
-        self.values.append(float("nan") if value is None else float(value))
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step this batch's metrics are logged at
+        self.values.append(self._logger.by_step.get(step, float("nan")))
 
 
 def xgrad_callback(mode: str) -> XGradCallback:

@@ -5,6 +5,8 @@ so the callback can be checked against it: same initial weights and the same bat
 
 Per optimizer step t, with s = ``steps``:
 
+0. ``on_window_start(t)``, if given, runs with the real weights in place (an edit of the weights or the optimizer's
+   state there counts as made before the step began);
 1. at the first micro-batch of the window, keep W_t and write W_hat = W_t - s * lr * dW_t into the parameters,
    where lr is the group's lr right now (after any scheduler step) and dW_t is read from the optimizer's state:
 
@@ -15,6 +17,8 @@ Per optimizer step t, with s = ``steps``:
    - anything else (SGD without momentum or nesterov, RMSprop without momentum, other optimizers) and every
      optimizer under ``rule="trajectory"``: the trajectory rule, lr * dW = W_{t-1} - W_t (the update the optimizer
      applied at its last step) rescaled by lr_now / lr_then, so W_hat = W_t + s * (lr_now / lr_then) * (W_t - W_{t-1});
+     a group whose lr is not a number (``None``: optimizers with a relative step size) is not rescaled,
+     W_hat = W_t + s * (W_t - W_{t-1}); an update applied with lr 0 gives no direction;
 
    a parameter without optimizer state (before its first step) is not predicted, and the trajectory rule needs one
    applied update, so it first predicts at the second optimizer step;
@@ -41,6 +45,14 @@ from torch import Tensor, nn
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+def learning_rate(group: dict[str, Any]) -> float | None:
+    """The group's lr as a number, or ``None`` when it is not one."""
+    value = group["lr"]
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        return None
+    return float(value)
 
 
 def windows(num_batches: int, accumulate: int) -> list[list[int]]:
@@ -110,6 +122,7 @@ def xgrad_reference(
     rule: str = "auto",
     epochs: int = 1,
     scaler: torch.amp.GradScaler | None = None,
+    on_window_start: Callable[[int], None] | None = None,
 ) -> None:
     """Train ``net`` in place for ``epochs`` passes over ``batches`` with XGrad weight prediction.
 
@@ -125,6 +138,7 @@ def xgrad_reference(
         rule: ``"auto"`` (state rules where known, else the trajectory rule) or ``"trajectory"`` (everywhere).
         epochs: passes over ``batches``.
         scaler: a GradScaler for fp16 autocast (``loss_fn`` runs the autocast); ``None`` steps plainly.
+        on_window_start: called with the optimizer step index t before each prediction (real weights in place).
     """
     if rule not in ("auto", "trajectory"):
         raise ValueError(f"unknown rule {rule!r}")
@@ -134,23 +148,28 @@ def xgrad_reference(
 
     # The trajectory rule's memory: W_{t-1} (the weights before the last step) and lr_then (that step's lr).
     previous: dict[Tensor, Tensor] = {}
-    lr_then: dict[Tensor, float] = {}
+    lr_then: dict[Tensor, float | None] = {}
 
+    t = 0
     for epoch in range(epochs):
         epoch_batches = batches(epoch) if callable(batches) else batches
         for window in windows(len(epoch_batches), accumulate):
+            if on_window_start is not None:
+                on_window_start(t)
+            t += 1
             # 1. predict
             real: dict[Tensor, Tensor] = {}
             if steps is not None:
                 with torch.no_grad():
                     for group in optimizer.param_groups:
                         group_rule = "trajectory" if rule == "trajectory" else state_rule(optimizer, group)
-                        lr_now = float(group["lr"])
+                        lr_now = learning_rate(group)
                         for p in group["params"]:
                             if group_rule == "trajectory":
                                 if p not in previous or lr_then[p] == 0:
                                     continue
-                                w_hat = p + steps * (lr_now / lr_then[p]) * (p - previous[p])
+                                ratio = 1.0 if lr_now is None or lr_then[p] is None else lr_now / lr_then[p]
+                                w_hat = p + steps * ratio * (p - previous[p])
                             else:
                                 state = optimizer.state[p]
                                 if not state:
@@ -173,7 +192,7 @@ def xgrad_reference(
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         previous[p] = p.detach().clone()
-                        lr_then[p] = float(group["lr"])
+                        lr_then[p] = learning_rate(group)
             if scaler is None:
                 optimizer.step()
             else:

@@ -6,6 +6,9 @@ real W) and just after it; every check below compares module weights with those 
 
 from __future__ import annotations
 
+import copy
+import csv
+import io
 import logging
 import signal
 from typing import Any
@@ -15,12 +18,16 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import nn
 
 from lightning_xgrad import XGradCallback
 from lightning_xgrad.predictor import OptimizerPredictor
+from lightning_xgrad.snapshot import ParameterSnapshot
 
-from .toolkit import OPTIMIZERS, TinyModule, flat, loader, make_data, trainer
+from .reference import xgrad_reference
+from .toolkit import OPTIMIZERS, TinyModule, batches, flat, loader, make_data, make_net, trainer
 
 
 class RealWeights(Callback):
@@ -28,9 +35,11 @@ class RealWeights(Callback):
 
     def __init__(self) -> None:
         self.at_batch_start: dict[tuple[int, int], torch.Tensor] = {}
+        self.module: pl.LightningModule | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
         self.at_batch_start[(trainer.current_epoch, i)] = flat(pl_module)
+        self.module = pl_module
 
 
 class SeenWeights(Callback):
@@ -284,24 +293,6 @@ def test_parameters_frozen_mid_training_are_not_predicted() -> None:
     assert not torch.equal(seen.at_batch_start[(0, 2)][:n_first], real.at_batch_start[(0, 2)][:n_first])
 
 
-def test_relative_shift_is_logged_every_n_steps() -> None:
-    class Logged(Callback):
-        def __init__(self) -> None:
-            self.values: dict[int, float] = {}
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, out: Any, b: Any, i: int):
-            if "xgrad/relative_shift" in trainer.callback_metrics:
-                self.values[i] = float(trainer.callback_metrics["xgrad/relative_shift"])
-
-    real, seen, logged = RealWeights(), SeenWeights(), Logged()
-    _fit(TinyModule(OPTIMIZERS["sgd_momentum"]), [real, XGradCallback(log_every_n_steps=4), seen, logged], max_epochs=1)
-    assert set(logged.values) >= {4, 8}
-    for i in (4, 8):
-        w, w_hat = real.at_batch_start[(0, i)], seen.at_batch_start[(0, i)]
-        assert logged.values[i] == pytest.approx(float((w_hat - w).norm() / w.norm()), rel=1e-5)
-    assert logged.values[5] == logged.values[4]  # not logged again until step 8
-
-
 def test_the_rule_each_optimizer_got_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
         _fit(TinyModule(OPTIMIZERS["adamw"]), [XGradCallback()], max_epochs=1, n=16)
@@ -371,3 +362,497 @@ class SharedParameter(TinyModule):
 def test_a_parameter_in_two_optimizers_is_refused() -> None:
     with pytest.raises(MisconfigurationException, match=r"belongs to optimizers 0 and 1"):
         _fit(SharedParameter(), [XGradCallback()], max_epochs=1, n=16)
+
+
+# ---------------------------------------------------------------- a learning rate that reaches 0
+
+
+class LrReachesZero(TinyModule):
+    """SGD with two param groups: ``net.0`` without momentum (the trajectory rule), whose per-step schedule takes its
+    lr to 0 at steps 3 and 4 (a group frozen by lr=0) and back, and ``net.2`` with momentum 0.9 (the state rule) at a
+    constant lr. ``abandon`` raises in training_step (``"raise"``) or skips the update (``"skip"``) at step 3, the
+    first step at lr 0: either way the predicted window is abandoned."""
+
+    def __init__(self, abandon: str | None = None) -> None:
+        super().__init__()
+        self.abandon = abandon
+        self.skipped = False
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(
+            [{"params": self.net[0].parameters(), "momentum": 0.0}, {"params": self.net[2].parameters()}],
+            lr=0.05,
+            momentum=0.9,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_zero_at_3_and_4, lambda step: 1.0])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.abandon == "raise" and self.global_step == 3:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.abandon == "skip" and self.global_step == 3 and not self.skipped:
+            self.skipped = True
+            optimizer_closure()
+        else:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+def lr_zero_at_3_and_4(step: int) -> float:
+    return 0.0 if step in (3, 4) else 1.0
+
+
+def test_a_group_at_lr_zero_trains_like_the_reference() -> None:
+    module = LrReachesZero()
+    _fit(module, [XGradCallback(steps=2)], max_epochs=1)
+    net = make_net()
+    optimizer = torch.optim.SGD(
+        [{"params": net[0].parameters(), "momentum": 0.0}, {"params": net[2].parameters()}], lr=0.05, momentum=0.9
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_zero_at_3_and_4, lambda step: 1.0])
+    xgrad_reference(net, optimizer, batches(*make_data(80), 8), _mse, steps=2, scheduler=scheduler)
+    torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
+
+
+def test_an_exception_at_lr_zero_surfaces_and_leaves_real_weights() -> None:
+    real = RealWeights()
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(LrReachesZero(abandon="raise"), [real, XGradCallback(steps=2)], max_epochs=1)
+    # on_exception restored them (checked through the module the Trainer trained, via the spy's last record)
+    module = real.module
+    assert torch.equal(flat(module), real.at_batch_start[(0, 3)])
+
+
+def test_a_skipped_update_at_lr_zero_is_restored_at_batch_end() -> None:
+    real, end = RealWeights(), WeightsAtBatchEnd()
+    _fit(LrReachesZero(abandon="skip"), [real, XGradCallback(steps=2), end], max_epochs=1)
+    assert torch.equal(end.at_end[(0, 3)], real.at_batch_start[(0, 3)])
+
+
+class CosineToZero(TinyModule):
+    """Adam under a per-step CosineAnnealingLR with eta_min=0: the lr is exactly 0 at step 4 (then rises again);
+    training_step raises there when asked."""
+
+    def __init__(self, raise_at: int | None = None) -> None:
+        super().__init__(OPTIMIZERS["adam"])
+        self.raise_at = raise_at
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.raise_at:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_cosine_annealing_to_zero_under_the_trajectory_rule() -> None:
+    module = CosineToZero()
+    _fit(module, [XGradCallback(rule="trajectory")], max_epochs=1)
+    net = make_net()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.0)
+    xgrad_reference(net, optimizer, batches(*make_data(80), 8), _mse, steps=1, scheduler=scheduler, rule="trajectory")
+    torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
+
+    real = RealWeights()
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(CosineToZero(raise_at=4), [real, XGradCallback(rule="trajectory")], max_epochs=1)
+    assert torch.equal(flat(real.module), real.at_batch_start[(0, 4)])
+
+
+def test_predictor_alone_at_lr_zero_restores_and_keeps_the_last_direction() -> None:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    optimizer = torch.optim.SGD([w], lr=0.1)  # no momentum: the trajectory rule
+    predictor = OptimizerPredictor(optimizer, steps=2)
+    for _ in range(3):
+        predictor.predict()
+        (w**4).sum().backward()
+        predictor.restore()
+        before = w.detach().clone()
+        optimizer.step()
+        optimizer.zero_grad()
+    last_update = w.detach() - before
+    real = w.detach().clone()
+
+    optimizer.param_groups[0]["lr"] = 0.0
+    predictor.predict()
+    assert torch.equal(w.detach(), real)  # nothing to extrapolate at lr 0
+    predictor.restore(stepped=False)  # abandoned at lr 0
+    assert torch.equal(w.detach(), real)
+
+    optimizer.param_groups[0]["lr"] = 0.05
+    predictor.predict()
+    torch.testing.assert_close(w.detach(), real + 2 * 0.5 * last_update, rtol=0, atol=1e-15)
+    predictor.restore(stepped=False)  # abandoned again, this time after a real extrapolation
+    assert torch.equal(w.detach(), real)
+
+    optimizer.param_groups[0]["lr"] = 0.1
+    predictor.predict()  # the last real update's direction survived both abandoned steps
+    torch.testing.assert_close(w.detach(), real + 2 * 1.0 * last_update, rtol=0, atol=1e-15)
+    predictor.restore()
+    assert torch.equal(w.detach(), real)
+
+
+def test_a_failing_restore_still_restores_everything_else_and_the_users_exception_surfaces(monkeypatch) -> None:
+    original = ParameterSnapshot.restore
+    failures = []
+
+    def restore_failing_once(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        if failures == ["armed"]:
+            failures[:] = [len(params)]
+            raise RuntimeError("injected restore failure")
+        original(params, buffers)
+
+    real = RealWeights()
+    module = FailingModule(fail_at=4, error=RuntimeError, optimizer=two_groups)
+    monkeypatch.setattr(ParameterSnapshot, "restore", staticmethod(restore_failing_once))
+    monkeypatch.setattr(XGradCallback, "on_exception", failing_from_now_on(XGradCallback.on_exception, failures))
+    with pytest.warns(UserWarning, match="injected restore failure"), pytest.raises(RuntimeError, match="boom"):
+        _fit(module, [real, XGradCallback()], max_epochs=2)
+    n_first = sum(p.numel() for p in module.net[0].parameters())
+    assert failures == [2]  # the first bucket (net.0) failed ...
+    assert torch.equal(flat(module)[n_first:], real.at_batch_start[(1, 4)][n_first:])  # ... the other was restored
+
+
+def failing_from_now_on(hook: Any, failures: list[Any]) -> Any:
+    """Wraps on_exception so that the next snapshot restore, the first one it makes, fails."""
+
+    def armed(*args: Any) -> None:
+        failures.append("armed")
+        hook(*args)
+
+    return armed
+
+
+def test_predictor_restore_goes_on_past_a_failing_bucket_and_raises_after(monkeypatch) -> None:
+    net = make_net()
+    optimizer = two_groups(net.parameters())
+    predictor = OptimizerPredictor(optimizer)
+    x, y = make_data(8)
+    for _ in range(2):
+        predictor.predict()
+        _mse(net, (x, y)).backward()
+        predictor.restore()
+        optimizer.step()
+    real = flat(net)
+    predictor.predict()
+    assert not torch.equal(flat(net), real)
+    calls = []
+    original = ParameterSnapshot.restore
+
+    def failing_first(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        calls.append(len(params))
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        original(params, buffers)
+
+    monkeypatch.setattr(ParameterSnapshot, "restore", staticmethod(failing_first))
+    with pytest.raises(RuntimeError, match="injected"):
+        predictor.restore()
+    assert calls == [2, 2]  # both buckets were attempted
+    n_first = sum(p.numel() for p in net[0].parameters())
+    assert torch.equal(flat(net)[n_first:], real[n_first:])
+    assert predictor.phase == "idle"
+
+
+def two_groups(params: Any) -> torch.optim.Optimizer:
+    """Adam with one param group per Linear layer of ``make_net`` (two buckets)."""
+    params = list(params)
+    return torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
+
+
+def _mse(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.mse_loss(net(x), y)
+
+
+# ---------------------------------------------------------------- optimizers replaced during fit
+
+
+class ReplaceOptimizerAtEpoch(Callback):
+    """The fine-tuning recipe: a fresh optimizer assigned to the strategy at the start of an epoch."""
+
+    def __init__(self, epoch: int, factory: Any) -> None:
+        self.epoch, self.factory = epoch, factory
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.strategy.optimizers = [self.factory(pl_module.parameters())]
+
+
+@pytest.mark.parametrize("before_xgrad", [True, False], ids=["replacer_first", "replacer_last"])
+@pytest.mark.parametrize("rule", ["auto", "trajectory"])
+def test_a_replaced_optimizer_is_predicted_like_xgrad_on_the_new_one(before_xgrad: bool, rule: str) -> None:
+    module = TinyModule(OPTIMIZERS["sgd_momentum"])
+    replacer = ReplaceOptimizerAtEpoch(1, OPTIMIZERS["adam"])
+    xgrad = XGradCallback(steps=2, rule=rule)
+    _fit(module, [replacer, xgrad] if before_xgrad else [xgrad, replacer], max_epochs=2)
+
+    net, data = make_net(), batches(*make_data(80), 8)
+    xgrad_reference(net, OPTIMIZERS["sgd_momentum"](net.parameters()), data, _mse, steps=2, rule=rule)
+    xgrad_reference(net, OPTIMIZERS["adam"](net.parameters()), data, _mse, steps=2, rule=rule)
+    torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
+
+
+class SteppingAllOptimizers(TinyModule):
+    """Manual optimization that steps whatever optimizers the strategy holds right now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.net[0].parameters(), lr=0.01)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        for optimizer in optimizers:
+            optimizer.step()
+
+
+class ChangeOptimizerList(Callback):
+    """Epoch 1: an optimizer for ``net.2`` is added; epoch 2: the one for ``net.0`` is removed."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = list(trainer.strategy.optimizers)
+        if trainer.current_epoch == 1:
+            trainer.strategy.optimizers = [*optimizers, torch.optim.SGD(pl_module.net[2].parameters(), lr=0.05)]
+        if trainer.current_epoch == 2:
+            trainer.strategy.optimizers = optimizers[1:]
+
+
+def test_added_and_removed_optimizers_are_predicted_from_the_next_window_on() -> None:
+    real, seen = RealWeights(), SeenWeights()
+    module = SteppingAllOptimizers()
+    _fit(module, [ChangeOptimizerList(), real, XGradCallback(), seen], max_epochs=3)
+    n_first = sum(p.numel() for p in module.net[0].parameters())
+
+    def predicted(epoch: int, i: int) -> tuple[bool, bool]:
+        shift = seen.at_batch_start[(epoch, i)] - real.at_batch_start[(epoch, i)]
+        return bool(shift[:n_first].any()), bool(shift[n_first:].any())
+
+    assert predicted(0, 5) == (True, False)  # net.2 belongs to no optimizer
+    assert predicted(1, 0) == (True, False)  # the added SGD has not stepped yet (trajectory: no update applied)
+    assert predicted(1, 5) == (True, True)
+    assert predicted(2, 5) == (False, True)  # net.0's optimizer was removed
+    # net.0 stopped training in epoch 2: the removed optimizer's hooks and predictions are gone
+    assert torch.equal(real.at_batch_start[(2, 9)][:n_first], real.at_batch_start[(2, 0)][:n_first])
+
+
+# ---------------------------------------------------------------- optimizer state reset or loaded
+
+
+class ResetOptimizerState(Callback):
+    """Placed before XGradCallback: at step ``at`` resets the Adam state of ``net.0`` in one of several ways."""
+
+    def __init__(self, style: str, at: int = 6, saved_at: int = 3) -> None:
+        self.style, self.at, self.saved_at = style, at, saved_at
+        self.saved: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        reset_state(trainer.optimizers[0], pl_module.net, self, trainer.global_step)
+
+
+def reset_state(optimizer: torch.optim.Optimizer, net: nn.Module, plan: Any, step: int) -> None:
+    """The state change ``plan`` describes, at step ``step`` (shared by the Trainer run and the reference)."""
+    if step == plan.saved_at:
+        plan.saved = copy.deepcopy(optimizer.state_dict())
+    if step != plan.at:
+        return
+    if plan.style == "assign_empty":
+        for p in net[0].parameters():
+            optimizer.state[p] = {}
+    elif plan.style == "delete":
+        for p in net[0].parameters():
+            del optimizer.state[p]
+    elif plan.style == "clear":
+        optimizer.state.clear()
+    elif plan.style == "load_earlier":
+        optimizer.load_state_dict(plan.saved)
+
+
+@pytest.mark.parametrize("style", ["assign_empty", "delete", "clear", "load_earlier"])
+def test_a_reset_or_loaded_optimizer_state_is_never_predicted_from_stale_tensors(style: str) -> None:
+    module = TinyModule(OPTIMIZERS["adam"])
+    _fit(module, [ResetOptimizerState(style), XGradCallback(steps=2)], max_epochs=1)
+
+    net = make_net()
+    optimizer = OPTIMIZERS["adam"](net.parameters())
+    plan = ResetOptimizerState(style)
+    xgrad_reference(
+        net,
+        optimizer,
+        batches(*make_data(80), 8),
+        _mse,
+        steps=2,
+        on_window_start=lambda t: reset_state(optimizer, net, plan, t),
+    )
+    torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
+
+
+def test_the_plan_is_not_rebuilt_every_step(monkeypatch) -> None:
+    builds = []
+    original = OptimizerPredictor._build_plan
+
+    def counting(self: OptimizerPredictor, *args: Any) -> None:
+        builds.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(OptimizerPredictor, "_build_plan", counting)
+    _fit(TinyModule(OPTIMIZERS["adam"]), [ResetOptimizerState("assign_empty"), XGradCallback()], max_epochs=2)
+    # 20 steps: plans at the first step (no state yet), the second (state complete), and the same two again after
+    # the reset at step 6; a few more are fine, one per step is not
+    assert len(builds) <= 6
+
+
+# ---------------------------------------------------------------- pickling and copying the module mid-window
+
+
+class PicklesItself(pl.LightningModule):
+    """Saves itself with torch.save and deep-copies itself in training_step at step 4 (mid-window: the prediction is
+    in place). Module-level and free of lambdas, so that it pickles."""
+
+    def __init__(self, save_at: int | None = 4) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.save_at = save_at
+        self.pickled: bytes | None = None
+        self.copies: list[nn.Module] = []  # a list: a module attribute would become a submodule
+        self.live: torch.Tensor | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.save_at and self.pickled is None:
+            self.live = flat(self)
+            stream = io.BytesIO()
+            torch.save(self, stream)
+            self.pickled = stream.getvalue()
+            self.copies.append(copy.deepcopy(self.net))
+        return _mse(self.net, batch)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_torch_save_and_deepcopy_of_the_module_mid_window_hold_the_real_weights() -> None:
+    real = RealWeights()
+    module = PicklesItself()
+    _fit(module, [real, XGradCallback()], max_epochs=1)
+    expected = real.at_batch_start[(0, 4)]
+    assert not torch.equal(module.live, expected)  # the module held the prediction then
+    loaded = torch.load(io.BytesIO(module.pickled), weights_only=False)
+    assert torch.equal(flat(loaded.net), expected)
+    assert torch.equal(torch.cat([v.reshape(-1) for v in loaded.net.state_dict().values()]), expected)
+    assert torch.equal(flat(module.copies[0]), expected)
+    torch.save(loaded, io.BytesIO())  # the loaded module pickles again
+    # saving and copying did not disturb training
+    undisturbed = PicklesItself(save_at=None)
+    _fit(undisturbed, [XGradCallback()], max_epochs=1)
+    assert torch.equal(flat(module), flat(undisturbed))
+
+
+# ---------------------------------------------------------------- messages
+
+
+def test_the_callback_added_twice_is_refused_with_the_fix() -> None:
+    with pytest.raises(MisconfigurationException) as info:
+        _fit(TinyModule(), [XGradCallback(), XGradCallback(steps=2)], max_epochs=1, n=16)
+    message = str(info.value)
+    assert "XGradCallback was added 2 times" in message
+    assert "--trainer.callbacks+=" in message  # the usual way to end up there, and what to do instead
+
+
+class NoOptimizer(TinyModule):
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def test_a_model_without_an_optimizer_is_told_once_that_xgrad_has_nothing_to_do(caplog) -> None:
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning) as record:
+        _fit(NoOptimizer(), [XGradCallback()], max_epochs=2, n=16)
+    ours = [str(w.message) for w in record if "XGradCallback" in str(w.message)]
+    assert ours == ["XGradCallback: the model has no optimizer, so XGrad has nothing to predict."]
+    assert "predicts with the" not in caplog.text
+
+
+def test_resuming_with_other_steps_or_rule_warns_once_naming_both(tmp_path) -> None:
+    x, y = make_data(80)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+    trainer(
+        callbacks=[XGradCallback(steps=2, rule="trajectory"), checkpoint], max_epochs=1, enable_checkpointing=True
+    ).fit(TinyModule(OPTIMIZERS["rmsprop"]), loader(x, y))
+    with pytest.warns(UserWarning) as record:
+        trainer(callbacks=[XGradCallback(steps=1)], max_epochs=2).fit(
+            TinyModule(OPTIMIZERS["rmsprop"]), loader(x, y), ckpt_path=str(tmp_path / "epoch=0-step=10.ckpt")
+        )
+    ours = [str(w.message) for w in record if "XGradCallback" in str(w.message)]
+    assert len(ours) == 1
+    assert "steps=2, rule='trajectory'" in ours[0] and "steps=1, rule='auto'" in ours[0]
+
+
+# ---------------------------------------------------------------- logging at the callback's own cadence
+
+
+@pytest.mark.parametrize("trainer_every", [1, 50])
+def test_relative_shift_reaches_the_logger_at_its_own_steps(tmp_path, trainer_every: int) -> None:
+    real, seen = RealWeights(), SeenWeights()
+    logger = CSVLogger(tmp_path, name="", version="")
+    _fit(
+        TinyModule(OPTIMIZERS["sgd_momentum"]),
+        [real, XGradCallback(log_every_n_steps=3), seen],
+        max_epochs=2,
+        logger=logger,
+        log_every_n_steps=trainer_every,
+    )
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("xgrad/relative_shift")]
+    logged = [(int(row["step"]), float(row["xgrad/relative_shift"])) for row in rows]
+    expected = []
+    for (epoch, i), w in sorted(real.at_batch_start.items()):
+        step = 10 * epoch + i  # 10 batches per epoch, one step each
+        if step % 3 == 0 and step > 0:  # step 0 has nothing to predict from
+            expected.append((step, float((seen.at_batch_start[(epoch, i)] - w).norm() / w.norm())))
+    assert [step for step, _ in logged] == [step for step, _ in expected]  # every value once, at its own step
+    for (_, value), (_, truth) in zip(logged, expected, strict=True):
+        assert value == pytest.approx(truth, rel=1e-5)
+
+
+class ReplaceOptimizerMidWindow(Callback):
+    """After XGradCallback: replaces the optimizer at the start of one batch, when the prediction is already in
+    place (and then keeps it)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        if trainer.global_step == self.at_step:
+            trainer.strategy.optimizers = [OPTIMIZERS["adam"](pl_module.parameters())]
+
+
+def test_an_optimizer_replaced_mid_window_updates_the_real_weights() -> None:
+    """Its first update starts from the real weights (the old optimizer's prediction is put back first); from the next
+    window on it is predicted itself."""
+    real, seen, at_update = RealWeights(), SeenWeights(), RealAtUpdate()
+    callbacks = [real, XGradCallback(), ReplaceOptimizerMidWindow(4), seen, at_update]
+    _fit(TinyModule(OPTIMIZERS["sgd_momentum"]), callbacks, max_epochs=1)
+    assert not torch.equal(seen.at_batch_start[(0, 4)], real.at_batch_start[(0, 4)])  # it ran at a prediction
+    assert torch.equal(at_update.weights[4], real.at_batch_start[(0, 4)])  # the new optimizer's update: real weights
+    assert all(torch.equal(at_update.weights[i], real.at_batch_start[(0, i)]) for i in range(10))
+    assert not torch.equal(seen.at_batch_start[(0, 6)], real.at_batch_start[(0, 6)])  # the new one is predicted
+
+
+class RealAtUpdate(Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.weights.append(flat(pl_module))
