@@ -148,6 +148,7 @@ def test_examples_print_no_lightning_tips_or_leafspec_deprecation(run: str, tmp_
     command = [sys.executable, str(REPO / "examples" / script), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("PYTHONWARNINGS", None)
+    env["OMP_NUM_THREADS"] = "1"  # a model this small trains fastest on one thread, and a busy CPU slows two down
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True)
     output = result.stdout + result.stderr
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in output  # Lightning's own lines still show
