@@ -1,5 +1,6 @@
 """What installing the package gives a user: declared dependencies that match the imports, the license in the wheel,
-a loud failure on a torch that lacks what the package needs, README links that resolve, and quiet examples."""
+a loud failure on a torch that lacks what the package needs, README links that resolve, quiet examples, and a
+Makefile that reinstalls when the torch choice changes."""
 
 from __future__ import annotations
 
@@ -155,3 +156,32 @@ def test_examples_print_no_lightning_tips_or_leafspec_deprecation(run: str, tmp_
     assert "Tip:" not in output
     assert "LeafSpec" not in output
     assert "does not have many workers" not in output
+
+
+def test_make_reinstalls_when_the_torch_choice_changes(tmp_path: Path) -> None:
+    """``make -n`` (print, run nothing) against a .venv installed with the default torch: only a new TORCH or
+    TORCH_INDEX rebuilds it."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+
+    def plan(*variables: str) -> str:
+        command = ["make", "-n", f"VENV={venv}", *variables, "test"]
+        return subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+
+    first = plan()  # a .venv without stamps, as an older Makefile left it: made anew
+    assert "-m venv" in first and '"torch==2.13.0"' in first
+    stamps = re.findall(r"^touch (\S+)$", first, re.MULTILINE)
+    assert len(stamps) == 2
+    for stamp in stamps:  # as if the plan had run: the torch stamp, then the package stamp after pyproject.toml
+        Path(stamp).touch()
+        os.utime(stamp, (os.path.getmtime(REPO / "pyproject.toml") + 1,) * 2)
+    assert plan().splitlines() == [f"{venv}/bin/python -m pytest"]
+    for variables, torch_install in [
+        (["TORCH=torch"], '-m pip install --quiet "torch" '),
+        (["TORCH_INDEX=https://download.pytorch.org/whl/cpu"], '"torch==2.13.0" --index-url "https://download.'),
+    ]:
+        again = plan(*variables)
+        assert f"rm -rf {venv}" in again and torch_install in again and '-e ".[dev]"' in again
