@@ -1,34 +1,44 @@
-# Two set-up commands for a fresh machine: `make demo` and `make test`. Both create .venv and install into it.
-# TORCH picks the torch build installed first (any release the pyproject range admits works):
-#   make test TORCH=torch          # the newest release pip can find
+# Two set-up commands for a fresh machine: `make demo` and `make test`. Both create .venv and install into it: torch
+# first (TORCH, from TORCH_INDEX if set), then the package with its [dev] extra (tests, examples, ruff).
+#   make test                                                      # torch 2.13.0, the release CI tests
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu     # its CPU-only build (no CUDA wheels)
+#   make test TORCH=torch                                          # the newest release pip can find
+# A different TORCH or TORCH_INDEX than .venv was made with recreates .venv; a changed pyproject.toml reinstalls the
+# package into it.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
+# The torch choice .venv holds, as a stamp named by a checksum of it.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+INSTALLED := $(VENV)/.installed
 
 .PHONY: demo test lint format clean
 
-$(BIN)/python:
+$(TORCH_STAMP):
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,examples]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	touch $@
 
-demo: $(VENV)/.installed
+$(INSTALLED): pyproject.toml $(TORCH_STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(INSTALLED)
 	$(BIN)/python examples/demo.py
 
-test: $(VENV)/.installed
+test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
-lint: $(VENV)/.installed
+lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(VENV)/.installed
+format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs *.egg-info build dist

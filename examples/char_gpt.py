@@ -59,8 +59,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from _quiet import quiet  # beside this file
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler
@@ -469,7 +469,7 @@ def train(
     data or Trainer arguments by name (``lr=1e-3``, ``block_size=32``, ``limit_val_batches=2``; dotted names such as
     ``**{"trainer.max_steps": 10}`` also work).
     """
-    warnings.filterwarnings("ignore", ".*does not have many workers.*", category=PossibleUserWarning)
+    quiet()
     args = [
         f"--config={CONFIG}",
         f"--seed_everything={seed}",
@@ -489,6 +489,5 @@ def train(
 
 
 if __name__ == "__main__":
-    # num_workers=0 is deliberate: a batch is a few slices of one in-memory tensor.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*", category=PossibleUserWarning)
+    quiet()
     make_cli()

@@ -20,11 +20,10 @@ import argparse
 import shlex
 import sys
 import time
-import warnings
 
+from _quiet import quiet  # beside this file
 from _report import method_name, print_table, summary  # beside this file
 from digits import OPTIMIZERS, train  # beside this file
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,8 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs < 1 or args.seeds < 1:
         parser.error("--epochs and --seeds must be at least 1")
 
-    # num_workers=0 is deliberate: the whole data set is a few hundred KiB of tensors in memory.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*", category=PossibleUserWarning)
+    quiet()
     start = time.perf_counter()
     methods: list[int | None] = [None, *args.steps]
     # results[(optimizer, method)] = list over seeds of {"val_loss": ..., "val_acc": ...}

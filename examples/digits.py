@@ -19,13 +19,12 @@ Run it from the repository root (with the package installed, e.g. ``pip install 
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal, cast, get_args
 
 import lightning as L
 import torch
+from _quiet import quiet  # beside this file
 from lightning.pytorch.cli import ArgsType, LightningCLI
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
@@ -183,8 +182,7 @@ def train(
 def cli_main(args: ArgsType = None, run: bool = True) -> LightningCLI:
     """The program ``python examples/digits.py`` runs: a LightningCLI over :class:`DigitsClassifier` and
     :class:`DigitsDataModule`; ``args`` and ``run`` as LightningCLI takes them (``None``: the command line)."""
-    # num_workers=0 is deliberate: the whole data set is a few hundred KiB of tensors in memory.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*", category=PossibleUserWarning)
+    quiet()
     return LightningCLI(
         DigitsClassifier,
         DigitsDataModule,

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import warnings
 
 import lightning as L
 import numpy as np
 import torch
+from _quiet import quiet  # beside this file
 from lightning.pytorch.cli import ArgsType, LightningCLI
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
@@ -286,8 +285,7 @@ def reference_scores() -> dict[str, float]:
 def cli_main(args: ArgsType = None, run: bool = True) -> LightningCLI:
     """The program ``python examples/digits_gan.py`` runs: a LightningCLI over :class:`DigitsGAN` and
     :class:`DigitsGANData`; ``args`` and ``run`` as LightningCLI takes them (``None``: the command line)."""
-    # num_workers=0 is deliberate: the whole data set is a few hundred KiB of tensors in memory.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*", category=PossibleUserWarning)
+    quiet()
     return LightningCLI(
         DigitsGAN,
         DigitsGANData,

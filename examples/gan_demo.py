@@ -22,12 +22,11 @@ import math
 import shlex
 import sys
 import time
-import warnings
 
 import torch
+from _quiet import quiet  # beside this file
 from _report import method_name, print_table, summary  # beside this file
 from digits_gan import reference_scores, train  # beside this file
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,8 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs < 1 or args.seeds < 1 or args.g_every < 1:
         parser.error("--epochs, --seeds and --g-every must be at least 1")
 
-    # num_workers=0 is deliberate: the whole data set is a few hundred KiB of tensors in memory.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*", category=PossibleUserWarning)
+    quiet()
     torch.set_num_threads(1)  # MLPs this small run faster on one thread (about 1.5x on a 2-core CPU)
     start = time.perf_counter()
     methods: list[int | None] = [None, *args.steps]

@@ -12,9 +12,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:  # DTensor (FSDP2, tensor parallel)
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
+if torch.distributed.is_available():  # DTensor (FSDP2, tensor parallel)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError as error:  # an old torch: sharded parameters would be treated as whole tensors, silently wrong
+        raise ImportError(
+            f"lightning_xgrad needs torch.distributed.tensor.DTensor, which torch {torch.__version__} lacks; "
+            "install torch>=2.13, the oldest release tested (README, Install)"
+        ) from error
+else:  # pragma: no cover - torch built without distributed support: no parameter can be a DTensor
     DTensor = ()  # type: ignore[assignment,misc]
 
 
