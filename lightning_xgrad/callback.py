@@ -11,7 +11,6 @@ real weights; code inside ``training_step`` reads and edits them in :meth:`XGrad
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -25,10 +24,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from ._compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
 from ._validation import check_int
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
-from .sharding import DTensor, local_tensor, ranks_holding
+from .protocols import DirectionScaleProvider, DirectionScales
+from .shift import relative_shift
 from .snapshot import ParameterSnapshot
+from .state_dict_hook import register_real_weights_hook
 
 _REFUSED_STRATEGIES = {
     FSDPStrategy: (
@@ -45,18 +47,15 @@ _REFUSED_STRATEGIES = {
 }
 
 
-def _register_state_dict_post_hook(module: torch.nn.Module, hook: Callable[..., None]) -> RemovableHandle:
-    """torch >= 2.5 names it ``register_state_dict_post_hook``; earlier releases have the same hook, private."""
-    register = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
-    return register(hook)
-
-
 class XGradCallback(Callback):
     r"""Train with gradients taken at predicted future weights (XGrad, Guan et al., TPAMI 2024).
 
-    Works with the optimizer(s) the LightningModule configures. dW comes from the optimizer's own state where
-    a rule knows it (SGD with momentum, Adam, AdamW, RMSprop with momentum), otherwise from the update the optimizer
-    applied at its last step (the trajectory rule, exact for any optimizer).
+    Works with the optimizer(s) the LightningModule configures. dW comes from the optimizer's own state where a rule
+    knows it (torch's SGD and RMSprop with momentum, Adam, AdamW, Adamax and RAdam; this package's AdaM3, CPropSGD,
+    CPropAdam, AdaptiveHeavyBallSGD and AdaptiveHeavyBallAdam; pytorch-optimizer's AdaBelief; any optimizer a rule
+    was registered for with :func:`~lightning_xgrad.register_rule`), otherwise from the update the optimizer applied
+    at its last step (the trajectory rule, exact for any optimizer). The README's table "Supported optimizers and
+    their dW" has the formulas.
 
     Args:
         steps: how many future updates to predict (the paper's s).
@@ -116,7 +115,7 @@ class XGradCallback(Callback):
                 raise MisconfigurationException(
                     f"XGradCallback does not support {type(trainer.strategy).__name__}: {reason}"
                 )
-        count = sum(isinstance(callback, XGradCallback) for callback in trainer.callbacks)
+        count = sum(isinstance(callback, XGradCallback) for callback in trainer_callbacks(trainer))
         if count > 1:
             raise MisconfigurationException(
                 f"XGradCallback was added {count} times to the Trainer's callbacks; add it once (each would predict "
@@ -173,16 +172,10 @@ class XGradCallback(Callback):
         for index, optimizer in enumerate(optimizers):
             predictor = known.get(id(optimizer))
             if predictor is None:
-                predictor = OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile)
+                scales = _direction_scales(trainer, optimizer)
+                predictor = OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile, scales)
                 new.append(index)
             self._predictors[id(optimizer)] = predictor
-        # Callbacks that rescale each update elementwise (CPropCallback) share their live scales, so the prediction
-        # follows the update the optimizer will really apply.
-        for callback in trainer.callbacks:
-            provider = getattr(callback, "xgrad_direction_scales", None)
-            if callable(provider):
-                for optimizer in optimizers:
-                    self._predictors[id(optimizer)].direction_scales = provider(optimizer)
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks = []
@@ -225,7 +218,7 @@ class XGradCallback(Callback):
         self._window_open = True
         # No prediction where no gradient will be taken: StochasticWeightAveraging's last epoch only recomputes
         # BatchNorm statistics (at the averaged weights), with backward skipped.
-        self._window_enabled = trainer.global_step >= self.start_step and not trainer.fit_loop._skip_backward
+        self._window_enabled = trainer.global_step >= self.start_step and not backward_is_skipped(trainer)
         predicted = False
         for predictor in self._predictors.values():
             predicted |= predictor.predict(self._window_enabled)
@@ -280,7 +273,7 @@ class XGradCallback(Callback):
     ) -> None:
         # A batch that ends the window but where an optimizer did not step (manual optimization that skips one,
         # an overridden optimizer_step that skips): the window is over, so the prediction must not outlive it.
-        if not trainer.fit_loop.epoch_loop._should_accumulate():
+        if not should_accumulate(trainer):
             self._restore_all(stepped=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -337,7 +330,7 @@ class XGradCallback(Callback):
                 "XGradCallback.real_weights: `owner` must be a LightningModule or a Trainer, got "
                 f"{type(owner).__name__}"
             )
-        callbacks = [c for c in getattr(trainer, "callbacks", None) or () if isinstance(c, XGradCallback)]
+        callbacks = [c for c in trainer_callbacks(trainer) if isinstance(c, XGradCallback)]
         with ExitStack() as stack:
             for callback in callbacks:
                 stack.enter_context(callback._real_weights_in_place())
@@ -389,7 +382,7 @@ class XGradCallback(Callback):
         for handle in self._module_hooks:
             handle.remove()
         self._module_hooks = [
-            _register_state_dict_post_hook(module, _RealWeightsHook(self, module))
+            register_real_weights_hook(module, self._real_values)
             for module in pl_module.modules()
             if any(True for _ in module.parameters(recurse=False))
         ]
@@ -411,27 +404,21 @@ class XGradCallback(Callback):
         cadence, repeated until overwritten."""
         if not trainer.loggers:
             return
-        shift, norm = self._shift_norms()
-        metrics = {"xgrad/relative_shift": float(shift / norm.clamp_min(1e-30))}
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        predicted = [t for predictor in self._predictors.values() for t in predictor.predicted_params()]
+        metrics = {"xgrad/relative_shift": relative_shift(predicted)}
+        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
-    @torch.no_grad()
-    def _shift_norms(self) -> tuple[Tensor, Tensor]:
-        triples = [t for predictor in self._predictors.values() for t in predictor.predicted_params()]
-        predicted = [local for _, local, _ in triples]
-        real = [value for _, _, value in triples]
-        shift = torch.stack([d.float().square().sum() for d in torch._foreach_sub(predicted, real)])
-        norm = torch.stack([r.float().square().sum() for r in real])
-        if any(isinstance(p, DTensor) for p, _, _ in triples) and torch.distributed.is_initialized():
-            # Sum the local shards over ranks (logging steps only), counting replicated elements once.
-            weights = torch.tensor([1.0 / ranks_holding(p) for p, _, _ in triples], device=shift.device)
-            squares = torch.stack([(shift * weights).sum(), (norm * weights).sum()])
-            torch.distributed.all_reduce(squares)
-        else:
-            squares = torch.stack([shift.sum(), norm.sum()])
-        return squares[0].sqrt(), squares[1].sqrt()
+
+def _direction_scales(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> DirectionScales | None:
+    """The live elementwise scales a callback applies to ``optimizer``'s updates (CPropCallback), so the prediction
+    follows the update the optimizer will really apply; ``None`` without such a callback."""
+    scales = None
+    for callback in trainer_callbacks(trainer):
+        if isinstance(callback, DirectionScaleProvider):
+            scales = callback.xgrad_direction_scales(optimizer)
+    return scales
 
 
 def _check_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
@@ -465,68 +452,3 @@ def _restore_each(predictors: Any, stepped: bool) -> None:
             errors.append(error)
     if errors:
         raise errors[0]
-
-
-class _RealWeightsHook:
-    """A module's ``state_dict`` post-hook: while a prediction is in place, the module's own parameters are reported
-    with their real values (DTensors stay DTensors).
-
-    A class rather than a closure, so that a module carrying it can be pickled (``torch.save(module)``) or deep-copied
-    mid-window: the copy gets the real weights of the parameters this module owns, and an inert hook. It refers to
-    the callback and the module weakly: the hook must not keep either alive.
-    """
-
-    def __init__(self, callback: XGradCallback | None, module: torch.nn.Module | None) -> None:
-        self._callback = None if callback is None else weakref.ref(callback)
-        self._module = None if module is None else weakref.ref(module)
-
-    def _own_real_values(self) -> list[tuple[Tensor, Tensor]]:
-        callback = None if self._callback is None else self._callback()
-        module = None if self._module is None else self._module()
-        if callback is None or module is None:
-            return []
-        real = callback._real_values()
-        if not real:
-            return []
-        return [(p, real[p]) for p in module._parameters.values() if p is not None and p in real]
-
-    def __call__(self, module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        real = dict(self._own_real_values())
-        if not real:
-            return
-        for name, param in module._parameters.items():
-            key = prefix + name
-            value = real.get(param) if param is not None else None
-            if value is None or key not in state_dict or state_dict[key] is param:  # keep_vars keeps vars
-                continue
-            if isinstance(param, DTensor):
-                value = DTensor.from_local(
-                    value,
-                    param.device_mesh,
-                    param.placements,
-                    run_check=False,
-                    shape=param.shape,
-                    stride=param.stride(),
-                )
-            state_dict[key] = value.detach()
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _RealWeightsHook:
-        # A module's parameters are copied before its hooks (``_parameters`` precedes ``_state_dict_hooks``).
-        with torch.no_grad():
-            for param, value in self._own_real_values():
-                copied = memo.get(id(param))
-                if copied is not None:
-                    local_tensor(copied).copy_(value)
-        return _RealWeightsHook(None, None)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        pairs = self._own_real_values()
-        return (_with_real_values, (tuple(p for p, _ in pairs), tuple(v.detach().clone() for _, v in pairs)))
-
-
-def _with_real_values(params: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> _RealWeightsHook:
-    """Unpickling a module saved mid-window: its parameters get the real values, and the hook is inert."""
-    with torch.no_grad():
-        for param, value in zip(params, values, strict=True):
-            local_tensor(param).copy_(value)
-    return _RealWeightsHook(None, None)

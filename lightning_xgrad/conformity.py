@@ -59,8 +59,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ._foreach import chunk_slices
+from ._scalars import uniform
 from ._validation import check_choice, check_real
-from .rules._foreach import chunk_slices, uniform
 
 __all__ = [
     "CDF_CHOICES",
@@ -111,11 +112,11 @@ def update_mean_(exp_avgs: list[Tensor], grads: list[Tensor], beta: float, *, fo
         exp_avg.mul_(beta).add_(grad, alpha=1.0 - beta)
 
 
-def _variance_coefficients(steps: Sequence[float], beta: float) -> tuple[list[float], list[float]]:
+def _variance_coefficients(step_counts: Sequence[float], beta: float) -> tuple[list[float], list[float]]:
     """Per tensor, for its t-th gradient: ``-1 / (1 - beta^(t-1))`` (0 at t = 1: m_hat_0 = 0), which turns m into
     -m_hat_{t-1}, and the weight ``(1 - beta) * r_t`` of delta^2, exactly 0 at t = 1."""
     mean_factors, weights = [], []
-    for t in steps:
+    for t in step_counts:
         previous = 1.0 - beta ** (t - 1.0)  # W_{t-1}: exactly 0 at t = 1
         mean_factors.append(-1.0 / previous if previous > 0.0 else 0.0)
         weights.append((1.0 - beta) * beta * previous / (1.0 - beta**t))
@@ -127,19 +128,19 @@ def update_variance_(
     exp_vars: list[Tensor],
     exp_avgs: list[Tensor],
     grads: list[Tensor],
-    steps: Sequence[float],
+    step_counts: Sequence[float],
     beta: float,
     *,
     foreach: bool = True,
 ) -> None:
     """Fold g into the variance: ``exp_var = beta * exp_var + (1 - beta) * r_t * (g - m_hat_{t-1})^2`` in place.
 
-    Call it *before* the mean is updated (it reads m_hat_{t-1} from ``exp_avgs``); ``steps[i]`` is t for tensor i,
+    Call it *before* the mean is updated (it reads m_hat_{t-1} from ``exp_avgs``); ``step_counts[i]`` is t for tensor i,
     counting this gradient (t >= 1). Temporaries: delta for one chunk (foreach) or one tensor.
     """
     if not grads:
         return
-    mean_factors, weights = _variance_coefficients(steps, beta)
+    mean_factors, weights = _variance_coefficients(step_counts, beta)
     if not foreach:
         columns = zip(exp_vars, exp_avgs, grads, mean_factors, weights, strict=True)
         for exp_var, exp_avg, grad, factor, weight in columns:
@@ -162,21 +163,21 @@ def update_statistics_(
     exp_avgs: list[Tensor],
     exp_vars: list[Tensor],
     grads: list[Tensor],
-    steps: Sequence[float],
+    step_counts: Sequence[float],
     beta: float,
     *,
     foreach: bool = True,
 ) -> None:
-    """Fold one gradient per tensor into the mean and the variance; ``steps[i]`` is t for tensor i, counting this
+    """Fold one gradient per tensor into the mean and the variance; ``step_counts[i]`` is t for tensor i, counting this
     gradient (the caller counts it first: t += 1, then this)."""
-    update_variance_(exp_vars, exp_avgs, grads, steps, beta, foreach=foreach)
+    update_variance_(exp_vars, exp_avgs, grads, step_counts, beta, foreach=foreach)
     update_mean_(exp_avgs, grads, beta, foreach=foreach)
 
 
-def _scale_coefficients(steps: Sequence[float], beta: float, eps: float) -> tuple[list[float], list[float]]:
+def _scale_coefficients(step_counts: Sequence[float], beta: float, eps: float) -> tuple[list[float], list[float]]:
     """Per tensor: the bias correction ``1 - beta^t`` and the factor ``1 / ((1 - beta^t) (n - 1 + eps))`` that turns
     exp_var into (se - eps)^2 (0 where n - 1 + eps is 0, i.e. t = 1 with eps = 0: exp_var is exactly 0 there)."""
-    corrections = [1.0 - beta**t for t in steps]
+    corrections = [1.0 - beta**t for t in step_counts]
     factors = []
     for bc in corrections:
         dof = bc / (1.0 - beta) - 1.0 + eps  # n - 1 + eps, n = (1 - beta^t) / (1 - beta)
@@ -189,7 +190,7 @@ def conformity_scale_(
     scales: list[Tensor],
     exp_avgs: list[Tensor],
     exp_vars: list[Tensor],
-    steps: Sequence[float],
+    step_counts: Sequence[float],
     beta: float,
     c: float,
     eps: float,
@@ -197,12 +198,12 @@ def conformity_scale_(
     *,
     foreach: bool = True,
 ) -> None:
-    """Write CProp's scale into ``scales`` from the statistics and each tensor's gradient count ``steps`` (t >= 1,
+    """Write CProp's scale into ``scales`` from the statistics and each tensor's gradient count ``step_counts`` (t >= 1,
     counting the gradient just folded in). The scale tensors double as the workspace for the standard error, so
     the only temporary is m_hat for one chunk (foreach) or one tensor."""
     if not scales:
         return
-    corrections, factors = _scale_coefficients(steps, beta, eps)
+    corrections, factors = _scale_coefficients(step_counts, beta, eps)
     if not foreach:
         for out, exp_avg, exp_var, bc, factor in zip(scales, exp_avgs, exp_vars, corrections, factors, strict=True):
             z = exp_avg.div(bc)  # m_hat

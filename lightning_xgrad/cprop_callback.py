@@ -30,13 +30,13 @@ update the module's parameters directly (DeepSpeed, FSDP1's flat parameters).
 
 Under XGrad the prediction must follow the update that is really applied: ``CPropCallback.xgrad_direction_scales``
 hands XGradCallback the live per-parameter scales of the last step, and XGrad's state rules predict with
-``scale * dW`` (the trajectory rule needs nothing: it extrapolates the update as scaled).
+``scale * dW`` (the trajectory rule needs nothing: it extrapolates the update as scaled). The two callbacks find each
+other through :mod:`lightning_xgrad.protocols`; the work per optimizer is :mod:`lightning_xgrad.conformity_tracker`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -46,171 +46,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .callback import XGradCallback
-from .conformity import (
-    LEGACY_LAYOUT_WARNING,
-    ConformityCDF,
-    check_conformity_args,
-    conformity_scale_,
-    scale_applied_update_,
-    update_statistics_,
-    variance_from_square_mean,
-)
-from .rules._foreach import ScalarColumn, steps_as_floats
-from .sharding import DTensor, local_tensor
-
-
-@dataclass(eq=False)
-class _Bucket:
-    """Parameters of one optimizer on one device and dtype that have a gradient this step, with their state."""
-
-    owners: list[Tensor]  # the parameters (keys of the state and of the scale dict)
-    params: list[Tensor]  # the tensors the math runs on: local shards, complex as real views
-    befores: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_vars: list[Tensor]
-    steps: list[Tensor]
-    scales: list[Tensor]
-
-
-class _OptimizerConformity:
-    """The statistics, snapshot buffers and scales of one optimizer's parameters, and the snapshot/scale steps."""
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, scales: dict[Tensor, Tensor], settings: tuple[float, float, float, Any]
-    ) -> None:
-        self.optimizer = optimizer
-        self.scales = scales  # the live dict XGradCallback reads: parameter -> scale of its last step
-        self.beta, self.c, self.eps, self.cdf = settings
-        self.state: dict[Tensor, dict[str, Tensor]] = {}
-        self._befores: dict[Tensor, Tensor] = {}
-        self._plan_key: tuple[int, ...] | None = None
-        self._buckets: list[_Bucket] = []
-        self.in_step = False  # between the optimizer's step pre-hook and post-hook
-        self.snapshot_taken = False  # W_before is in the buffers for the update to come
-
-    # ------------------------------------------------------------------ plan
-    def _with_grad(self) -> list[Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and p.grad is not None]
-
-    def _entry(self, p: Tensor, local: Tensor) -> dict[str, Tensor]:
-        entry = self.state.get(p)
-        if entry is None:
-            zeros = torch.zeros_like(local, memory_format=torch.preserve_format)
-            entry = self.state[p] = {
-                "exp_avg": zeros,
-                "exp_var": torch.zeros_like(zeros),  # the moving variance, bias-corrected as exp_avg
-                "step": torch.zeros((), dtype=torch.float64),
-                # 1 (no scaling) until its first step; XGrad reads it only once the optimizer has state
-                "scale": torch.ones_like(zeros),
-            }
-        self.scales[p] = entry["scale"]
-        return entry
-
-    def _ensure_plan(self, owners: list[Tensor]) -> None:
-        key = tuple(map(id, owners))
-        if key == self._plan_key:
-            return
-        grouped: dict[tuple[Any, ...], _Bucket] = {}
-        for p in owners:
-            local = local_tensor(p)
-            entry = self._entry(p, local)
-            before = self._befores.get(p)
-            if before is None or before.shape != local.shape or before.dtype != local.dtype:
-                before = self._befores[p] = torch.empty_like(local).detach()
-            bucket = grouped.setdefault((local.device, local.dtype), _Bucket([], [], [], [], [], [], []))
-            bucket.owners.append(p)
-            bucket.params.append(local)
-            bucket.befores.append(before)
-            bucket.exp_avgs.append(entry["exp_avg"])
-            bucket.exp_vars.append(entry["exp_var"])
-            bucket.steps.append(entry["step"])
-            bucket.scales.append(entry["scale"])
-        for bucket in grouped.values():  # step counts read through NumPy views every step
-            bucket.steps = ScalarColumn(bucket.steps)
-        self._buckets = list(grouped.values())
-        self._plan_key = key
-
-    def release(self) -> None:
-        """Free the snapshot buffers (the end of fit); the statistics stay for ``state_dict``."""
-        self._befores.clear()
-        self._buckets = []
-        self._plan_key = None
-        self.in_step = self.snapshot_taken = False
-
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def snapshot(self) -> None:
-        """W_before <- W for the parameters that have a gradient now (call with the real weights in place)."""
-        self._ensure_plan(self._with_grad())
-        for bucket in self._buckets:
-            torch._foreach_copy_(bucket.befores, bucket.params)
-        self.snapshot_taken = True
-
-    @torch.no_grad()
-    def scale_update(self) -> None:
-        """After the optimizer's update: fold this step's gradients into the statistics, compute the scale, and
-        rescale the update just applied, ``W = W_before + scale * (W - W_before)``."""
-        self.in_step = False
-        if not self.snapshot_taken:  # the optimizer never evaluated its closure: nothing to rescale from
-            return
-        self.snapshot_taken = False
-        for bucket in self._buckets:
-            grads = [local_tensor(p.grad) for p in bucket.owners]
-            torch._foreach_add_(bucket.steps, 1.0)
-            ts = steps_as_floats(bucket.steps)
-            update_statistics_(bucket.exp_avgs, bucket.exp_vars, grads, ts, self.beta)
-            settings = (self.beta, self.c, self.eps, self.cdf)
-            conformity_scale_(bucket.scales, bucket.exp_avgs, bucket.exp_vars, ts, *settings)
-            scale_applied_update_(bucket.params, bucket.befores, bucket.scales)
-
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict[int, dict[str, Any]]:
-        """Statistics by flat parameter index in param-group order, as ``optimizer.state_dict()`` numbers them.
-        Sharded (DTensor) parameters are left out: a resume restarts their statistics."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        out: dict[int, dict[str, Any]] = {}
-        for index, p in enumerate(params):
-            entry = self.state.get(p)
-            if entry is None or isinstance(p, DTensor):
-                continue
-            out[index] = {
-                "exp_avg": entry["exp_avg"],
-                "exp_var": entry["exp_var"],
-                "step": float(entry["step"]),
-                "scale": entry["scale"],
-            }
-        return out
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
-        """Load :meth:`state_dict`'s output; the scales stay the same tensors XGradCallback holds. Entries saved by
-        an earlier version (``exp_avg_sq``, the moving average of g^2, instead of ``exp_var``) are converted
-        approximately, with a warning; an entry with neither is refused."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        converted = False
-        for index, saved in state.items():
-            if "exp_var" not in saved and "exp_avg_sq" not in saved:
-                raise ValueError(
-                    f"CPropCallback: the checkpoint's statistics of parameter {index} have neither 'exp_var' nor the "
-                    f"older 'exp_avg_sq', got {sorted(saved)}"
-                )
-            p = params[int(index)]
-            entry = self._entry(p, local_tensor(p))
-            step = float(saved["step"])
-            for name in ("exp_avg", "scale"):
-                entry[name].copy_(saved[name])
-            if "exp_var" in saved:
-                entry["exp_var"].copy_(saved["exp_var"])
-            else:
-                entry["exp_var"].copy_(
-                    variance_from_square_mean(saved["exp_avg"], saved["exp_avg_sq"], step, self.beta)
-                )
-                converted = True
-            entry["step"].fill_(step)
-        if converted:
-            rank_zero_warn("CPropCallback: " + LEGACY_LAYOUT_WARNING.format(old="exp_avg_sq", new="exp_var"))
-        self._plan_key = None
+from ._compat import trainer_callbacks
+from .conformity import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
+from .conformity_tracker import OptimizerConformity
+from .protocols import RealWeightsRestorer
 
 
 class CPropCallback(Callback):
@@ -250,24 +89,26 @@ class CPropCallback(Callback):
         self.c = float(c)
         self.eps = float(eps)
         self.cdf: ConformityCDF = cdf
-        self._trackers: dict[int, _OptimizerConformity] = {}
+        self._trackers: dict[int, OptimizerConformity] = {}
         self._scales: dict[int, dict[Tensor, Tensor]] = {}
-        self._xgrads: list[XGradCallback] = []
+        self._restorers: list[RealWeightsRestorer] = []
         self._hook_handles: list[RemovableHandle] = []
         self._loaded_state: dict[str, Any] | None = None
 
     def xgrad_direction_scales(self, optimizer: torch.optim.Optimizer) -> dict[Tensor, Tensor]:
         """The live ``parameter -> scale of its last step`` dict of ``optimizer`` (empty before its first step),
-        for XGradCallback's prediction; its tensors are updated in place every step."""
+        for XGradCallback's prediction (:class:`~lightning_xgrad.protocols.DirectionScaleProvider`); its tensors are
+        updated in place every step."""
         return self._scales.setdefault(id(optimizer), {})
 
     # ------------------------------------------------------------------ setup and teardown
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._xgrads = [callback for callback in trainer.callbacks if isinstance(callback, XGradCallback)]
+        # XGradCallback, found by what it does rather than by its class (the callbacks import each other not)
+        self._restorers = [c for c in trainer_callbacks(trainer) if isinstance(c, RealWeightsRestorer)]
         self._trackers = {}  # a new fit starts from fresh statistics, unless a checkpoint restores them
         settings = (self.beta, self.c, self.eps, self.cdf)
         for optimizer in trainer.optimizers:
-            tracker = _OptimizerConformity(optimizer, self.xgrad_direction_scales(optimizer), settings)
+            tracker = OptimizerConformity(optimizer, self.xgrad_direction_scales(optimizer), *settings)
             self._trackers[id(optimizer)] = tracker
             self._hook_handles.append(optimizer.register_step_pre_hook(self._pre_step_hook(tracker)))
             self._hook_handles.append(optimizer.register_step_post_hook(lambda *_, t=tracker: t.scale_update()))
@@ -275,8 +116,12 @@ class CPropCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed callback's state is loaded after on_fit_start: apply it now, before the first step.
         if self._loaded_state is not None:
-            for tracker, state in zip(self._trackers.values(), self._loaded_state.get("optimizers", []), strict=False):
-                tracker.load_state_dict(state)
+            states = self._loaded_state.get("optimizers", [])
+            converted = [
+                tracker.load_state_dict(state) for tracker, state in zip(self._trackers.values(), states, strict=False)
+            ]
+            if any(converted):
+                rank_zero_warn("CPropCallback: " + LEGACY_LAYOUT_WARNING.format(old="exp_avg_sq", new="exp_var"))
             self._loaded_state = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -288,7 +133,7 @@ class CPropCallback(Callback):
         for tracker in self._trackers.values():  # kept: state_dict() after fit still has the statistics
             tracker.release()
         self._scales = {}
-        self._xgrads = []
+        self._restorers = []
 
     # ------------------------------------------------------------------ the step
     def on_before_optimizer_step(
@@ -299,12 +144,12 @@ class CPropCallback(Callback):
             return
         self._snapshot(tracker)
 
-    def _snapshot(self, tracker: _OptimizerConformity) -> None:
-        for xgrad in self._xgrads:
-            xgrad.restore_real_weights(tracker.optimizer)
+    def _snapshot(self, tracker: OptimizerConformity) -> None:
+        for restorer in self._restorers:
+            restorer.restore_real_weights(tracker.optimizer)
         tracker.snapshot()
 
-    def _pre_step_hook(self, tracker: _OptimizerConformity) -> Callable[..., Any]:
+    def _pre_step_hook(self, tracker: OptimizerConformity) -> Callable[..., Any]:
         """Start of the optimizer's step. Without a closure the gradients are ready (AMP's ``scaler.step`` after
         on_before_optimizer_step, or a raw step): snapshot unless on_before_optimizer_step just did. With one, the
         closure computes them: Lightning's calls on_before_optimizer_step inside; any other gets wrapped so that
@@ -336,11 +181,25 @@ class CPropCallback(Callback):
         if self._loaded_state is not None:  # loaded, not applied yet
             return self._loaded_state
         return {
-            "beta": self.beta,
-            "cdf": self.cdf,
+            **self._settings(),
             "optimizers": [tracker.state_dict() for tracker in self._trackers.values()],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Runs after on_fit_start but before the optimizers' own state is final: applied in on_train_start.
+        current = self._settings()
+        saved = {name: state_dict.get(name, value) for name, value in current.items()}  # older ones lack c and eps
+        if saved != current:
+            rank_zero_warn(
+                f"CPropCallback: the checkpoint was saved with {_listed(saved, current)}; this run uses "
+                f"{_listed(current, saved)}, which apply from the resumed step on (the statistics carry on)."
+            )
         self._loaded_state = state_dict
+
+    def _settings(self) -> dict[str, Any]:
+        return {"beta": self.beta, "c": self.c, "eps": self.eps, "cdf": self.cdf}
+
+
+def _listed(settings: dict[str, Any], other: dict[str, Any]) -> str:
+    """``name=value`` for the settings that differ from ``other``."""
+    return ", ".join(f"{name}={value!r}" for name, value in settings.items() if other[name] != value)

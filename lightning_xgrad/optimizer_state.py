@@ -16,16 +16,21 @@ The plan key is then the mapping's identity and its change count: two reads per 
 one parameter's own state dict (``optimizer.state[p].clear()``, rebinding ``optimizer.state[p]["exp_avg"]``), which
 no torch optimizer does; call ``OptimizerPredictor.invalidate()`` after such an edit.
 
-The swap follows wrappers that forward attribute reads (Lightning's ``LightningOptimizer``, Fabric's optimizer) to
-the optimizer that really owns ``state``; a pickled or deep-copied optimizer gets a plain ``defaultdict`` back. The
-mapping is swapped once per mapping object (again after a load replaced it) and left in place after training: it
-behaves as the ``defaultdict`` it replaced.
+The swap reaches the optimizer inside Lightning's and Fabric's wrappers (the only ones looked through, as
+everywhere: ``unwrap_optimizer``) and needs ``state`` to be that optimizer's own attribute, a plain ``defaultdict``;
+anything else is not watched, and the predictor compares each parameter's state dict instead. A pickled or
+deep-copied optimizer gets a plain ``defaultdict`` back. The mapping is swapped once per mapping object (again after
+a load replaced it) and left in place after training: it behaves as the ``defaultdict`` it replaced.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
+
+from ._wrappers import unwrap_optimizer
+
+__all__ = ["WatchedState", "watch_state"]
 
 
 class WatchedState(defaultdict):
@@ -72,25 +77,14 @@ class WatchedState(defaultdict):
         return (defaultdict, (self.default_factory,), None, None, iter(self.items()))
 
 
-def state_owner(optimizer: Any) -> Any:
-    """The object whose own attribute ``state`` is, following wrappers that keep the optimizer in ``.optimizer``
-    (``LightningOptimizer``, Fabric's optimizer); ``None`` when there is none."""
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        if "state" in getattr(optimizer, "__dict__", {}):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
-
-
 def watch_state(optimizer: Any) -> WatchedState | None:
     """Make ``optimizer.state`` a :class:`WatchedState` (if it is a plain ``defaultdict``) and return it; ``None``
-    when the state cannot be watched (a custom mapping, or no owner found): the caller must then check otherwise."""
-    owner = state_owner(optimizer)
-    if owner is None:
+    when the state cannot be watched (a custom mapping, or not an attribute of the optimizer itself): the caller must
+    then check otherwise. Lightning's and Fabric's wrappers are looked through."""
+    owner = unwrap_optimizer(optimizer)
+    state = vars(owner).get("state") if hasattr(owner, "__dict__") else None
+    if state is None:
         return None
-    state = owner.__dict__["state"]
     if isinstance(state, WatchedState):
         return state
     if type(state) is not defaultdict:

@@ -9,7 +9,8 @@
         optimizer.zero_grad()
 
 The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
-buckets (one param group, one device and dtype, one rule) and the plan is rebuilt only when the optimizer's state,
+buckets (one param group, one device and dtype, one rule; :mod:`lightning_xgrad.buckets`), so predicting and restoring
+are loops over the buckets, and the plan is rebuilt only when the optimizer's state,
 param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read
 (changes to the state are noticed in O(1), see :mod:`lightning_xgrad.optimizer_state`).
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -29,10 +29,11 @@ from torch import Tensor
 
 from ._validation import argument_error, check_choice, check_flag, check_int
 from ._wrappers import unwrap_optimizer
-from .optimizer_state import watch_state
-from .rules import PredictionRule, extrapolate_, rewind_, rule_for
-from .rules._foreach import ScalarColumn, as_float
-from .rules.trajectory import trajectory_lr
+from .buckets import Bucket, Plan
+from .optimizer_state import WatchedState, watch_state
+from .protocols import DirectionScales, GradientPointObserver
+from .rules import PredictionRule, rule_for
+from .rules.compiled import CompiledPrediction
 from .sharding import DTensor, local_tensor
 from .snapshot import ParameterSnapshot
 
@@ -69,32 +70,6 @@ def check_optimizer(owner: str, optimizer: Any) -> torch.optim.Optimizer:
     return inner
 
 
-@dataclass(eq=False)
-class _Bucket:
-    """Parameters of one param group on one device and dtype, predicted by one rule (``None``: trajectory)."""
-
-    group_index: int
-    rule: PredictionRule | None
-    #: the parameters as the optimizer holds them (keys for the snapshot and for state_dict hooks)
-    owners: list[Tensor]
-    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters
-    params: list[Tensor]
-    buffers: list[Tensor]
-    columns: tuple[list[Any], ...] = ()
-    #: trajectory only: while the buffers hold the start of the last step, the lr that step's update was applied with
-    #: (the displacement ``W - buffers`` is that update); None while no update is known
-    lr_then: float | None = None
-    #: trajectory only, while predicted: the lr the prediction's displacement ``W_hat - W`` corresponds to
-    #: (``steps * lr_now``), kept by a step that never happens
-    lr_predicted: float = 0.0
-    #: the rule's compiled snapshot-and-predict, when compiling was asked for and the rule has one
-    kernel: Any = None
-    #: the parameters hold W_hat and the buffers the real W
-    modified: bool = field(default=False, init=False)
-    #: trajectory only: the buffers still hold the start of the last step; the real W goes in at the update
-    pending: bool = field(default=False, init=False)
-
-
 class OptimizerPredictor:
     """Predicts and restores the trainable parameters of one optimizer.
 
@@ -108,6 +83,14 @@ class OptimizerPredictor:
         snapshot: the buffer cache to use (shared when several optimizers are predicted).
         compile: snapshot and predict in one ``torch.compile``d pass per tensor where the rule has a kernel (Adam,
             AdamW, AdaM3, SGD and RMSprop momentum); compiled at the first prediction of each bucket.
+        direction_scales: elementwise scales the optimizer's updates get on top of its own rule, by parameter
+            (CProp's conformity scale, from a :class:`~lightning_xgrad.protocols.DirectionScaleProvider`); a live
+            mapping, read at every prediction. State rules then predict with ``scale * dW``; the trajectory rule
+            needs none, since the update it extrapolates was already scaled.
+
+    An optimizer that needs the point where its gradients were taken (a
+    :class:`~lightning_xgrad.protocols.GradientPointObserver`, the adaptive heavy-ball secant) gets a call to its
+    ``observe_gradient_point()`` at every restore before an update, while the parameters still hold that point.
     """
 
     def __init__(
@@ -117,31 +100,40 @@ class OptimizerPredictor:
         rule: RuleChoice = "auto",
         snapshot: ParameterSnapshot | None = None,
         compile: bool = False,
+        direction_scales: DirectionScales | None = None,
     ) -> None:
         owner = type(self).__name__
         check_prediction_args(owner, steps, rule, compile)
         if snapshot is not None and not isinstance(snapshot, ParameterSnapshot):
             raise argument_error(owner, "snapshot", "a ParameterSnapshot or None", snapshot, TypeError)
+        if direction_scales is not None and not isinstance(direction_scales, Mapping):
+            raise argument_error(
+                owner, "direction_scales", "a mapping from parameters to scales, or None", direction_scales, TypeError
+            )
         self.optimizer = check_optimizer(owner, optimizer)
         self.compile = compile
-        self._kernels: dict[tuple[Any, ...], Any] = {}  # kept across plans: a rebuilt plan reuses its compilation
         self.steps = steps
         self.rule = rule
         self.snapshot = snapshot if snapshot is not None else ParameterSnapshot()
         self.phase: Phase = "idle"
-        self._buckets: list[_Bucket] = []
+        self._direction_scales: DirectionScales = direction_scales if direction_scales is not None else {}
+        self._observer = self.optimizer if isinstance(self.optimizer, GradientPointObserver) else None
+        self._kernels: dict[tuple[Any, ...], CompiledPrediction | None] = {}  # kept across plans: compiled once
+        self._buckets: list[Bucket] = []
         self._plan_key: tuple[Any, ...] | None = None
+        self._plan: Plan | None = None
         self._plan_state: Any = None
-        self._plan_complete = False
-        self._watched_state: Any = None
+        self._watched_state: WatchedState | None = None
         self._load_hook = optimizer.register_load_state_dict_post_hook(_invalidate_after_load(self))
-        self._pending_trajectory: dict[Tensor, float] = {}
-        #: elementwise scales the optimizer's updates get on top of its own rule (CProp's conformity scale), keyed by
-        #: parameter and filled by whoever applies them; state rules then predict with ``scale * dW``. The trajectory
-        #: rule needs none: the update it extrapolates was already scaled.
-        self.direction_scales: Mapping[Tensor, Tensor] | None = None
+        #: trajectory memory loaded from a checkpoint, for the next plan: parameter -> lr of the update before it
+        self._loaded_lr: dict[Tensor, float] = {}
         registered = None if rule == "trajectory" else rule_for(self.optimizer)
         self._state_rule = None if registered is None else registered.bind(self.optimizer)
+
+    @property
+    def direction_scales(self) -> DirectionScales:
+        """The elementwise scales given at construction (empty when none)."""
+        return self._direction_scales
 
     # ------------------------------------------------------------------ rules
     def group_rule(self, group: dict[str, Any]) -> PredictionRule | None:
@@ -165,20 +157,21 @@ class OptimizerPredictor:
         state = self.optimizer.state
         return (
             # every change to the state mapping's entries, when it is watched (the usual case: O(1) per step) ...
-            getattr(state, "version", None) if state is self._watched_state else None,
+            self._watched_state.version if state is self._watched_state else None,
             len(state),
             tuple(len(g["params"]) for g in groups),
             tuple(p.requires_grad for g in groups for p in g["params"]),
         )
 
     def _plan_is_current(self, key: tuple[Any, ...]) -> bool:
-        if not (self._plan_complete and key == self._plan_key and self.optimizer.state is self._plan_state):
+        plan = self._plan
+        if plan is None or not plan.complete or key != self._plan_key or self.optimizer.state is not self._plan_state:
             return False
         if self._watched_state is self._plan_state:
             return True
         # ... otherwise (a mapping that cannot be watched) compare each planned parameter's state dict, in C loops
         state = self._plan_state
-        return all(map(operator.is_, map(state.get, self._plan_owners), self._plan_dicts))
+        return all(map(operator.is_, map(state.get, plan.owners), plan.state_dicts))
 
     def _ensure_plan(self) -> None:
         key = self._current_key()
@@ -197,54 +190,22 @@ class OptimizerPredictor:
         self._plan_key = None
 
     def _build_plan(self, key: tuple[Any, ...]) -> None:
-        known_lr = {p: b.lr_then for b in self._buckets if b.rule is None and b.lr_then is not None for p in b.owners}
-        known_lr.update(self._pending_trajectory)
-        self._pending_trajectory = {}
-        grouped: dict[tuple[Any, ...], tuple[PredictionRule | None, list[Tensor], list[tuple[Any, ...]]]] = {}
-        complete = True
+        known_lr = {p: lr for bucket in self._buckets for p, _, lr in bucket.checkpoint()}
+        known_lr.update(self._loaded_lr)
+        self._loaded_lr = {}
         state = self.optimizer.state
-        planned_owners, planned_dicts = [], []
+        plan = Plan(self.snapshot)
         for index, group in enumerate(self.optimizer.param_groups):
+            params = [p for p in group["params"] if p.requires_grad]
             rule = self.group_rule(group)
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                if rule is None:
-                    row: tuple[Any, ...] | None = ()
-                    bucket_key: tuple[Any, ...] = (index, p.device, p.dtype, known_lr.get(p))
-                else:
-                    entry = state.get(p)
-                    planned_owners.append(p)
-                    planned_dicts.append(entry)
-                    row = rule.state_tensors(entry if entry is not None else {})
-                    if row is None:
-                        complete = False
-                        continue
-                    row = tuple(local_tensor(value) for value in row)
-                    bucket_key = (index, p.device, p.dtype)
-                _, owners, rows = grouped.setdefault(bucket_key, (rule, [], []))
-                owners.append(p)
-                rows.append(row)
-        buckets = []
-        for bucket_key, (rule, owners, rows) in grouped.items():
-            columns = tuple(
-                ScalarColumn(column) if ScalarColumn.suits(column) else list(column)
-                for column in (zip(*rows, strict=True) if rule is not None else ())
-            )
-            lr_then = bucket_key[3] if rule is None else None
-            params = [local_tensor(p) for p in owners]
-            buffers = self.snapshot.buffers_for(owners, params)
-            bucket = _Bucket(bucket_key[0], rule, owners, params, buffers, columns, lr_then)
-            if self.compile and rule is not None:
-                if bucket_key not in self._kernels:
-                    self._kernels[bucket_key] = rule.compiled_prediction()
-                bucket.kernel = self._kernels[bucket_key]
-            buckets.append(bucket)
-        self._buckets = buckets
+            if rule is None:
+                plan.add_trajectory_group(index, params, known_lr)
+            else:
+                plan.add_state_group(index, params, rule, state, self._kernels if self.compile else None)
+        self._buckets = plan.buckets
+        self._plan = plan
         self._plan_key = key
         self._plan_state = state
-        self._plan_owners, self._plan_dicts = planned_owners, planned_dicts
-        self._plan_complete = complete
 
     # ------------------------------------------------------------------ window
     @torch.no_grad()
@@ -259,57 +220,15 @@ class OptimizerPredictor:
             raise RuntimeError(f"predict() called while the parameters are {self.phase}")
         self._ensure_plan()
         groups = self.optimizer.param_groups
-        any_modified = False
         try:
             for bucket in self._buckets:
-                group = groups[bucket.group_index]
-                if bucket.rule is None:
-                    self._predict_trajectory(bucket, group, enabled)
-                elif enabled:
-                    alpha = -self.steps * as_float(group["lr"])
-                    kernel = bucket.kernel
-                    if kernel is not None and kernel(bucket.params, bucket.buffers, bucket.columns, group, alpha):
-                        bucket.modified = True
-                    else:
-                        ParameterSnapshot.save(bucket.params, bucket.buffers)
-                        bucket.modified = True  # the buffers hold the real weights: restorable from here on
-                        bucket.rule.add_direction_(bucket.params, bucket.columns, group, alpha)
-                    if self.direction_scales:
-                        self._scale_prediction(bucket)
-                any_modified |= bucket.modified
+                bucket.predict(groups[bucket.group_index], self.steps, enabled, self._direction_scales)
         except BaseException:
             self.phase = "predicted"
             self.restore(stepped=False)
             raise
-        self.phase = "predicted" if any(b.modified or b.pending for b in self._buckets) else "idle"
-        return any_modified
-
-    def _predict_trajectory(self, bucket: _Bucket, group: dict[str, Any], enabled: bool) -> None:
-        """``W_hat = W + steps * (lr_now / lr_then) * (W - W_prev)``; nothing to extrapolate while no update is known,
-        after an update applied at lr 0 (it says nothing about the direction) or at lr 0 now."""
-        bucket.pending = True
-        lr_then = bucket.lr_then
-        if not enabled or not lr_then:
-            return
-        lr_now = trajectory_lr(group["lr"])
-        if lr_now == 0:
-            return
-        extrapolate_(bucket.params, bucket.buffers, self.steps * lr_now / lr_then)
-        bucket.lr_predicted = self.steps * lr_now
-        bucket.modified = True
-        bucket.pending = False
-
-    def _scale_prediction(self, bucket: _Bucket) -> None:
-        """``W_hat <- W + scale * (W_hat - W)`` for the bucket's parameters that have a scale, in place."""
-        scales = self.direction_scales or {}
-        chosen = [i for i, p in enumerate(bucket.owners) if p in scales]
-        if not chosen:
-            return
-        params = [bucket.params[i] for i in chosen]
-        buffers = [bucket.buffers[i] for i in chosen]
-        torch._foreach_sub_(params, buffers)
-        torch._foreach_mul_(params, [local_tensor(scales[bucket.owners[i]]) for i in chosen])
-        torch._foreach_add_(params, buffers)
+        self.phase = "predicted" if any(bucket.in_step for bucket in self._buckets) else "idle"
+        return any(bucket.modified for bucket in self._buckets)
 
     @torch.no_grad()
     def restore(self, stepped: bool = True) -> None:
@@ -317,8 +236,8 @@ class OptimizerPredictor:
 
         ``stepped`` says whether the optimizer is about to apply an update (the trajectory rule then records it);
         with ``False`` the step was abandoned, and the trajectory rule keeps extrapolating along the last update it
-        knows. An optimizer that needs the point where its gradients were taken (the adaptive heavy-ball secant) gets
-        a call to its ``observe_gradient_point()`` first, while the parameters still hold it.
+        knows. A :class:`~lightning_xgrad.protocols.GradientPointObserver` optimizer is told the gradient point
+        first, while the parameters still hold it.
 
         Every bucket is restored even if one fails (or the observer does); the first error is raised afterwards and
         the predictor is idle either way.
@@ -328,38 +247,20 @@ class OptimizerPredictor:
         if self.phase != "predicted":
             return
         errors: list[BaseException] = []
-        observe = getattr(self.optimizer, "observe_gradient_point", None)
-        if stepped and observe is not None and any(bucket.modified for bucket in self._buckets):
+        if stepped and self._observer is not None and any(bucket.modified for bucket in self._buckets):
             try:
-                observe()
+                self._observer.observe_gradient_point()
             except Exception as error:  # the real weights go back first
                 errors.append(error)
         groups = self.optimizer.param_groups
         for bucket in self._buckets:
             try:
-                self._restore_bucket(bucket, groups[bucket.group_index], stepped)
+                bucket.restore(groups[bucket.group_index], stepped)
             except Exception as error:  # go on: every other bucket gets its real weights back
                 errors.append(error)
-            finally:
-                bucket.modified = bucket.pending = False
         self.phase = "idle"
         if errors:
             raise errors[0]
-
-    def _restore_bucket(self, bucket: _Bucket, group: dict[str, Any], stepped: bool) -> None:
-        if bucket.rule is not None:
-            if bucket.modified:
-                ParameterSnapshot.restore(bucket.params, bucket.buffers)
-        elif stepped:  # trajectory: the buffers get the start of this step, and its lr is recorded
-            if bucket.modified:
-                ParameterSnapshot.restore(bucket.params, bucket.buffers)
-            elif bucket.pending:
-                ParameterSnapshot.save(bucket.params, bucket.buffers)
-            bucket.lr_then = trajectory_lr(group["lr"])
-        elif bucket.modified:  # trajectory, no update happened: keep the displacement the prediction applied
-            rewind_(bucket.params, bucket.buffers)
-            bucket.lr_then = bucket.lr_predicted
-        # trajectory, unmodified and abandoned: the buffers still hold the start of the last step, nothing to do
 
     @torch.no_grad()
     def suspend(self) -> None:
@@ -377,16 +278,13 @@ class OptimizerPredictor:
 
     def _swap(self) -> None:
         for bucket in self._buckets:
-            if bucket.modified:
-                ParameterSnapshot.swap(bucket.params, bucket.buffers)
+            bucket.swap()
 
     def predicted_params(self) -> list[tuple[Tensor, Tensor, Tensor]]:
         """``(parameter, predicted local tensor, real local value)`` for every parameter holding a prediction now."""
         if self.phase != "predicted":
             return []
-        return [
-            triple for k in self._buckets if k.modified for triple in zip(k.owners, k.params, k.buffers, strict=True)
-        ]
+        return [triple for bucket in self._buckets for triple in bucket.predicted()]
 
     def close(self) -> None:
         """Remove the hook this predictor put on the optimizer (the end of training); restores first."""
@@ -407,12 +305,11 @@ class OptimizerPredictor:
         if self.phase == "idle":
             index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
             for bucket in self._buckets:
-                if bucket.rule is None and bucket.lr_then is not None:
-                    for p, b in zip(bucket.owners, bucket.buffers, strict=True):
-                        if isinstance(p, DTensor):  # a rank's shard is not a checkpoint entry: skip one prediction
-                            continue
-                        previous[index[p]] = b
-                        lr_then[index[p]] = bucket.lr_then
+                for p, buffer, lr in bucket.checkpoint():
+                    if isinstance(p, DTensor):  # a rank's shard is not a checkpoint entry: skip one prediction
+                        continue
+                    previous[index[p]] = buffer
+                    lr_then[index[p]] = lr
         return {"previous": previous, "lr_then": lr_then}
 
     @torch.no_grad()
@@ -422,7 +319,7 @@ class OptimizerPredictor:
         for i, value in state.get("previous", {}).items():
             p = params[int(i)]
             self.snapshot.buffers_for([p], [local_tensor(p)])[0].copy_(value)
-            self._pending_trajectory[p] = float(state["lr_then"][i])
+            self._loaded_lr[p] = float(state["lr_then"][i])
         self._buckets = []
         self.invalidate()
 

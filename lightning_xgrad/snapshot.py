@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .rules._foreach import chunk_slices
+from ._foreach import chunk_slices
 
 
 class ParameterSnapshot:

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_xgrad import OptimizerPredictor, PredictionRule, register_rule
 from lightning_xgrad.rules import AdamRule, rule_for
-from lightning_xgrad.rules._foreach import chunk_slices
+from lightning_xgrad._foreach import chunk_slices
 from lightning_xgrad.rules.trajectory import extrapolate_
 from lightning_xgrad.snapshot import ParameterSnapshot
 

@@ -7,20 +7,23 @@ implementation (``_single_tensor_adam3``, ``_multi_tensor_adam3``) applies the u
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
+from torch.optim.optimizer import ParamsT
 
+from .._compat import group_by_device_and_dtype, new_step_count, view_as_real_
+from .._directions import add_adam_direction_
+from .._foreach import TensorList
+from .._scalars import as_float
 from .._validation import check_flag, check_real, check_real_pair
-from ..rules._foreach import as_float
+from ._base import BaseOptimizer, gradients, increment_step_counts_, use_foreach
 
 __all__ = ["AdaM3", "adam3"]
 
 
-class AdaM3(Optimizer):
+class AdaM3(BaseOptimizer):
     r"""AdaM3: Adam whose second moment is the moving average of the squared *momentum* ``m``, not of ``g``.
 
     Wang, Kang, Qin, Wang, Xu, Zhang and Fu, "Momentum is All You Need for Data-Driven Adaptive Optimization",
@@ -112,84 +115,37 @@ class AdaM3(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", True)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            for p in group["params"]:
-                p_state = self.state.get(p, [])
-                if len(p_state) != 0 and not torch.is_tensor(p_state["step"]):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=_get_scalar_dtype())
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        exp_avgs: list[Tensor],
-        exp_avg_sqs: list[Tensor],
-        state_steps: list[Tensor],
-    ) -> bool:
-        """Collect the parameters with a gradient and their state (created lazily); return whether any is complex."""
-        has_complex = False
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdaM3 does not support sparse gradients; use a dense gradient (or SparseAdam)")
-            has_complex |= torch.is_complex(p)
-            params.append(p)
-            grads.append(p.grad)
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        state_steps: list[Tensor] = []
+        for p in params:
             state = self.state[p]
             if len(state) == 0:
                 # Like torch's Adam: `step` stays on the CPU, so reading it costs no device sync.
-                state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+                state["step"] = new_step_count()
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
-        return has_complex
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: a closure that re-evaluates the model and returns the loss (run with gradients enabled).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            exp_avgs: list[Tensor] = []
-            exp_avg_sqs: list[Tensor] = []
-            state_steps: list[Tensor] = []
-            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, state_steps)
-            beta1, beta2 = group["betas"]
-            adam3(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                state_steps,
-                foreach=group["foreach"],
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                maximize=group["maximize"],
-            )
-        return loss
+        beta1, beta2 = group["betas"]
+        adam3(
+            params,
+            gradients(params),
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            foreach=group["foreach"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            maximize=group["maximize"],
+        )
 
 
 def adam3(
@@ -210,9 +166,7 @@ def adam3(
     maximize: bool,
 ) -> None:
     """Functional AdaM3: one step on the given tensors (see :class:`AdaM3` for the update)."""
-    if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-    func = _multi_tensor_adam3 if foreach else _single_tensor_adam3
+    func = _multi_tensor_adam3 if use_foreach(foreach, params) else _single_tensor_adam3
     func(
         params,
         grads,
@@ -292,25 +246,13 @@ def _multi_tensor_adam3(
     if len(params) == 0:
         return
 
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
-    for (device_params_, device_grads_, device_exp_avgs_, device_exp_avg_sqs_, device_steps_), _ in grouped.values():
-        device_params = cast(list[Tensor], device_params_)
-        device_grads = cast(list[Tensor], device_grads_)
-        device_exp_avgs = cast(list[Tensor], device_exp_avgs_)
-        device_exp_avg_sqs = cast(list[Tensor], device_exp_avg_sqs_)
-        device_steps = cast(list[Tensor], device_steps_)
-
+    grouped = group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    for (device_params, grads_of_device, device_exp_avgs, device_exp_avg_sqs, device_steps), _ in grouped:
         if has_complex:
-            _view_as_real(device_params, device_grads, device_exp_avgs, device_exp_avg_sqs)
+            view_as_real_(device_params, grads_of_device, device_exp_avgs, device_exp_avg_sqs)
+        device_grads: TensorList = torch._foreach_neg(grads_of_device) if maximize else grads_of_device
 
-        if maximize:
-            device_grads = torch._foreach_neg(device_grads)
-
-        # Steps live on the CPU: add a CPU tensor once rather than wrapping the scalar 1 for every tensor.
-        if device_steps[0].is_cpu:
-            torch._foreach_add_(device_steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-        else:
-            torch._foreach_add_(device_steps, 1)
+        increment_step_counts_(device_steps)
 
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -326,10 +268,10 @@ def _multi_tensor_adam3(
         torch._foreach_addcmul_(device_exp_avg_sqs, device_exp_avgs, device_exp_avgs, 1 - beta2)
         torch._foreach_add_(device_exp_avg_sqs, eps)
 
-        steps = [s.item() for s in device_steps]
-        step_sizes = [-lr / (1 - beta1**k) for k in steps]
-        bias_correction2_sqrts = [math.sqrt(1 - beta2**k) for k in steps]
+        ks = [s.item() for s in device_steps]
+        step_sizes = [-lr / (1 - beta1**k) for k in ks]
+        bias_correction2_sqrts = [math.sqrt(1 - beta2**k) for k in ks]
 
-        denom = torch._foreach_sqrt(device_exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrts)
-        torch._foreach_addcdiv_(device_params, device_exp_avgs, denom, step_sizes)
+        add_adam_direction_(
+            device_params, device_exp_avgs, device_exp_avg_sqs, step_sizes, sqrt_bias_correction2=bias_correction2_sqrts
+        )

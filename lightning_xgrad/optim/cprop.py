@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach, _get_scalar_dtype, _view_as_real
+from torch.optim.optimizer import Optimizer, ParamsT
 
+from .._compat import group_by_device_and_dtype, new_step_count, view_as_real_
+from .._directions import add_adam_direction_
+from .._foreach import TensorList
+from .._scalars import as_float, step_counts_as_floats
 from .._validation import argument_error, check_flag, check_real, check_real_pair
 from ..conformity import (
     LEGACY_LAYOUT_WARNING,
@@ -31,28 +34,9 @@ from ..conformity import (
     update_variance_,
     variance_from_square_mean,
 )
-from ..rules._foreach import as_float, chunk_slices, steps_as_floats
+from ._base import BaseOptimizer, increment_step_counts_, use_foreach
 
 __all__ = ["CPropAdam", "CPropSGD"]
-
-
-def _new_step() -> Tensor:
-    """A step counter as torch's optimizers keep it: a 0-dim float tensor on the CPU (reading it costs no sync)."""
-    return torch.tensor(0.0, dtype=_get_scalar_dtype())
-
-
-def _increment(steps: list[Tensor]) -> None:
-    if steps[0].is_cpu:
-        torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
-    else:
-        torch._foreach_add_(steps, 1)
-
-
-def _use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
-    """``foreach`` as given, or where torch's own optimizers would pick it (accelerators, not the CPU)."""
-    if foreach is None:
-        return _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
-    return foreach
 
 
 def _real(tensor: Tensor) -> Tensor:
@@ -97,7 +81,7 @@ def _convert_old_statistics(optimizer: Optimizer, owner: str) -> None:
 _SGD_STATE = ("cprop_exp_avg", "cprop_exp_var", "step", "cprop_scale")
 
 
-class CPropSGD(Optimizer):
+class CPropSGD(BaseOptimizer):
     r"""SGD (with momentum, dampening, Nesterov and L2 weight decay, as ``torch.optim.SGD``) with CProp's scale.
 
     Per parameter, with g its gradient (the official ``CPropSGD.step``)::
@@ -189,16 +173,12 @@ class CPropSGD(Optimizer):
             group.setdefault("foreach", None)
         _convert_old_statistics(self, "CPropSGD")
 
-    def _init_group(self, group: dict[str, Any], columns: dict[str, list[Any]]) -> None:
-        """Collect the parameters with a gradient and their state (created lazily) into ``columns``."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("CPropSGD does not support sparse gradients")
+    def _init_group(self, params: list[Tensor], columns: dict[str, list[Any]]) -> None:
+        """Collect the parameters and their state (created lazily) into ``columns``."""
+        for p in params:
             state = self.state[p]
             if "step" not in state:
-                state["step"] = _new_step()
+                state["step"] = new_step_count()
                 for name in ("cprop_exp_avg", "cprop_exp_var", "cprop_scale"):
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
             columns["params"].append(p)
@@ -207,41 +187,26 @@ class CPropSGD(Optimizer):
             for name in _SGD_STATE:
                 columns[name].append(state[name])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: a closure that re-evaluates the model and returns the loss (run with gradients enabled).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         names = ("params", "grads", "momentum_buffers", *_SGD_STATE)
-        for group in self.param_groups:
-            columns: dict[str, list[Any]] = {name: [] for name in names}
-            self._init_group(group, columns)
-            if not columns["params"]:
-                continue
-            foreach = _use_foreach(group["foreach"], columns["params"])
-            step_fn = _multi_tensor_cprop_sgd if foreach else _single_tensor_cprop_sgd
-            step_fn(
-                *(columns[name] for name in names),
-                lr=as_float(group["lr"]),
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                cprop_beta=group["cprop_beta"],
-                cprop_c=group["cprop_c"],
-                cprop_eps=group["cprop_eps"],
-                cprop_cdf=group["cprop_cdf"],
-            )
-            if group["momentum"] != 0:
-                for p, buf in zip(columns["params"], columns["momentum_buffers"], strict=True):
-                    self.state[p]["momentum_buffer"] = buf
-        return loss
+        columns: dict[str, list[Any]] = {name: [] for name in names}
+        self._init_group(params, columns)
+        step_fn = _multi_tensor_cprop_sgd if use_foreach(group["foreach"], params) else _single_tensor_cprop_sgd
+        step_fn(
+            *(columns[name] for name in names),
+            lr=as_float(group["lr"]),
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            cprop_beta=group["cprop_beta"],
+            cprop_c=group["cprop_c"],
+            cprop_eps=group["cprop_eps"],
+            cprop_cdf=group["cprop_cdf"],
+        )
+        if group["momentum"] != 0:
+            for p, buf in zip(params, columns["momentum_buffers"], strict=True):
+                self.state[p]["momentum_buffer"] = buf
 
 
 def _single_tensor_cprop_sgd(
@@ -250,7 +215,7 @@ def _single_tensor_cprop_sgd(
     momentum_buffers: list[Tensor | None],
     exp_avgs: list[Tensor],
     exp_vars: list[Tensor],
-    steps: list[Tensor],
+    step_counts: list[Tensor],
     scales: list[Tensor],
     *,
     lr: float,
@@ -264,9 +229,8 @@ def _single_tensor_cprop_sgd(
     cprop_cdf: ConformityCDF,
 ) -> None:
     """One CPropSGD step on one param group, one tensor at a time; fills ``momentum_buffers``' ``None`` entries."""
-    for step in steps:
-        step.add_(1)
-    ts = steps_as_floats(steps)
+    increment_step_counts_(step_counts)
+    ts = step_counts_as_floats(step_counts)
     r_grads, r_exp_avgs, r_exp_vars, r_scales = (
         [_real(t) for t in column] for column in (grads, exp_avgs, exp_vars, scales)
     )
@@ -291,7 +255,7 @@ def _multi_tensor_cprop_sgd(
     momentum_buffers: list[Tensor | None],
     exp_avgs: list[Tensor],
     exp_vars: list[Tensor],
-    steps: list[Tensor],
+    step_counts: list[Tensor],
     scales: list[Tensor],
     *,
     lr: float,
@@ -305,25 +269,18 @@ def _multi_tensor_cprop_sgd(
     cprop_cdf: ConformityCDF,
 ) -> None:
     """One CPropSGD step on one param group; fills ``momentum_buffers``' ``None`` entries with new buffers."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, momentum_buffers, exp_avgs, exp_vars, steps, scales],  # type: ignore[list-item]
-        with_indices=True,
-    )
-    for (d_params, d_grads, d_bufs_, d_m, d_var, d_steps, d_scales), indices in grouped.values():
-        d_params, d_grads = cast(list[Tensor], d_params), cast(list[Tensor], d_grads)
-        d_m, d_var, d_scales = cast(list[Tensor], d_m), cast(list[Tensor], d_var), cast(list[Tensor], d_scales)
-        d_steps, d_bufs = cast(list[Tensor], d_steps), cast(list[Tensor | None], d_bufs_)
-        complex_views = any(torch.is_complex(p) for p in d_params)
-        if complex_views:  # real and imaginary parts as independent coordinates, as torch's optimizers do
-            _view_as_real(d_params, d_grads, d_m, d_var, d_scales)
+    grouped = group_by_device_and_dtype([params, grads, momentum_buffers, exp_avgs, exp_vars, step_counts, scales])
+    for (d_params, d_grads, d_bufs, d_m, d_var, d_steps, d_scales), indices in grouped:
+        if any(torch.is_complex(p) for p in d_params):  # real and imaginary parts as independent coordinates
+            view_as_real_(d_params, d_grads, d_m, d_var, d_scales)
 
-        _increment(d_steps)
-        ts = steps_as_floats(d_steps)
+        increment_step_counts_(d_steps)
+        ts = step_counts_as_floats(d_steps)
         # the statistics see the raw gradient, before weight decay (official order)
         update_statistics_(d_m, d_var, d_grads, ts, cprop_beta)
         conformity_scale_(d_scales, d_m, d_var, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf)
 
-        directions = d_grads
+        directions: TensorList = d_grads
         if weight_decay != 0:
             directions = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
         if momentum != 0:
@@ -350,7 +307,7 @@ def _multi_tensor_cprop_sgd(
 _ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "cprop_exp_avg", "cprop_exp_var", "cprop_scale")
 
 
-class CPropAdam(Optimizer):
+class CPropAdam(BaseOptimizer):
     r"""Adam (with L2 or decoupled weight decay and AMSGrad) whose update is scaled by CProp's conformity scale.
 
     Per parameter at step k, with g its gradient (the official ``CPropAdam.step``)::
@@ -441,18 +398,14 @@ class CPropAdam(Optimizer):
             group.setdefault("foreach", None)
         _convert_old_statistics(self, "CPropAdam")
 
-    def _init_group(self, group: dict[str, Any], columns: dict[str, list[Any]]) -> None:
-        """Collect the parameters with a gradient and their state (created lazily) into ``columns``; the CProp
-        mean is Adam's own where the decays agree."""
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], columns: dict[str, list[Any]]) -> None:
+        """Collect the parameters and their state (created lazily) into ``columns``; the CProp mean is Adam's own
+        where the decays agree."""
         shared_mean = group["betas"][0] == group["cprop_beta"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("CPropAdam does not support sparse gradients")
+        for p in params:
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = _new_step()
+                state["step"] = new_step_count()
                 for name in ("exp_avg", "exp_avg_sq", "cprop_exp_var", "cprop_scale"):
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if group["amsgrad"]:
@@ -466,41 +419,26 @@ class CPropAdam(Optimizer):
             columns["max_exp_avg_sq"].append(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
             columns["cprop_exp_avg"].append(state["exp_avg"] if shared_mean else state["cprop_exp_avg"])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step.
-
-        Args:
-            closure: a closure that re-evaluates the model and returns the loss (run with gradients enabled).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
         names = ("params", "grads", *_ADAM_STATE)
-        for group in self.param_groups:
-            columns: dict[str, list[Any]] = {name: [] for name in names}
-            self._init_group(group, columns)
-            if not columns["params"]:
-                continue
-            foreach = _use_foreach(group["foreach"], columns["params"])
-            step_fn = _multi_tensor_cprop_adam if foreach else _single_tensor_cprop_adam
-            beta1, beta2 = group["betas"]
-            step_fn(
-                *(columns[name] for name in names),
-                lr=as_float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                decoupled_weight_decay=group["decoupled_weight_decay"],
-                cprop_beta=group["cprop_beta"],
-                cprop_c=group["cprop_c"],
-                cprop_eps=group["cprop_eps"],
-                cprop_cdf=group["cprop_cdf"],
-            )
-        return loss
+        columns: dict[str, list[Any]] = {name: [] for name in names}
+        self._init_group(group, params, columns)
+        step_fn = _multi_tensor_cprop_adam if use_foreach(group["foreach"], params) else _single_tensor_cprop_adam
+        beta1, beta2 = group["betas"]
+        step_fn(
+            *(columns[name] for name in names),
+            lr=as_float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            cprop_beta=group["cprop_beta"],
+            cprop_c=group["cprop_c"],
+            cprop_eps=group["cprop_eps"],
+            cprop_cdf=group["cprop_cdf"],
+        )
 
 
 def _single_tensor_cprop_adam(
@@ -509,7 +447,7 @@ def _single_tensor_cprop_adam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
+    step_counts: list[Tensor],
     cprop_exp_avgs: list[Tensor],
     cprop_exp_vars: list[Tensor],
     scales: list[Tensor],
@@ -528,9 +466,8 @@ def _single_tensor_cprop_adam(
 ) -> None:
     """One CPropAdam step on one param group, one tensor at a time (see :func:`_multi_tensor_cprop_adam`)."""
     shared_mean = cprop_exp_avgs[0] is exp_avgs[0]
-    for step in steps:
-        step.add_(1)
-    ks = steps_as_floats(steps)
+    increment_step_counts_(step_counts)
+    ks = step_counts_as_floats(step_counts)
     r_params, r_grads, r_m, r_v, r_vmax, r_cm, r_cv, r_scales = (
         [_real(t) for t in column]
         for column in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, cprop_exp_avgs, cprop_exp_vars, scales)
@@ -562,7 +499,7 @@ def _multi_tensor_cprop_adam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
+    step_counts: list[Tensor],
     cprop_exp_avgs: list[Tensor],
     cprop_exp_vars: list[Tensor],
     scales: list[Tensor],
@@ -582,17 +519,15 @@ def _multi_tensor_cprop_adam(
     """One CPropAdam step on one param group. ``max_exp_avg_sqs`` is ``exp_avg_sqs`` without amsgrad, and the CProp
     mean is ``exp_avgs`` itself where it is shared."""
     shared_mean = cprop_exp_avgs[0] is exp_avgs[0]
-    tensors = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, cprop_exp_avgs, cprop_exp_vars, scales]
-    grouped = Optimizer._group_tensors_by_device_and_dtype(tensors)  # type: ignore[arg-type]
-    for device_tensors, _ in grouped.values():
-        d_params, d_grads, d_m, d_v, d_vmax, d_steps, d_cm, d_cv, d_scales = (
-            cast(list[Tensor], column) for column in device_tensors
-        )
+    columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_counts, cprop_exp_avgs, cprop_exp_vars]
+    for device_columns, _ in group_by_device_and_dtype([*columns, scales]):
+        d_params, grads_of_device, d_m, d_v, d_vmax, d_steps, d_cm, d_cv, d_scales = device_columns
         if any(torch.is_complex(p) for p in d_params):  # real and imaginary parts as independent coordinates
-            _view_as_real(d_params, d_grads, d_m, d_v, d_vmax, d_cm, d_cv, d_scales)
+            view_as_real_(d_params, grads_of_device, d_m, d_v, d_vmax, d_cm, d_cv, d_scales)
 
-        _increment(d_steps)
-        ks = steps_as_floats(d_steps)
+        increment_step_counts_(d_steps)
+        ks = step_counts_as_floats(d_steps)
+        d_grads: TensorList = grads_of_device
         if weight_decay != 0:
             if decoupled_weight_decay:
                 torch._foreach_mul_(d_params, 1 - lr * weight_decay)
@@ -611,11 +546,6 @@ def _multi_tensor_cprop_adam(
 
         neg_step_sizes = [-lr / (1.0 - beta1**k) for k in ks]
         sqrt_bc2 = [math.sqrt(1.0 - beta2**k) for k in ks]
-        for part in chunk_slices(d_params):
-            direction = torch._foreach_sqrt(d_vmax[part])
-            torch._foreach_div_(direction, sqrt_bc2[part])
-            torch._foreach_add_(direction, eps)
-            torch._foreach_reciprocal_(direction)
-            torch._foreach_mul_(direction, d_m[part])  # m / denom
-            torch._foreach_addcmul_(d_params[part], direction, d_scales[part], neg_step_sizes[part])
-            del direction  # one chunk of temporaries alive at a time
+        add_adam_direction_(
+            d_params, d_m, d_vmax, neg_step_sizes, sqrt_bias_correction2=sqrt_bc2, eps=eps, scales=d_scales
+        )

@@ -39,21 +39,23 @@ the parameters' device: computing it needs no device-to-host synchronisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT, _get_scalar_dtype
+from torch.optim.optimizer import ParamsT
 
+from .._compat import new_step_count
+from .._directions import add_heavy_ball_adam_direction_
+from .._scalars import as_float
 from .._validation import check_real
-from ..rules._foreach import as_float
 from ..sharding import DTensor, local_tensor, ranks_holding
+from ._base import BaseOptimizer, increment_step_counts_
 
 __all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD"]
 
 
-class _AdaptiveHeavyBall(Optimizer):
+class _AdaptiveHeavyBall(BaseOptimizer):
     """The secant and the momentum shared by both forms; subclasses apply the update with ``beta_k``.
 
     State per parameter: ``prev_point`` (the point of the last gradient) and ``prev_grad`` (that gradient). Per
@@ -74,8 +76,14 @@ class _AdaptiveHeavyBall(Optimizer):
         self._pending_distances = {}
         self._observed = False
 
-    def _with_grad(self, group: dict[str, Any]) -> list[Tensor]:
-        return [p for p in group["params"] if p.grad is not None]
+    def _update(self) -> None:
+        for group, beta in zip(self.param_groups, self._secant_betas(), strict=True):
+            if beta is not None:
+                self._apply(group, self._params_with_grad(group), beta)
+
+    def _apply(self, group: dict[str, Any], params: list[Tensor], beta: Tensor) -> None:
+        """Update ``params`` (the group's parameters with a gradient) with this step's momentum ``beta``."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def observe_gradient_point(self) -> None:
@@ -93,7 +101,7 @@ class _AdaptiveHeavyBall(Optimizer):
             owners: list[Tensor] = []
             known: list[Tensor] = []
             previous: list[Tensor] = []
-            for p in self._with_grad(group):
+            for p in self._params_with_grad(group):
                 state = self.state[p]
                 if "prev_point" not in state:
                     state["prev_point"] = p.detach().clone(memory_format=torch.preserve_format)
@@ -115,7 +123,7 @@ class _AdaptiveHeavyBall(Optimizer):
             owners = []
             grads: list[Tensor] = []
             previous = []
-            for p in self._with_grad(group):
+            for p in self._params_with_grad(group):
                 state = self.state[p]
                 if "prev_grad" not in state:
                     state["prev_grad"] = p.grad.detach().clone(memory_format=torch.preserve_format)
@@ -133,7 +141,7 @@ class _AdaptiveHeavyBall(Optimizer):
 
         betas: list[Tensor | None] = []
         for group, distance, difference in zip(self.param_groups, distances, differences, strict=True):
-            params = self._with_grad(group)
+            params = self._params_with_grad(group)
             if not params:
                 betas.append(None)
                 continue
@@ -226,33 +234,20 @@ class AdaptiveHeavyBallSGD(_AdaptiveHeavyBall):
         check_real(owner, "weight_decay", weight_decay, low=0.0)
         super().__init__(params, dict(lr=lr, delta=float(delta), weight_decay=float(weight_decay)))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        betas = self._secant_betas()
-        for group, beta in zip(self.param_groups, betas, strict=True):
-            if beta is None:
-                continue
-            params, grads, buffers, fresh = [], [], [], []
-            for p in self._with_grad(group):
-                state = self.state[p]
-                params.append(local_tensor(p))
-                grads.append(local_tensor(p.grad))
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                buffers.append(local_tensor(state["momentum_buffer"]))
-                fresh.append(p)
-            weight_decay = group["weight_decay"]
-            torch._foreach_mul_(buffers, beta)
-            torch._foreach_add_(buffers, grads)
-            if weight_decay != 0:
-                torch._foreach_add_(buffers, params, alpha=weight_decay)
-            torch._foreach_add_(params, buffers, alpha=-as_float(group["lr"]))
-        return loss
+    def _apply(self, group: dict[str, Any], params: list[Tensor], beta: Tensor) -> None:
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(local_tensor(state["momentum_buffer"]))
+        local_params = [local_tensor(p) for p in params]
+        weight_decay = group["weight_decay"]
+        torch._foreach_mul_(buffers, beta)
+        torch._foreach_add_(buffers, [local_tensor(p.grad) for p in params])
+        if weight_decay != 0:
+            torch._foreach_add_(buffers, local_params, alpha=weight_decay)
+        torch._foreach_add_(local_params, buffers, alpha=-as_float(group["lr"]))
 
 
 class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
@@ -304,67 +299,27 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         defaults = dict(lr=lr, beta2=float(beta2), eps=float(eps), delta=float(delta), weight_decay=float(weight_decay))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step (``closure`` re-evaluates the model and returns the loss)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        betas = self._secant_betas()
-        for group, beta in zip(self.param_groups, betas, strict=True):
-            if beta is None:
-                continue
-            lr, beta2, eps = as_float(group["lr"]), group["beta2"], group["eps"]
-            params, grads, exp_avgs, exp_avg_sqs, steps, products = [], [], [], [], [], []
-            for p in self._with_grad(group):
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["beta1_product"] = torch.ones((), dtype=torch.float32, device=beta.device)
-                params.append(local_tensor(p))
-                grads.append(local_tensor(p.grad))
-                exp_avgs.append(local_tensor(state["exp_avg"]))
-                exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
-                steps.append(state["step"])
-                products.append(state["beta1_product"])
-            torch._foreach_add_(steps, 1.0)
-            torch._foreach_mul_(products, beta.to(products[0].device))
-            if group["weight_decay"] != 0:
-                torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-            torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta).to(exp_avgs[0].dtype))
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-            _add_adam_direction_(params, exp_avgs, exp_avg_sqs, steps, products, beta2, eps, -lr)
-        return loss
-
-
-def _add_adam_direction_(
-    params: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: Iterable[Tensor],
-    products: list[Tensor],
-    beta2: float,
-    eps: float,
-    alpha: float,
-) -> None:
-    """In place: ``params += alpha * (m / (1 - P)) / (sqrt(v / (1 - beta2**t)) + eps)``, per parameter.
-
-    Shared with the XGrad rule, which adds the same direction with ``alpha = -s * lr``. The step counts are read on
-    the host (CPU tensors, as torch's Adam keeps them); the products stay tensors on their device.
-    """
-    if alpha == 0:
-        return
-    ks = [float(k) for k in steps]
-    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in ks]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, sqrt_bc2)
-    if eps:
-        torch._foreach_add_(denom, eps)
-    # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom
-    scale = [((1.0 - product) / alpha).to(d.dtype) for product, d in zip(products, denom, strict=True)]
-    torch._foreach_mul_(denom, scale)
-    torch._foreach_addcdiv_(params, exp_avgs, denom)
+    def _apply(self, group: dict[str, Any], params: list[Tensor], beta: Tensor) -> None:
+        lr, beta2, eps = as_float(group["lr"]), group["beta2"], group["eps"]
+        exp_avgs, exp_avg_sqs, step_counts, products = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = new_step_count()
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["beta1_product"] = torch.ones((), dtype=torch.float32, device=beta.device)
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            step_counts.append(state["step"])
+            products.append(state["beta1_product"])
+        local_params = [local_tensor(p) for p in params]
+        grads = [local_tensor(p.grad) for p in params]
+        increment_step_counts_(step_counts)
+        torch._foreach_mul_(products, beta.to(products[0].device))
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(local_params, 1.0 - lr * group["weight_decay"])
+        torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta).to(exp_avgs[0].dtype))
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        add_heavy_ball_adam_direction_(local_params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, -lr)

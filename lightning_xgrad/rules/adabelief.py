@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import as_float, chunk_slices
+from .._directions import add_adam_direction_
+from .._scalars import as_float
 from .base import PredictionRule
 
 
@@ -105,10 +106,4 @@ class AdaBeliefRule(PredictionRule):
                 (1.0 - beta2_k) * (rho - 4.0) / (rho_inf - 4.0) * (rho - 2.0) / rho * rho_inf / (rho_inf - 2.0)
             )
             sqrt_bc2, step_size = 1.0, alpha * r / bias_correction1
-        for part in chunk_slices(params):
-            denom = torch._foreach_sqrt(second[part])
-            if sqrt_bc2 != 1.0:
-                torch._foreach_div_(denom, sqrt_bc2)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=step_size)
-            del denom  # one chunk of temporaries alive at a time
+        add_adam_direction_(params, exp_avgs, second, step_size, sqrt_bias_correction2=sqrt_bc2, eps=eps)

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices, steps_as_floats, uniform
+from .._directions import add_adam_direction_
+from .._scalars import step_counts_as_floats, uniform
 from .base import PredictionRule
-from .fused import CompiledPrediction, adam_kernel
+from .compiled import CompiledPrediction, adam_kernel
 
 
-def _on_accelerator(steps: Sequence[Any]) -> bool:
+def _on_accelerator(step_counts: Sequence[Any]) -> bool:
     """Whether the step counts live on an accelerator (capturable or fused Adam), where reading them would sync."""
-    return isinstance(steps[0], Tensor) and steps[0].device.type != "cpu"
+    return isinstance(step_counts[0], Tensor) and step_counts[0].device.type != "cpu"
 
 
 class AdamRule(PredictionRule):
@@ -42,23 +43,23 @@ class AdamRule(PredictionRule):
     def add_direction_(
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
-        exp_avgs, second_moments, steps = columns
+        exp_avgs, second_moments, step_counts = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = self.outer_eps(group)
-        if _on_accelerator(steps):
-            self._add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha)
+        if _on_accelerator(step_counts):
+            self._add_with_device_steps(params, exp_avgs, second_moments, step_counts, beta1, beta2, eps, alpha)
             return
-        scalars = self._scalars(steps, beta1, beta2, eps, alpha)
-        self._add(params, exp_avgs, second_moments, *scalars)
+        eps_folded, step_size = self._scalars(step_counts, beta1, beta2, eps, alpha)
+        add_adam_direction_(params, exp_avgs, second_moments, step_size, eps=eps_folded)
 
     @staticmethod
     def _scalars(
-        steps: Sequence[Any], beta1: float, beta2: float, eps: float, alpha: float
+        step_counts: Sequence[Any], beta1: float, beta2: float, eps: float, alpha: float
     ) -> tuple[float | list[float], float | list[float]]:
         """Per-tensor ``(eps', step')`` such that ``alpha * m_hat / (sqrt(v_hat) + eps) == step' * m / (sqrt(v) +
         eps')``: the bias corrections ride on scalars, which saves a pass over v. Single floats when every tensor is
         at the same step (the usual case), so foreach ops take their cheaper scalar overloads."""
-        ks = steps_as_floats(steps)
+        ks = step_counts_as_floats(step_counts)
         if isinstance(k := uniform(ks), float):
             sqrt_bc2 = math.sqrt(1.0 - beta2**k)
             return eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k)
@@ -73,60 +74,34 @@ class AdamRule(PredictionRule):
     def _kernel_scalars(
         self, columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> list[list[float]] | None:
-        steps = columns[2]
-        if _on_accelerator(steps):
+        step_counts = columns[2]
+        if _on_accelerator(step_counts):
             return None  # reading accelerator steps would sync: the eager no-sync path instead
         beta1, beta2 = (float(b) for b in group["betas"])
-        eps, step = self._scalars(steps, beta1, beta2, self.outer_eps(group), alpha)
-        n = len(steps)
+        eps, step = self._scalars(step_counts, beta1, beta2, self.outer_eps(group), alpha)
+        n = len(step_counts)
         return [eps if isinstance(eps, list) else [eps] * n, step if isinstance(step, list) else [step] * n]
-
-    @staticmethod
-    def _add(
-        params: list[Tensor],
-        exp_avgs: list[Tensor],
-        second_moments: list[Tensor],
-        eps: float | list[float],
-        step_size: float | list[float],
-    ) -> None:
-        """``params += step_size * m / (sqrt(v) + eps)``, chunked so the temporaries stay small."""
-        for part in chunk_slices(params):
-            denom = torch._foreach_sqrt(second_moments[part])
-            if isinstance(eps, list):
-                torch._foreach_add_(denom, eps[part])
-            elif eps:
-                torch._foreach_add_(denom, eps)
-            if isinstance(step_size, list):
-                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, step_size[part])
-            else:
-                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=step_size)
-            del denom  # before the next chunk allocates: one chunk of temporaries alive at a time
 
     @staticmethod
     def _add_with_device_steps(
         params: list[Tensor],
         exp_avgs: list[Tensor],
         second_moments: list[Tensor],
-        steps: list[Tensor],
+        step_counts: list[Tensor],
         beta1: float,
         beta2: float,
         eps: float,
         alpha: float,
     ) -> None:
         """Steps that live on the accelerator (capturable or fused Adam): bias corrections as tensors, no sync."""
-        bc1 = torch._foreach_pow(beta1, steps)
+        bc1 = torch._foreach_pow(beta1, step_counts)
         torch._foreach_neg_(bc1)
         torch._foreach_add_(bc1, 1.0)
-        sqrt_bc2 = torch._foreach_pow(beta2, steps)
+        sqrt_bc2 = torch._foreach_pow(beta2, step_counts)
         torch._foreach_neg_(sqrt_bc2)
         torch._foreach_add_(sqrt_bc2, 1.0)
         torch._foreach_sqrt_(sqrt_bc2)
         torch._foreach_div_(bc1, alpha)  # bc1 / alpha: the divisor that turns m / denom into alpha * m_hat / denom
-        for part in chunk_slices(params):
-            denom = torch._foreach_sqrt(second_moments[part])
-            torch._foreach_div_(denom, sqrt_bc2[part])
-            if eps:
-                torch._foreach_add_(denom, eps)
-            torch._foreach_mul_(denom, bc1[part])
-            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)
-            del denom
+        add_adam_direction_(
+            params, exp_avgs, second_moments, sqrt_bias_correction2=list(sqrt_bc2), eps=eps, divisors=list(bc1)
+        )

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices, steps_as_floats
+from .._foreach import chunk_slices
+from .._scalars import step_counts_as_floats
 from .base import PredictionRule
 
 
@@ -29,8 +30,8 @@ class AdamaxRule(PredictionRule):
     def add_direction_(
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
-        exp_avgs, exp_infs, steps = columns
+        exp_avgs, exp_infs, step_counts = columns
         beta1 = float(group["betas"][0])
-        step_sizes = [alpha / (1.0 - beta1**k) for k in steps_as_floats(steps)]
+        step_sizes = [alpha / (1.0 - beta1**k) for k in step_counts_as_floats(step_counts)]
         for part in chunk_slices(params):
             torch._foreach_addcdiv_(params[part], exp_avgs[part], exp_infs[part], step_sizes[part])

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .compiled import CompiledPrediction
 
 
 class PredictionRule(ABC):
@@ -44,8 +47,8 @@ class PredictionRule(ABC):
     ) -> None:
         """In place: ``params[i] += alpha * dW[i]``; ``columns[j][i]`` is entry j of :meth:`state_tensors`."""
 
-    def compiled_prediction(self) -> Any:
-        """A :class:`~lightning_xgrad.rules.fused.CompiledPrediction` that snapshots and predicts in one pass, or
+    def compiled_prediction(self) -> CompiledPrediction | None:
+        """A :class:`~lightning_xgrad.rules.compiled.CompiledPrediction` that snapshots and predicts in one pass, or
         ``None`` (the default): the predictor then copies and calls :meth:`add_direction_`."""
         return None
 

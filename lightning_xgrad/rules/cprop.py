@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices, steps_as_floats
+from .._directions import add_adam_direction_
+from .._scalars import step_counts_as_floats
 from .adam import AdamRule
 from .momentum import SGDRule
 
@@ -50,18 +51,17 @@ class CPropAdamRule(AdamRule):
     def add_direction_(
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
-        exp_avgs, second_moments, steps, scales = columns
+        exp_avgs, second_moments, step_counts, scales = columns
         beta1, beta2 = (float(b) for b in group["betas"])
-        eps = self.outer_eps(group)
-        ks = steps_as_floats(steps)  # CPropAdam keeps its step counts on the CPU
+        ks = step_counts_as_floats(step_counts)  # CPropAdam keeps its step counts on the CPU
         sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in ks]
         step_sizes = [alpha / (1.0 - beta1**k) for k in ks]
-        for part in chunk_slices(params):
-            direction = torch._foreach_sqrt(second_moments[part])
-            torch._foreach_div_(direction, sqrt_bc2[part])
-            if eps:
-                torch._foreach_add_(direction, eps)
-            torch._foreach_reciprocal_(direction)
-            torch._foreach_mul_(direction, exp_avgs[part])  # m / denom
-            torch._foreach_addcmul_(params[part], direction, scales[part], step_sizes[part])
-            del direction  # one chunk of temporaries alive at a time
+        add_adam_direction_(
+            params,
+            exp_avgs,
+            second_moments,
+            step_sizes,
+            sqrt_bias_correction2=sqrt_bc2,
+            eps=self.outer_eps(group),
+            scales=scales,
+        )

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..optim.heavy_ball import _add_adam_direction_
+from .._directions import add_heavy_ball_adam_direction_
 from .base import PredictionRule
 from .momentum import MomentumBufferRule
 
@@ -38,5 +38,6 @@ class HeavyBallAdamRule(PredictionRule):
     def add_direction_(
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
-        exp_avgs, exp_avg_sqs, steps, products = columns
-        _add_adam_direction_(params, exp_avgs, exp_avg_sqs, steps, products, group["beta2"], group["eps"], alpha)
+        exp_avgs, exp_avg_sqs, step_counts, products = columns
+        beta2, eps = group["beta2"], group["eps"]
+        add_heavy_ball_adam_direction_(params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, alpha)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import PredictionRule
-from .fused import CompiledPrediction, momentum_kernel
+from .compiled import CompiledPrediction, momentum_kernel
 
 
 class MomentumBufferRule(PredictionRule):

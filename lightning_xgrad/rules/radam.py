@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices, steps_as_floats
+from .._directions import add_adam_direction_
+from .._foreach import chunk_slices
+from .._scalars import step_counts_as_floats
 from .base import PredictionRule
 
 
@@ -45,14 +47,14 @@ class RAdamRule(PredictionRule):
     def add_direction_(
         self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> None:
-        exp_avgs, exp_avg_sqs, steps = columns
+        exp_avgs, exp_avg_sqs, step_counts = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = float(group["eps"])
         rectified: list[int] = []
         rectified_sizes: list[float] = []
         plain: list[int] = []
         plain_sizes: list[float] = []
-        for i, k in enumerate(steps_as_floats(steps)):
+        for i, k in enumerate(step_counts_as_floats(step_counts)):
             step_size = alpha / (1.0 - beta1**k)
             rect = _rectification(k, beta2)
             if rect is None:
@@ -70,8 +72,4 @@ class RAdamRule(PredictionRule):
             targets = [params[i] for i in rectified]
             moments = [exp_avgs[i] for i in rectified]
             second = [exp_avg_sqs[i] for i in rectified]
-            for part in chunk_slices(targets):
-                denom = torch._foreach_sqrt(second[part])
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(targets[part], moments[part], denom, rectified_sizes[part])
-                del denom  # one chunk of temporaries alive at a time
+            add_adam_direction_(targets, moments, second, rectified_sizes, eps=eps)

@@ -1,31 +1,13 @@
-"""Small helpers shared by rules and the snapshot: chunking lists so temporaries stay small, scalar reads."""
+"""Reading hyper-parameters and per-parameter step counts as Python floats, without a device sync where possible."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
-
-def chunk_slices(tensors: Sequence[Tensor], budget_numel: int | None = None) -> Iterator[slice]:
-    """Consecutive slices of ``tensors`` whose element count stays within a budget.
-
-    Out-of-place foreach ops allocate one temporary per input tensor; walking the list in chunks keeps the
-    transient memory at most the budget, by default the largest single tensor, while still launching one foreach
-    kernel per chunk rather than one per tensor.
-    """
-    if not tensors:
-        return
-    numels = [t.numel() for t in tensors]
-    budget = max(numels) if budget_numel is None else max(budget_numel, max(numels))
-    start, used = 0, 0
-    for i, n in enumerate(numels):
-        if used + n > budget and i > start:
-            yield slice(start, i)
-            start, used = i, 0
-        used += n
-    yield slice(start, len(tensors))
+__all__ = ["ScalarColumn", "as_float", "step_counts_as_floats", "uniform"]
 
 
 def as_float(value: Any) -> float:
@@ -63,11 +45,11 @@ class ScalarColumn(list):
         return [float(v) for v in self._views]
 
 
-def steps_as_floats(steps: Sequence[Any]) -> list[float]:
+def step_counts_as_floats(step_counts: Sequence[Any]) -> list[float]:
     """Per-parameter step counts as floats (Python numbers, or tensors; a :class:`ScalarColumn` reads fastest)."""
-    if isinstance(steps, ScalarColumn):
-        return steps.floats()
-    return [float(s) for s in steps]
+    if isinstance(step_counts, ScalarColumn):
+        return step_counts.floats()
+    return [float(s) for s in step_counts]
 
 
 def uniform(values: list[float]) -> float | list[float]:

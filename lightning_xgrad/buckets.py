@@ -1,0 +1,244 @@
+"""The two kinds of bucket an :class:`~lightning_xgrad.predictor.OptimizerPredictor` plans its parameters into.
+
+A bucket is the parameters of one param group on one device and dtype, predicted the same way, with their snapshot
+buffers. Each kind knows how to predict, how to restore (after an update, ``stepped=True``, or after none), and what
+it needs in a checkpoint:
+
+- :class:`StateBucket`: dW from the optimizer's state through a :class:`~lightning_xgrad.rules.PredictionRule`; the
+  buffers hold the real weights while predicted, and nothing is carried from one step to the next.
+- :class:`TrajectoryBucket`: the update the optimizer applied at its last step (the trajectory rule,
+  :mod:`lightning_xgrad.rules.trajectory`); between steps the buffers hold the weights before the last update, and
+  that update's lr is remembered.
+
+:class:`Plan` builds the buckets of one optimizer. Pure torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._scalars import ScalarColumn, as_float
+from .rules import PredictionRule, extrapolate_, rewind_
+from .rules.compiled import CompiledPrediction
+from .rules.trajectory import trajectory_lr
+from .sharding import local_tensor
+from .snapshot import ParameterSnapshot
+
+__all__ = ["Bucket", "Plan", "StateBucket", "TrajectoryBucket"]
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Parameters of one param group on one device and dtype, and their snapshot buffers."""
+
+    group_index: int
+    #: the parameters as the optimizer holds them (keys for the snapshot and for state_dict hooks)
+    owners: list[Tensor]
+    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters
+    params: list[Tensor]
+    buffers: list[Tensor]
+    #: the parameters hold W_hat and the buffers the real W
+    modified: bool = field(default=False, init=False)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether :meth:`restore` has work to do: a prediction is in place, or an update must be recorded."""
+        return self.modified
+
+    def predict(self, group: dict[str, Any], steps: int, enabled: bool, scales: Mapping[Tensor, Tensor]) -> None:
+        """Start a step: write W_hat (``steps`` updates ahead) into the parameters, the real W into the buffers.
+        ``enabled=False`` predicts nothing; ``scales`` are elementwise factors the optimizer's updates get on top of
+        its own rule, by parameter (applied where the kind needs them)."""
+        raise NotImplementedError
+
+    def restore(self, group: dict[str, Any], stepped: bool) -> None:
+        """End a step: the real weights back, bit-exact; ``stepped`` says whether the optimizer updates them now.
+        The bucket is out of the step afterwards even if this raises."""
+        try:
+            self._put_back(group, stepped)
+        finally:
+            self.modified = False
+
+    def _put_back(self, group: dict[str, Any], stepped: bool) -> None:
+        raise NotImplementedError
+
+    def swap(self) -> None:
+        """Exchange predicted and real weights (validation or a checkpoint mid-step, and back)."""
+        if self.modified:
+            ParameterSnapshot.swap(self.params, self.buffers)
+
+    def predicted(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """``(parameter, predicted local tensor, real local value)`` while a prediction is in place."""
+        if self.modified:
+            yield from zip(self.owners, self.params, self.buffers, strict=True)
+
+    def checkpoint(self) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """What a resume needs: ``(parameter, its weights before the last update, that update's lr)``."""
+        return iter(())
+
+
+@dataclass(eq=False)
+class StateBucket(Bucket):
+    """Predicted from the optimizer's state by ``rule``; ``columns[j][i]`` is entry j of the rule's
+    ``state_tensors`` for parameter i."""
+
+    rule: PredictionRule = field(kw_only=True)
+    columns: tuple[list[Any], ...] = field(kw_only=True)
+    #: the rule's compiled snapshot-and-predict, when compiling was asked for and the rule has one
+    kernel: CompiledPrediction | None = field(default=None, kw_only=True)
+
+    def predict(self, group: dict[str, Any], steps: int, enabled: bool, scales: Mapping[Tensor, Tensor]) -> None:
+        if not enabled:
+            return
+        alpha = -steps * as_float(group["lr"])
+        kernel = self.kernel
+        if kernel is not None and kernel(self.params, self.buffers, self.columns, group, alpha):
+            self.modified = True
+        else:
+            ParameterSnapshot.save(self.params, self.buffers)
+            self.modified = True  # the buffers hold the real weights: restorable from here on
+            self.rule.add_direction_(self.params, self.columns, group, alpha)
+        if scales:
+            self._scale(scales)
+
+    def _scale(self, scales: Mapping[Tensor, Tensor]) -> None:
+        """``W_hat <- W + scale * (W_hat - W)`` for the parameters that have a scale, in place."""
+        chosen = [i for i, p in enumerate(self.owners) if p in scales]
+        if not chosen:
+            return
+        params = [self.params[i] for i in chosen]
+        buffers = [self.buffers[i] for i in chosen]
+        torch._foreach_sub_(params, buffers)
+        torch._foreach_mul_(params, [local_tensor(scales[self.owners[i]]) for i in chosen])
+        torch._foreach_add_(params, buffers)
+
+    def _put_back(self, group: dict[str, Any], stepped: bool) -> None:
+        if self.modified:
+            ParameterSnapshot.restore(self.params, self.buffers)
+
+
+@dataclass(eq=False)
+class TrajectoryBucket(Bucket):
+    """Predicted along the update applied at the last step: ``W_hat = W + steps * (lr_now / lr_then) * (W - W_prev)``.
+
+    No scales apply: the update it extrapolates was already scaled by whoever scaled it.
+    """
+
+    #: while the buffers hold the start of the last step, the lr that step's update was applied with (the
+    #: displacement ``W - buffers`` is that update); None while no update is known
+    lr_then: float | None = field(default=None, kw_only=True)
+    #: while predicted: the lr the prediction's displacement ``W_hat - W`` corresponds to (``steps * lr_now``), kept
+    #: by a step that never happens
+    lr_predicted: float = field(default=0.0, init=False)
+    #: the buffers still hold the start of the last step; the real W goes in at the update
+    pending: bool = field(default=False, init=False)
+
+    @property
+    def in_step(self) -> bool:
+        return self.modified or self.pending
+
+    def predict(self, group: dict[str, Any], steps: int, enabled: bool, scales: Mapping[Tensor, Tensor]) -> None:
+        """Nothing to extrapolate while no update is known, after an update applied at lr 0 (it says nothing about
+        the direction) or at lr 0 now; disabled, the update this step applies is still recorded."""
+        self.pending = True
+        lr_then = self.lr_then
+        if not enabled or not lr_then:
+            return
+        lr_now = trajectory_lr(group["lr"])
+        if lr_now == 0:
+            return
+        extrapolate_(self.params, self.buffers, steps * lr_now / lr_then)
+        self.lr_predicted = steps * lr_now
+        self.modified = True
+        self.pending = False
+
+    def restore(self, group: dict[str, Any], stepped: bool) -> None:
+        try:
+            super().restore(group, stepped)
+        finally:
+            self.pending = False
+
+    def _put_back(self, group: dict[str, Any], stepped: bool) -> None:
+        if stepped:  # the buffers get the start of this step, and its lr is recorded
+            if self.modified:
+                ParameterSnapshot.restore(self.params, self.buffers)
+            elif self.pending:
+                ParameterSnapshot.save(self.params, self.buffers)
+            self.lr_then = trajectory_lr(group["lr"])
+        elif self.modified:  # no update happened: keep the displacement the prediction applied
+            rewind_(self.params, self.buffers)
+            self.lr_then = self.lr_predicted
+        # unmodified and abandoned: the buffers still hold the start of the last step, nothing to do
+
+    def checkpoint(self) -> Iterator[tuple[Tensor, Tensor, float]]:
+        if self.lr_then is not None:
+            for owner, buffer in zip(self.owners, self.buffers, strict=True):
+                yield owner, buffer, self.lr_then
+
+
+@dataclass
+class Plan:
+    """The buckets of one optimizer, built param group by param group, and what deciding them read."""
+
+    snapshot: ParameterSnapshot
+    buckets: list[Bucket] = field(default_factory=list)
+    #: the state-rule parameters, and the state dict each had when planned (for a state mapping that cannot be
+    #: watched, the predictor compares them every step)
+    owners: list[Tensor] = field(default_factory=list)
+    state_dicts: list[Any] = field(default_factory=list)
+    #: whether every state-rule parameter had the state its rule needs (else the plan is rebuilt at the next step)
+    complete: bool = True
+
+    def add_state_group(
+        self,
+        index: int,
+        params: list[Tensor],
+        rule: PredictionRule,
+        state: Mapping[Tensor, Any],
+        kernels: dict[tuple[Any, ...], CompiledPrediction | None] | None,
+    ) -> None:
+        """Buckets for param group ``index`` predicted by ``rule``; parameters without the state the rule needs are
+        left out. ``kernels`` caches compiled predictions by bucket (``None``: no compiling)."""
+        grouped: dict[tuple[Any, ...], tuple[list[Tensor], list[tuple[Any, ...]]]] = {}
+        for p in params:
+            entry = state.get(p)
+            self.owners.append(p)
+            self.state_dicts.append(entry)
+            row = rule.state_tensors(entry if entry is not None else {})
+            if row is None:
+                self.complete = False
+                continue
+            owners, rows = grouped.setdefault((index, p.device, p.dtype), ([], []))
+            owners.append(p)
+            rows.append(tuple(local_tensor(value) for value in row))
+        for key, (owners, rows) in grouped.items():
+            columns = tuple(
+                ScalarColumn(column) if ScalarColumn.suits(column) else list(column)
+                for column in zip(*rows, strict=True)
+            )
+            kernel = None
+            if kernels is not None:
+                if key not in kernels:
+                    kernels[key] = rule.compiled_prediction()
+                kernel = kernels[key]
+            local, buffers = self._buffers(owners)
+            self.buckets.append(StateBucket(index, owners, local, buffers, rule=rule, columns=columns, kernel=kernel))
+
+    def add_trajectory_group(self, index: int, params: list[Tensor], known_lr: Mapping[Tensor, float]) -> None:
+        """Buckets for param group ``index`` predicted by the trajectory rule; ``known_lr`` is the lr of the last
+        update of the parameters whose buffers hold the weights before it (a bucket shares one)."""
+        grouped: dict[tuple[Any, ...], list[Tensor]] = {}
+        for p in params:
+            grouped.setdefault((p.device, p.dtype, known_lr.get(p)), []).append(p)
+        for (_, _, lr_then), owners in grouped.items():
+            local, buffers = self._buffers(owners)
+            self.buckets.append(TrajectoryBucket(index, owners, local, buffers, lr_then=lr_then))
+
+    def _buffers(self, owners: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        local = [local_tensor(p) for p in owners]
+        return local, self.snapshot.buffers_for(owners, local)

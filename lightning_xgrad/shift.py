@@ -1,0 +1,35 @@
+"""How far a prediction moved the weights: ``||W_hat - W|| / ||W||`` over every predicted parameter, on all ranks.
+
+Computed from the local tensors each rank holds; with sharded (DTensor) parameters the squared norms are summed over
+the ranks (one ``all_reduce``), counting replicated elements once. Pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .sharding import DTensor, ranks_holding
+
+__all__ = ["relative_shift"]
+
+
+@torch.no_grad()
+def relative_shift(predicted: Sequence[tuple[Tensor, Tensor, Tensor]]) -> float:
+    """``||W_hat - W|| / ||W||`` from ``(parameter, predicted local tensor, real local value)`` triples (what
+    :meth:`~lightning_xgrad.OptimizerPredictor.predicted_params` returns); needs at least one triple."""
+    predicted_values = [local for _, local, _ in predicted]
+    real = [value for _, _, value in predicted]
+    shift = torch.stack([d.float().square().sum() for d in torch._foreach_sub(predicted_values, real)])
+    norm = torch.stack([r.float().square().sum() for r in real])
+    if any(isinstance(p, DTensor) for p, _, _ in predicted) and torch.distributed.is_initialized():
+        # Sum the local shards over ranks (logging steps only), counting replicated elements once.
+        weights = torch.tensor([1.0 / ranks_holding(p) for p, _, _ in predicted], device=shift.device)
+        squares = torch.stack([(shift * weights).sum(), (norm * weights).sum()])
+        torch.distributed.all_reduce(squares)
+    else:
+        squares = torch.stack([shift.sum(), norm.sum()])
+    shift_norm, real_norm = squares[0].sqrt(), squares[1].sqrt()
+    return float(shift_norm / real_norm.clamp_min(1e-30))
