@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,11 @@ def _common(curves: Mapping[int, Mapping[float, float]]) -> list[float]:
     """The x values every seed has."""
     keys = [set(points) for points in curves.values()]
     return sorted(set.intersection(*keys)) if keys else []
+
+
+def _marker(xs: Sequence[float]) -> str | None:
+    """Dots on short curves only: on long ones they hide the line."""
+    return "." if len(xs) <= 30 else None
 
 
 def _zoom_on_second_half(ax: Any, spans: Sequence[tuple[float, float, float]]) -> None:
@@ -103,7 +109,7 @@ def plot_curves(panels: Sequence[CurvePanel], path: Path) -> bool:
                 continue
             values = [[seeds[seed][x] for seed in seeds] for x in xs]
             positive &= all(v > 0 for row in values for v in row)
-            (line,) = top.plot(xs, [statistics.fmean(v) for v in values], label=panel.labels[s], marker=".")
+            (line,) = top.plot(xs, [statistics.fmean(v) for v in values], label=panel.labels[s], marker=_marker(xs))
             colors[s] = line.get_color()
             top.fill_between(xs, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=colors[s])
         if positive and top.has_data():
@@ -120,7 +126,7 @@ def plot_curves(panels: Sequence[CurvePanel], path: Path) -> bool:
                 continue
             deltas = [[seeds[seed][x] - baseline[seed][x] for seed in seeds] for x in xs]
             means = [statistics.fmean(d) for d in deltas]
-            bottom.plot(xs, means, color=colors[s], marker=".", label=panel.labels[s])
+            bottom.plot(xs, means, color=colors[s], marker=_marker(xs), label=panel.labels[s])
             half = [0.0] * len(xs)
             if len(seeds) > 1:
                 half = [NOISE_STANDARD_ERRORS * statistics.stdev(d) / math.sqrt(len(d)) for d in deltas]
@@ -137,8 +143,9 @@ def plot_curves(panels: Sequence[CurvePanel], path: Path) -> bool:
             ax.grid(alpha=0.3, which="both" if ax is top else "major")
         if top.get_legend_handles_labels()[0]:
             top.legend(fontsize=8)
-    fig.text(0.5, 0.005, BANDS.format(k=NOISE_STANDARD_ERRORS), ha="center", va="bottom", fontsize=8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer = textwrap.wrap(BANDS.format(k=NOISE_STANDARD_ERRORS), width=80 * columns)
+    fig.text(0.5, 0.005, "\n".join(footer), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.01 + 0.025 * len(footer), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
