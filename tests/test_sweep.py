@@ -84,6 +84,31 @@ def test_a_non_finite_metric_is_reported_not_averaged() -> None:
     assert "a non-finite val_loss at s = 1" in stats.verdict(finals, "min", "val_loss")
 
 
+def test_a_diverged_run_is_reported_and_results_json_stays_strict_json(tmp_path) -> None:
+    from lightning_xgrad.sweep.cli import SweepConfig, write_outputs
+    from lightning_xgrad.sweep.runs import RunResult
+
+    config = SweepConfig(("python", "x.py"), (0, 1), (0, 1, 2), "val_loss", "min", tmp_path)
+    finals = {0: [1.0, 1.1, 0.9], 1: [0.8, float("nan"), 0.7]}
+    results = [
+        RunResult(s, seed, "finished", v, [{"epoch": 0.0, "step": 9.0, "val_loss": v}], {"val_loss": v})
+        for s, values in finals.items()
+        for seed, v in enumerate(values)
+    ]
+    text, _ = write_outputs(config, results, wall=1.0)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert data["runs"][4]["final"] == "nan" and data["summary"][1]["verdict"] == "non-finite metric"
+    row = next(line for line in text.splitlines() if line.startswith("| 1 "))
+    # mean ± std of the finite values (0.8, 0.7), the diverged seed named; no delta, no count of improved seeds
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "1", "3/3", "0.75 ± 0.07071 (1 non-finite left out)", "", "", "non-finite metric"
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------- bad input, before any run
 @pytest.mark.parametrize(
     ("argv", "message"),

@@ -15,14 +15,26 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import report, stats
 from .plot import CurvePanel, plot_curves
-from .runs import FINISHED, NOT_RUN, RunResult, RunSpec, SweepError, check_command, collect, execute, run_folder, tail
+from .runs import (
+    FINISHED,
+    NOT_RUN,
+    RunResult,
+    RunSpec,
+    SweepError,
+    check_command,
+    collect,
+    execute,
+    json_safe,
+    run_folder,
+    tail,
+)
 
 DEFAULT_ROOT = Path("xgrad-sweeps")
 STATE_FILE = "sweep.json"
@@ -42,6 +54,11 @@ class SweepConfig:
     monitor: str
     mode: stats.Mode
     out: Path
+
+    def __post_init__(self) -> None:
+        validate(self.steps, self.seeds, self.command, self.mode)
+        if 0 not in self.steps:
+            raise ValueError(f"steps must include 0, the baseline the others are compared with, got {self.steps}")
 
     def plan(self) -> list[RunSpec]:
         """Seed by seed, every s for a seed before the next seed: paired results arrive early."""
@@ -71,7 +88,6 @@ def run_sweep(
     resume: bool = False,
     check: bool = True,
     desc: str = "runs",
-    write: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
     """Run every (s, seed) of ``config`` not finished yet (all of them unless ``resume``), one after the other,
     with a progress bar; return every run's result, in plan order.
@@ -82,7 +98,7 @@ def run_sweep(
     the monitored metric (the message names the metrics it logged)."""
     from tqdm import tqdm
 
-    echo = write or tqdm.write
+    echo = tqdm.write
     _check_out(config, resume)
     plan = config.plan()
     # a run is done once its process exited cleanly (whether it logged the monitored metric is read afresh)
@@ -223,13 +239,23 @@ def write_outputs(config: SweepConfig, results: Sequence[RunResult], wall: float
     text = markdown(config, results, wall)
     paths = [config.out / "results.md", config.out / "results.json"]
     paths[0].write_text(text)
-    paths[1].write_text(json.dumps(results_json(config, results, wall), indent=1) + "\n")
+    paths[1].write_text(json.dumps(json_safe(results_json(config, results, wall)), indent=1) + "\n")
     curves = {s: {r.seed: r.curve for r in results if r.steps == s and r.status == FINISHED} for s in config.steps}
     legend = {s: "s = 0 (no XGrad)" if s == 0 else f"XGrad s = {s}" for s in config.steps}
     panel = CurvePanel(f"XGrad sweep: {config.monitor}", config.monitor, curves, legend)
     if plot_curves([panel], config.out / "curves.png"):
         paths.append(config.out / "curves.png")
     return text, paths
+
+
+def new_folder(root: Path) -> Path:
+    """A folder under ``root`` named by the time, that no other sweep has taken."""
+    stem = time.strftime("%Y%m%d-%H%M%S")
+    folder, count = root / stem, 1
+    while folder.exists():
+        count += 1
+        folder = root / f"{stem}-{count}"
+    return folder
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
@@ -268,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and args.out is None:
         parser.error("--resume needs --out DIR, the folder of the sweep to continue")
     steps = sorted({0, *steps})
-    out = args.out if args.out is not None else DEFAULT_ROOT / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out if args.out is not None else new_folder(DEFAULT_ROOT)
     config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out)
     start = time.perf_counter()
     try:

@@ -42,14 +42,22 @@ def _x_axis(panel: CurvePanel) -> str:
 
 
 def _points(curve: Sequence[Mapping[str, float]], metric: str, axis: str) -> dict[float, float]:
+    """x -> the metric, finite values only (a diverged run drops out where it diverged)."""
     offset = 1 if axis == "epoch" else 0  # epoch 0 ends after one epoch of training
-    return {point[axis] + offset: point[metric] for point in curve if metric in point and axis in point}
+    return {
+        point[axis] + offset: point[metric]
+        for point in curve
+        if metric in point and axis in point and math.isfinite(point[metric])
+    }
 
 
-def _common(curves: Mapping[int, Mapping[float, float]]) -> list[float]:
-    """The x values every seed has."""
-    keys = [set(points) for points in curves.values()]
-    return sorted(set.intersection(*keys)) if keys else []
+def _by_x(curves: Mapping[int, Mapping[float, float]]) -> dict[float, list[float]]:
+    """x -> the values of the seeds that have one there (curves may end early or diverge)."""
+    values: dict[float, list[float]] = {}
+    for points in curves.values():
+        for x, value in points.items():
+            values.setdefault(x, []).append(value)
+    return dict(sorted(values.items()))
 
 
 def _marker(xs: Sequence[float]) -> str | None:
@@ -103,11 +111,10 @@ def plot_curves(panels: Sequence[CurvePanel], path: Path) -> bool:
         positive = True
         colors = {}
         for s in panel.labels:
-            seeds = per_s.get(s, {})
-            xs = _common(seeds)
-            if not xs:
+            by_x = _by_x(per_s.get(s, {}))
+            if not by_x:
                 continue
-            values = [[seeds[seed][x] for seed in seeds] for x in xs]
+            xs, values = list(by_x), list(by_x.values())
             positive &= all(v > 0 for row in values for v in row)
             (line,) = top.plot(xs, [statistics.fmean(v) for v in values], label=panel.labels[s], marker=_marker(xs))
             colors[s] = line.get_color()
@@ -120,16 +127,22 @@ def plot_curves(panels: Sequence[CurvePanel], path: Path) -> bool:
         for s in panel.labels:
             if s == 0 or s not in colors:
                 continue
-            seeds = {seed: points for seed, points in per_s[s].items() if seed in baseline}
-            xs = [x for x in _common(seeds) if all(x in baseline[seed] for seed in seeds)]
-            if not xs:
+            paired = {
+                seed: {x: value - baseline[seed][x] for x, value in points.items() if x in baseline[seed]}
+                for seed, points in per_s[s].items()
+                if seed in baseline
+            }
+            by_x = _by_x(paired)
+            if not by_x:
                 continue
-            deltas = [[seeds[seed][x] - baseline[seed][x] for seed in seeds] for x in xs]
+            xs, deltas = list(by_x), list(by_x.values())
             means = [statistics.fmean(d) for d in deltas]
             bottom.plot(xs, means, color=colors[s], marker=_marker(xs), label=panel.labels[s])
-            half = [0.0] * len(xs)
-            if len(seeds) > 1:
-                half = [NOISE_STANDARD_ERRORS * statistics.stdev(d) / math.sqrt(len(d)) for d in deltas]
+            # ±2 standard errors where two or more seeds are paired
+            half = [
+                NOISE_STANDARD_ERRORS * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0 for d in deltas
+            ]
+            if any(len(d) > 1 for d in deltas):
                 low = [m - h for m, h in zip(means, half, strict=True)]
                 high = [m + h for m, h in zip(means, half, strict=True)]
                 bottom.fill_between(xs, low, high, alpha=0.15, color=colors[s])

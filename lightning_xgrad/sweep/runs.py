@@ -104,17 +104,17 @@ class RunResult:
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["s"] = data.pop("steps")
-        return {key: _json_number(value) for key, value in data.items()}
+        return {key: json_safe(value) for key, value in data.items()}
 
 
-def _json_number(value: Any) -> Any:
-    """NaN and infinity as strings: results.json stays valid JSON."""
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinity as strings, at any depth: results.json stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, list):
-        return [_json_number(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _json_number(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
 
 

@@ -36,18 +36,22 @@ def too_few_seeds(count: int) -> str:
 
 @dataclass(frozen=True)
 class Spread:
-    """Mean and sample standard deviation of one metric over seeds (std is None for a single seed)."""
+    """Mean and sample standard deviation of one metric over seeds, of its finite values (std is None below two);
+    ``non_finite`` counts the NaN and infinite values left out (diverged runs)."""
 
     count: int
     mean: float
     std: float | None
+    non_finite: int = 0
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Spread | None:
         if not values:
             return None
-        std = statistics.stdev(values) if len(values) > 1 else None
-        return cls(len(values), statistics.fmean(values), std)
+        finite = [v for v in values if math.isfinite(v)]
+        mean = statistics.fmean(finite) if finite else math.nan
+        std = statistics.stdev(finite) if len(finite) > 1 else None
+        return cls(len(finite), mean, std, len(values) - len(finite))
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,10 @@ def format_signed(value: float) -> str:
 def format_spread(spread: Spread | None) -> str:
     if spread is None:
         return ""
-    if spread.std is None:
-        return format_value(spread.mean)
-    return f"{format_value(spread.mean)} ± {spread.std:.4g}"
+    if not spread.count:
+        return f"{spread.non_finite} non-finite"
+    text = format_value(spread.mean) if spread.std is None else f"{format_value(spread.mean)} ± {spread.std:.4g}"
+    return text + (f" ({spread.non_finite} non-finite left out)" if spread.non_finite else "")
 
 
 def format_delta(delta: PairedDelta | None) -> str:
