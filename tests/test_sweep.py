@@ -231,6 +231,7 @@ def test_a_failing_run_is_reported_and_the_sweep_goes_on(sweep) -> None:
     assert "s=1 seed=2: failed (exit status 1); last lines of" in first.stdout
     assert "RuntimeError: failing on purpose" in first.stdout  # the log's last lines
     assert "1 of 6 runs have no result" in first.stderr
+    assert "runs: 100%|" in first.stderr and "6/6 [" in first.stderr  # the progress bar over the runs
     statuses = {(r["s"], r["seed"]): r["status"] for r in sweep["first_json"]["runs"]}
     assert statuses == {(0, 0): "finished", (1, 0): "finished", (0, 1): "finished", (1, 1): "finished",
                         (0, 2): "finished", (1, 2): "failed"}  # fmt: skip
