@@ -1,18 +1,26 @@
 """Convergence benchmark: baseline vs XGrad (s in a list) on every example task, over seeds, through LightningCLI.
 
-Each run is what a user types: ``examples/<task>.py fit --config examples/configs/<task>.yaml``, plus
-``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=s`` for XGrad, with the seed set on
-``seed_everything`` and on the data and model where they take one. Validation metrics are recorded after every
-validation epoch. Writes, under ``--out`` (default benchmarks/results):
+Each task is a sweep of the package's own ``lightning_xgrad.sweep`` (the machinery behind
+``python -m lightning_xgrad.sweep``): every run is what a user types, run as a subprocess,
+``python examples/<example>.py fit --config examples/configs/<task>.yaml --data.seed=SEED`` (and ``--model.seed``
+where the model takes one), with the config's own logger switched off, plus what the sweep appends:
+``--seed_everything=SEED``, ``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=s`` for
+s > 0, and a CSVLogger into the run's folder, from which the validation metrics are read back. Writes into
+``--out`` (default: a new folder under ``benchmarks/runs/``, which git ignores), next to every run's folder:
 
-- ``convergence.md``: per task, mean ± std over seeds of the final metrics, the paired delta against the baseline,
-  how many seeds improved, and the best s;
-- ``convergence.png``: validation curves of each task's primary metric (mean over seeds, band = min..max);
-- ``convergence.json``: every curve, to re-plot or re-tabulate without re-running.
+- ``<name>.md``: per task, mean ± std over seeds of the final metrics, the paired delta against the baseline with
+  its standard error, seeds improved, and a verdict that names a best s only when the paired difference is beyond
+  2 standard errors over at least 3 seeds;
+- ``<name>.png``: per task, validation curves of the primary metric (log scale) over the paired delta against the
+  baseline;
+- ``<name>.json``: every curve, to re-plot without re-running (``--replot``).
 
-    python benchmarks/convergence.py                           # every task, s = 1 2, 3 seeds
+``--publish`` also writes the three files to ``benchmarks/results/``, the published results the README links to.
+
+    python benchmarks/convergence.py --publish                 # the published run: every task, s = 1 2, 3 seeds
     python benchmarks/convergence.py --sweep                   # "which s?": s = 0 1 2 3, best per task
     python benchmarks/convergence.py --tasks digits_sgd --seeds 2 --steps 1
+    python benchmarks/convergence.py --replot benchmarks/results/convergence.json --publish  # redraw the plot only
 """
 
 from __future__ import annotations
@@ -21,31 +29,33 @@ import argparse
 import importlib.util
 import inspect
 import json
-import math
 import platform
 import shlex
-import statistics
 import sys
 import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningCLI
-from tqdm.auto import tqdm
+from lightning_xgrad.sweep import SweepConfig, run_sweep, stats
+from lightning_xgrad.sweep import report as sweep_report
+from lightning_xgrad.sweep.cli import cpu_model
+from lightning_xgrad.sweep.plot import CurvePanel, plot_curves
+from lightning_xgrad.sweep.runs import FINISHED, RunResult, SweepError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+CONFIGS = EXAMPLES / "configs"
+RESULTS = REPO / "benchmarks" / "results"
+RUNS = REPO / "benchmarks" / "runs"
 
 
 @dataclass(frozen=True)
 class Task:
-    """One example program and config; ``metrics[0]`` is the primary metric."""
+    """One example program and config; ``metrics[0]`` is the primary metric, the one the verdict is about."""
 
     example: str
     model: str
@@ -53,51 +63,36 @@ class Task:
     config: str
     metrics: tuple[str, ...]
     higher_is_better: tuple[bool, ...]
-    #: the example's LightningCLI subclass (argument links), or LightningCLI itself
-    cli: str | None = None
+    #: what the run without XGrad is (the companion tasks: the method alone)
+    baseline: str = "baseline"
+    #: what the runs with XGrad add it to
+    method: str = ""
+
+    def label(self, steps: int) -> str:
+        if steps == 0:
+            return self.baseline
+        return f"{self.method} + XGrad s={steps}" if self.method else f"XGrad s={steps}"
+
+    @property
+    def mode(self) -> stats.Mode:
+        return "max" if self.higher_is_better[0] else "min"
 
 
+DIGITS = ("digits", "DigitsClassifier", "DigitsDataModule")
+DIGITS_METRICS = ("val_loss", "val_acc"), (False, True)
 TASKS: dict[str, Task] = {
-    "digits_sgd": Task(
-        "digits", "DigitsClassifier", "DigitsDataModule", "digits_sgd.yaml", ("val_loss", "val_acc"), (False, True)
-    ),
-    "digits_adamw": Task(
-        "digits", "DigitsClassifier", "DigitsDataModule", "digits_adamw.yaml", ("val_loss", "val_acc"), (False, True)
-    ),
+    "digits_sgd": Task(*DIGITS, "digits_sgd.yaml", *DIGITS_METRICS),
+    "digits_adamw": Task(*DIGITS, "digits_adamw.yaml", *DIGITS_METRICS),
     "char_gpt": Task(
-        "char_gpt",
-        "CharGPT",
-        "CharTextDataModule",
-        "char_gpt.yaml",
-        ("val_loss", "val_ppl"),
-        (False, False),
-        cli="CharGPTCLI",
+        "char_gpt", "CharGPT", "CharTextDataModule", "char_gpt.yaml", ("val_loss", "val_ppl"), (False, False)
     ),
     "digits_gan": Task(
         "digits_gan", "DigitsGAN", "DigitsGANData", "digits_gan.yaml", ("val_fd", "val_is"), (False, True)
     ),
     # the companion methods: the baseline row is the method alone, the XGrad rows the method with XGrad
-    "digits_cprop": Task(
-        "digits", "DigitsClassifier", "DigitsDataModule", "digits_cprop.yaml", ("val_loss", "val_acc"), (False, True)
-    ),
-    "digits_ahb": Task(
-        "digits", "DigitsClassifier", "DigitsDataModule", "digits_ahb.yaml", ("val_loss", "val_acc"), (False, True)
-    ),
+    "digits_cprop": Task(*DIGITS, "digits_cprop.yaml", *DIGITS_METRICS, baseline="CProp alone", method="CProp"),
+    "digits_ahb": Task(*DIGITS, "digits_ahb.yaml", *DIGITS_METRICS, baseline="heavy-ball alone", method="heavy-ball"),
 }
-
-
-class CurveRecorder(Callback):
-    """The task's metrics after every validation epoch (not the sanity check)."""
-
-    def __init__(self, metrics: tuple[str, ...]) -> None:
-        self.metrics = metrics
-        self.curve: list[dict[str, float]] = []
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        values = {m: float(trainer.callback_metrics[m]) for m in self.metrics if m in trainer.callback_metrics}
-        self.curve.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
 
 
 def load_example(name: str) -> ModuleType:
@@ -111,152 +106,160 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-def cli_args(task: Task, model_cls: type, data_cls: type, seed: int, steps: int, extra: list[str]) -> list[str]:
-    """The command-line arguments of one run (``steps=0``: the baseline, no callback)."""
-    args = ["--config", str(EXAMPLES / "configs" / task.config), f"--seed_everything={seed}"]
-    for prefix, cls in (("data", data_cls), ("model", model_cls)):
-        if "seed" in inspect.signature(cls.__init__).parameters:
-            args.append(f"--{prefix}.seed={seed}")
-    args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
-    if steps > 0:
-        args += ["--trainer.callbacks+=lightning_xgrad.XGradCallback", f"--trainer.callbacks.steps={steps}"]
-    return args + extra
+def seed_flags(task: Task) -> list[str]:
+    """``--data.seed={seed}`` and ``--model.seed={seed}`` where the class takes a seed (split, order, noise)."""
+    module = load_example(task.example)
+    return [
+        f"--{part}.seed={{seed}}"
+        for part, cls in (("data", getattr(module, task.data)), ("model", getattr(module, task.model)))
+        if "seed" in inspect.signature(cls.__init__).parameters
+    ]
 
 
-def run(task: Task, module: ModuleType, seed: int, steps: int, extra: list[str]) -> list[dict[str, float]]:
-    """Train once; the validation curve."""
-    model_cls, data_cls = getattr(module, task.model), getattr(module, task.data)
-    args = cli_args(task, model_cls, data_cls, seed, steps, extra)
-    cli_cls = getattr(module, task.cli) if task.cli else LightningCLI
-    cli = cli_cls(model_cls, data_cls, args=args, run=False, save_config_callback=None)
-    recorder = CurveRecorder(task.metrics)
-    cli.trainer.callbacks.append(recorder)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return recorder.curve
+def task_command(task: Task, extra: Sequence[str]) -> list[str]:
+    """The user's command of a task; the sweep appends the seed, XGrad and its logger, and fills in ``{seed}``."""
+    return [
+        sys.executable,
+        str(EXAMPLES / f"{task.example}.py"),
+        "fit",
+        "--config",
+        str(CONFIGS / task.config),
+        *seed_flags(task),
+        "--trainer.logger=false",  # the config's own logger: the sweep's CSVLogger is the only one
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+def machine() -> str:
+    return (
+        f"{cpu_model()}, {platform.machine()}; torch {version('torch')}, Lightning {version('lightning')}, "
+        f"Python {platform.python_version()}"
+    )
 
 
-def report(results: dict[str, Any], seeds: list[int], steps_list: list[int], command: str, wall: float) -> str:
-    """The markdown table: final metrics per method, paired deltas of the primary metric, best s per task."""
+def curves_of(results: Sequence[RunResult], steps: int) -> list[list[dict[str, float]]]:
+    """The validation curves of the runs at ``steps`` in seed order (the JSON's ``results``); empty for a run
+    without a result, so position i stays seed i."""
+    runs = sorted((r for r in results if r.steps == steps), key=lambda r: r.seed)
+    return [r.curve if r.status == FINISHED else [] for r in runs]
+
+
+def report(
+    results: dict[str, list[RunResult]], seeds: Sequence[int], steps_list: Sequence[int], command: str, wall: float
+) -> str:
+    """The Markdown report: per task, the sweep's table (with the task's other metrics) and its verdict."""
     lines = [
         "# Convergence: baseline vs XGrad",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Lightning {pl.__version__}, Python {platform.python_version()}; wall time {wall / 60:.1f} min.  ",
-        f"Seeds: {seeds}. Mean ± sample std over seeds of the final validation metrics; Δ = XGrad − baseline, "
-        "taken seed by seed; 'seeds better' counts seeds where the primary metric improved.",
+        f"Machine: {machine()}; wall time {wall / 60:.1f} min.  ",
+        f"Seeds: {list(seeds)}. Runs are deterministic: the same command reproduces these numbers on the same CPU "
+        "model with the same library versions; another CPU gives slightly different numbers (its floating-point "
+        "kernels round differently), within the seed spread.",
         "",
     ]
-    for name, per_method in results.items():
+    for name, runs in results.items():
         task = TASKS[name]
-        primary, better_up = task.metrics[0], task.higher_is_better[0]
-        finals = {s: [curve[-1] for curve in per_method[str(s)]] for s in [0, *steps_list]}
-        header = ["method", *task.metrics, f"Δ {primary}", "seeds better"]
-        lines += [f"## {name} ({task.config})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        best_s, best_value = 0, statistics.fmean(f[primary] for f in finals[0])
-        for s in [0, *steps_list]:
-            row = ["baseline" if s == 0 else f"XGrad s={s}"]
-            row += [_mean_std([f[m] for f in finals[s]]) for m in task.metrics]
-            if s == 0:
-                row += ["", ""]
-            else:
-                deltas = [f[primary] - b[primary] for f, b in zip(finals[s], finals[0], strict=True)]
-                improved = sum((d > 0) == better_up and d != 0 for d in deltas)
-                sign = "+" if statistics.fmean(deltas) >= 0 else "−"
-                spread = f" ± {statistics.stdev(deltas):.4f}" if len(deltas) > 1 else ""
-                row += [f"{sign}{abs(statistics.fmean(deltas)):.4f}{spread}", f"{improved}/{len(deltas)}"]
-                mean = statistics.fmean(f[primary] for f in finals[s])
-                if (mean > best_value) == better_up and mean != best_value:
-                    best_s, best_value = s, mean
-            lines.append("| " + " | ".join(row) + " |")
-        verdict = (
-            "no s beats the baseline on the mean: XGrad does not help here"
-            if best_s == 0
-            else f"best s = {best_s} by the mean {primary}"
-        )
-        lines += ["", f"**{name}**: {verdict}.", ""]
+        primary = task.metrics[0]
+        labels = {s: task.label(s) for s in [0, *steps_list]}
+        table = sweep_report.table(runs, primary, task.mode, labels, "method", task.metrics[1:])
+        verdict = stats.verdict(sweep_report.finals_by_steps(runs), task.mode, primary)
+        lines += [f"## {name} ({task.config})", "", *table, "", f"**{name}**: {verdict}.", ""]
+        failed = sweep_report.failures(runs, primary)
+        if failed:
+            lines += ["Runs without a result:", "", *failed, ""]
+    lines.append(sweep_report.explanation("the primary metric (first column)"))
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], steps_list: list[int], path: Path) -> None:
-    """Validation curves of each task's primary metric: mean over seeds, band from min to max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
-    for ax, (name, per_method) in zip(axes[0], results.items(), strict=True):
-        primary = TASKS[name].metrics[0]
-        for s in [0, *steps_list]:
-            curves = per_method[str(s)]
-            length = min(len(c) for c in curves)
-            epochs = [c["epoch"] + 1 for c in curves[0][:length]]
-            values = [[c[i][primary] for c in curves] for i in range(length)]
-            label = "baseline" if s == 0 else f"XGrad s={s}"
-            line = ax.plot(epochs, [statistics.fmean(v) for v in values], label=label)[0]
-            ax.fill_between(
-                epochs, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=line.get_color()
+def plot(curves: dict[str, dict[str, list[list[dict[str, float]]]]], path: Path) -> bool:
+    """Per task: the primary metric's validation curves over the paired delta against the baseline."""
+    panels = []
+    for name, per_s in curves.items():
+        task = TASKS[name]
+        steps = sorted(int(s) for s in per_s)
+        panels.append(
+            CurvePanel(
+                name,
+                task.metrics[0],
+                {s: dict(enumerate(per_s[str(s)])) for s in steps},  # the curves are in seed order
+                {s: task.label(s) for s in steps},
             )
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(primary)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        )
+    return plot_curves(panels, path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="XGrad s values (default: 1 2)")
     parser.add_argument("--sweep", action="store_true", help="s = 0 1 2 3 and report the best s per task")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, help="the run folder (default: a new folder under benchmarks/runs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out: skip finished runs")
+    parser.add_argument(
+        "--publish", action="store_true", help="also write the results to benchmarks/results/ (the published ones)"
+    )
     parser.add_argument("--name", default="convergence", help="file name stem of the outputs")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a results JSON")
     parser.add_argument("extra", nargs="*", help="more LightningCLI arguments for every run, after --")
     args = parser.parse_args(argv)
     steps_list = [1, 2, 3] if args.sweep else sorted({s for s in args.steps if s > 0})
     if args.seeds < 1 or any(s < 0 for s in args.steps):
         parser.error("--seeds must be >= 1 and --steps >= 0")
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the folder of the run to continue")
+    out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    targets = [out, RESULTS] if args.publish else [out]
+
+    if args.replot is not None:
+        curves = json.loads(args.replot.read_text())["results"]
+        for folder in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            plot(curves, folder / f"{args.name}.png")
+        print("wrote " + ", ".join(str(folder / f"{args.name}.png") for folder in targets))
+        return 0
 
     command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     seeds = list(range(args.seeds))
-    plan = [(name, seed, s) for name in args.tasks for seed in seeds for s in [0, *steps_list]]
-    results: dict[str, dict[str, list[list[dict[str, float]]]]] = {}
-    modules = {name: load_example(TASKS[name].example) for name in args.tasks}
+    results: dict[str, list[RunResult]] = {}
     start = time.perf_counter()
-    for name, seed, s in tqdm(plan, desc="runs", unit="run"):
-        curve = run(TASKS[name], modules[name], seed, s, args.extra)
-        if not curve:
-            raise SystemExit(f"{name} seed={seed} s={s}: no validation epoch ran, so there is nothing to compare")
-        if any(not math.isfinite(v) for point in curve for v in point.values()):
-            tqdm.write(f"warning: {name} seed={seed} s={s} produced non-finite metrics: {curve[-1]}")
-        results.setdefault(name, {}).setdefault(str(s), []).append(curve)
-        final = ", ".join(f"{m}={curve[-1][m]:.4f}" for m in TASKS[name].metrics if m in curve[-1])
-        tqdm.write(f"{name} seed={seed} s={s}: {final}")
+    try:
+        for name in args.tasks:
+            task = TASKS[name]
+            config = SweepConfig(
+                tuple(task_command(task, args.extra)), (0, *steps_list), tuple(seeds), task.metrics[0], task.mode,
+                out / name,
+            )  # fmt: skip
+            results[name] = run_sweep(config, resume=args.resume, check=False, desc=name)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - start
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    curves = {name: {str(s): curves_of(runs, s) for s in [0, *steps_list]} for name, runs in results.items()}
+    data: dict[str, Any] = {
+        "command": command,
+        "machine": machine(),
+        "seeds": seeds,
+        "results": curves,
+        "runs": {name: [r.as_json() for r in runs] for name, runs in results.items()},
+    }
     markdown = report(results, seeds, steps_list, command, wall)
-    (args.out / f"{args.name}.md").write_text(markdown + "\n")
-    plot(results, steps_list, args.out / f"{args.name}.png")
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")
+        (folder / f"{args.name}.md").write_text(markdown + "\n")
+        plot(curves, folder / f"{args.name}.png")
     print(markdown)
-    print(f"\nwrote {args.out / args.name}.md, .png and .json")
+    print("\nwrote " + ", ".join(f"{folder / args.name}.md, .png and .json" for folder in targets))
+    incomplete = sum(r.status != FINISHED for runs in results.values() for r in runs)
+    if incomplete:
+        print(f"{incomplete} runs have no result: see the table", file=sys.stderr)
+    return 1 if incomplete else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,10 +14,13 @@ Per step it records the time inside the callback's hooks (predict + restore), th
 ``on_before_optimizer_step`` to the step's post-hook) and the whole step (``on_train_batch_start`` to
 ``on_train_batch_end``). Memory: bytes the callback holds between steps, and the peak of the temporaries its hooks
 allocate (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events). Medians over steps and runs go to
-``benchmarks/results/overhead.{md,json,png}``.
+``overhead.{md,json,png}`` in ``--out`` (default: a new folder under ``benchmarks/runs/``, which git ignores);
+``--publish`` also writes them to ``benchmarks/results/``, the published results the README links to. The plot
+shows the hooks' time next to the optimizer's update, and the whole-step overhead with its 95% interval.
 
-    python benchmarks/overhead.py                              # the committed run
+    python benchmarks/overhead.py --publish                    # the published run
     python benchmarks/overhead.py --runs 2 --steps 20 --cases mlp-adamw
+    python benchmarks/overhead.py --replot benchmarks/results/overhead.json --publish  # redraw the plot only
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from tqdm.auto import tqdm
 from lightning_xgrad import XGradCallback
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+RUNS = REPO / "benchmarks" / "runs"
 VARIANTS = ("xgrad", "xgrad-compiled", "naive")
 XGRAD_VARIANTS = ("xgrad", "xgrad-compiled")
 OPTIMIZERS = ("adamw", "sgd")
@@ -434,7 +439,8 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
 
 
 def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    """Per case: the optimizer's update next to XGrad's hooks and the naive hooks, in ms per step."""
+    """Per case: left, the optimizer's update next to XGrad's hooks and the naive hooks, in ms per step; right, the
+    whole-step overhead of each variant (median over pairs of neighbouring steps) with its 95% bootstrap interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,14 +453,32 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
         "XGradCallback(compile=True) hooks": [summary[c]["xgrad-compiled"]["hooks_ms"] for c in cases],
         "naive XGrad hooks": [summary[c]["naive"]["hooks_ms"] for c in cases],
     }
-    fig, ax = plt.subplots(figsize=(2.0 + 1.9 * len(cases), 3.6))
+    overhead_labels = {"xgrad": "XGradCallback", "xgrad-compiled": "XGradCallback(compile=True)", "naive": "naive"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 3.8 * len(cases), 4.0))
     width = 0.8 / len(bars)
     for i, (label, values) in enumerate(bars.items()):
-        ax.bar([x + i * width for x in range(len(cases))], values, width, label=label)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases)
-    ax.set_ylabel("ms per step (median)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+        left.bar([x + i * width for x in range(len(cases))], values, width, label=label)
+    left.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases)
+    left.set_ylabel("ms per step (median)")
+    left.set_title("time inside the hooks vs the optimizer's update", fontsize=10)
+    left.legend(fontsize=7)
+    width = 0.8 / len(overhead_labels)
+    for i, (variant, label) in enumerate(overhead_labels.items()):
+        values = [100 * summary[c][variant]["step_overhead"] for c in cases]
+        low = [100 * summary[c][variant]["step_overhead_ci"][0] for c in cases]
+        high = [100 * summary[c][variant]["step_overhead_ci"][1] for c in cases]
+        errors = [
+            [v - lo for v, lo in zip(values, low, strict=True)],
+            [h - v for v, h in zip(values, high, strict=True)],
+        ]
+        right.bar([x + i * width for x in range(len(cases))], values, width, yerr=errors, capsize=3, label=label)
+    right.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases)
+    right.axhline(0.0, color="black", linewidth=0.8)
+    right.set_ylabel("whole-step overhead, % (median)")
+    right.set_title("whole training step, with vs without (bars: 95% interval)", fontsize=10)
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -468,9 +492,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50, help="measured steps per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per run (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, help="output folder (default: a new folder under benchmarks/runs/)")
+    parser.add_argument(
+        "--publish", action="store_true", help="also write the results to benchmarks/results/ (the published ones)"
+    )
     parser.add_argument("--name", default="overhead", help="file name stem of the outputs")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a results JSON")
     args = parser.parse_args(argv)
+    out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    targets = [out, RESULTS] if args.publish else [out]
+    if args.replot is not None:
+        summary = json.loads(args.replot.read_text())["summary"]
+        for folder in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            plot(summary, folder / f"{args.name}.png")
+        print("wrote " + ", ".join(str(folder / f"{args.name}.png") for folder in targets))
+        return
     if args.runs < 1 or args.steps < 2 or args.warmup < 4:
         parser.error(
             "--runs must be >= 1, --steps >= 2 (steps alternate) and --warmup >= 4 (the first prediction, at step 2, "
@@ -495,16 +532,17 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - start
 
     summary = summarize(results)
-    args.out.mkdir(parents=True, exist_ok=True)
     raw = {case: {v: vars(t) for v, t in per.items()} for case, per in results.items()}
-    (args.out / f"{args.name}.json").write_text(
-        json.dumps({"command": command, "device": device, "summary": summary, "raw": raw}, indent=1)
-    )
     markdown = report(summary, command, device, wall, args)
-    (args.out / f"{args.name}.md").write_text(markdown + "\n")
-    plot(summary, args.out / f"{args.name}.png")
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{args.name}.json").write_text(
+            json.dumps({"command": command, "device": device, "summary": summary, "raw": raw}, indent=1)
+        )
+        (folder / f"{args.name}.md").write_text(markdown + "\n")
+        plot(summary, folder / f"{args.name}.png")
     print(markdown)
-    print(f"\nwrote {args.out / args.name}.md, .png and .json")
+    print("\nwrote " + ", ".join(f"{folder / args.name}.md, .png and .json" for folder in targets))
 
 
 if __name__ == "__main__":

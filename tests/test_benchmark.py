@@ -1,11 +1,20 @@
-"""benchmarks/convergence.py: the report's arithmetic on hand-made curves, and one tiny real run end to end."""
+"""The benchmarks: the convergence report's arithmetic on hand-made runs, tiny real runs of both benchmarks end to end
+(into the git-ignored scratch folder: `git status` stays clean), and the overhead benchmark's naive reference."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "benchmarks" / "runs"
 
 
 @pytest.fixture(scope="module")
@@ -15,55 +24,105 @@ def convergence():
     return convergence
 
 
-def _curve(loss: float, acc: float) -> list[dict[str, float]]:
-    return [
-        {"epoch": 0, "step": 10, "val_loss": loss + 1, "val_acc": acc - 0.1},
-        {"epoch": 1, "step": 20, "val_loss": loss, "val_acc": acc},
+def _run(steps: int, seed: int, loss: float, acc: float):
+    from lightning_xgrad.sweep.runs import RunResult
+
+    curve = [
+        {"epoch": 0, "step": 9, "val_loss": loss + 1, "val_acc": acc - 0.1},
+        {"epoch": 1, "step": 19, "val_loss": loss, "val_acc": acc},
     ]
+    return RunResult(steps, seed, "finished", loss, curve, {"val_loss": loss, "val_acc": acc})
 
 
-def test_report_tabulates_paired_deltas_and_the_best_s(convergence) -> None:
-    results = {
-        "digits_sgd": {
-            "0": [_curve(0.50, 0.90), _curve(0.70, 0.80)],
-            "1": [_curve(0.40, 0.92), _curve(0.80, 0.79)],  # deltas -0.10, +0.10: mean 0, one seed better
-            "2": [_curve(0.45, 0.91), _curve(0.60, 0.85)],  # deltas -0.05, -0.10: mean -0.075, both better
-        }
+def _row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_report_tabulates_paired_deltas_their_standard_error_and_the_verdict(convergence) -> None:
+    finals = {  # s -> (val_loss, val_acc) for seeds 0, 1, 2
+        0: [(0.50, 0.90), (0.70, 0.80), (0.60, 0.85)],
+        1: [(0.40, 0.92), (0.80, 0.79), (0.55, 0.86)],  # deltas -0.10, +0.10, -0.05: noise
+        2: [(0.45, 0.91), (0.62, 0.85), (0.53, 0.88)],  # deltas -0.05, -0.08, -0.07: better on every seed
     }
-    text = convergence.report(results, seeds=[0, 1], steps_list=[1, 2], command="cmd", wall=60.0)
-    assert "| baseline | 0.6000 ± 0.1414 | 0.8500 ± 0.0707 |  |  |" in text
-    assert "| XGrad s=1 | 0.6000 ± 0.2828 | 0.8550 ± 0.0919 | +0.0000 ± 0.1414 | 1/2 |" in text
-    assert "| XGrad s=2 | 0.5250 ± 0.1061 | 0.8800 ± 0.0424 | −0.0750 ± 0.0354 | 2/2 |" in text
-    assert "best s = 2 by the mean val_loss" in text
+    runs = [_run(s, seed, *finals[s][seed]) for s in finals for seed in range(3)]
+    text = convergence.report({"digits_sgd": runs}, seeds=[0, 1, 2], steps_list=[1, 2], command="cmd", wall=60.0)
+    # mean ± std by hand: s=0 val_loss (0.5, 0.7, 0.6): 0.6 ± 0.1; val_acc (0.9, 0.8, 0.85): 0.85 ± 0.05
+    assert _row(text, "baseline") == ["baseline", "3/3", "0.6 ± 0.1", "0.85 ± 0.05", "", "", "baseline"]
+    # s=1: deltas (-0.1, 0.1, -0.05): mean -0.01667, std 0.1041, SE 0.06009: within 2 SE
+    assert _row(text, "XGrad s=1")[4:] == ["−0.01667 ± 0.06009", "2/3", "no difference detected"]
+    # s=2: deltas (-0.05, -0.08, -0.07): mean -0.06667, std 0.01528, SE 0.008819: beyond 2 SE
+    assert _row(text, "XGrad s=2")[2:] == ["0.5333 ± 0.08505", "0.88 ± 0.03", "−0.06667 ± 0.008819", "3/3", "better"]
+    assert "**digits_sgd**: best s = 2: val_loss −0.06667 ± 0.008819" in text
+    assert "same CPU model" in text  # the numbers reproduce on the same CPU only
 
 
-def test_report_says_when_xgrad_does_not_help(convergence) -> None:
-    results = {"digits_sgd": {"0": [_curve(0.5, 0.9)], "1": [_curve(0.6, 0.9)]}}
-    text = convergence.report(results, seeds=[0], steps_list=[1], command="cmd", wall=1.0)
-    assert "no s beats the baseline on the mean: XGrad does not help here" in text
+def test_report_names_no_best_s_from_one_seed(convergence) -> None:
+    runs = [_run(0, 0, 0.5, 0.9), _run(1, 0, 0.4, 0.95)]
+    text = convergence.report({"digits_sgd": runs}, seeds=[0], steps_list=[1], command="cmd", wall=1.0)
+    assert _row(text, "XGrad s=1")[4:] == ["−0.1", "1/1", "too few seeds (1 < 3)"]
+    assert "**digits_sgd**: too few seeds for a verdict" in text and "best s" not in text
 
 
-def test_a_tiny_real_run_writes_table_plot_and_curves(convergence, tmp_path) -> None:
-    convergence.main(
-        [
-            "--tasks",
-            "digits_sgd",
-            "--seeds",
-            "1",
-            "--steps",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--",
-            "--trainer.max_epochs=2",
-        ]
-    )
-    data = json.loads((tmp_path / "convergence.json").read_text())
+def test_companion_tasks_label_their_baseline_as_the_method_alone(convergence) -> None:
+    assert [convergence.TASKS["digits_cprop"].label(s) for s in (0, 1)] == ["CProp alone", "CProp + XGrad s=1"]
+    assert convergence.TASKS["digits_ahb"].label(0) == "heavy-ball alone"
+    assert convergence.TASKS["digits_sgd"].label(0) == "baseline"
+
+
+def _git_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def new_run_folder():
+    """The folder a benchmark makes under benchmarks/runs/ by default; removed after the test."""
+    before = set(RUNS.iterdir()) if RUNS.exists() else set()
+    made: list[Path] = []
+
+    def find() -> Path:
+        (folder,) = set(RUNS.iterdir()) - before
+        made.append(folder)
+        return folder
+
+    yield find
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_narrowed_run_writes_to_an_ignored_folder_not_the_published_results(
+    convergence, new_run_folder, monkeypatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    status = _git_status()
+    published = {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()}
+    code = convergence.main(["--tasks", "digits_sgd", "--seeds", "1", "--steps", "1", "--", "--trainer.max_epochs=2"])
+    assert code == 0
+    assert _git_status() == status  # results in the git-ignored scratch folder only
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == published
+    out = new_run_folder()
+    data = json.loads((out / "convergence.json").read_text())
     curves = data["results"]["digits_sgd"]
     assert len(curves["0"][0]) == len(curves["1"][0]) == 2  # one validation point per epoch
     assert curves["0"][0][-1]["val_loss"] != curves["1"][0][-1]["val_loss"]  # the flag really added XGrad
-    assert (tmp_path / "convergence.png").stat().st_size > 10_000
-    assert "## digits_sgd" in (tmp_path / "convergence.md").read_text()
+    # the curve is what the run's own CSV log holds
+    with (out / "digits_sgd" / "runs" / "s1-seed0" / "csv" / "metrics.csv").open() as file:
+        logged = [float(row["val_loss"]) for row in csv.DictReader(file) if row["val_loss"]]
+    assert [point["val_loss"] for point in curves["1"][0]] == logged
+    assert (out / "convergence.png").stat().st_size > 10_000
+    assert "too few seeds" in (out / "convergence.md").read_text()  # one seed: no verdict
+    for scratch in ("xgrad-sweeps/x", "benchmarks/runs/x"):  # the sweep's and the benchmarks' default folders
+        assert subprocess.run(["git", "check-ignore", "-q", scratch], cwd=REPO).returncode == 0
+
+
+def test_replot_redraws_the_plot_from_a_results_json(convergence, tmp_path) -> None:
+    curves = {
+        "digits_sgd": {str(s): [_run(s, seed, 0.5 - 0.01 * s * seed, 0.9).curve for seed in range(3)] for s in (0, 1)}
+    }
+    source = tmp_path / "saved.json"
+    source.write_text(json.dumps({"results": curves}))
+    assert convergence.main(["--replot", str(source), "--out", str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["convergence.png"]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +161,11 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
     assert all(torch.equal(p.detach(), before) for p, before in zip(params, real, strict=True))
 
 
-def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, tmp_path) -> None:
-    overhead.main(["--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4", "--out", str(tmp_path)])
+def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, new_run_folder) -> None:
+    status = _git_status()
+    overhead.main(["--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4"])
+    assert _git_status() == status  # results in the git-ignored scratch folder only
+    tmp_path = new_run_folder()
     data = json.loads((tmp_path / "overhead.json").read_text())
     row = data["summary"]["cnn-sgd"]
     param_bytes = sum(p.numel() * p.element_size() for p in overhead.cnn().parameters())

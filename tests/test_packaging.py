@@ -49,8 +49,15 @@ def _declared(requirements: list[str]) -> set[str]:
     return {canonicalize_name(Requirement(r).name) for r in requirements}
 
 
+#: imports of the package that are optional (guarded by ``except ImportError``), and the extra that declares each
+OPTIONAL_IMPORTS = {"matplotlib": "sweep"}
+
+
 def test_core_dependencies_are_exactly_what_the_package_imports() -> None:
-    assert _declared(PROJECT["dependencies"]) == _distributions_imported_by(REPO / "lightning_xgrad")
+    optional = {canonicalize_name(name) for name in OPTIONAL_IMPORTS}
+    assert _declared(PROJECT["dependencies"]) == _distributions_imported_by(REPO / "lightning_xgrad") - optional
+    for name, extra in OPTIONAL_IMPORTS.items():
+        assert canonicalize_name(name) in _declared(PROJECT["optional-dependencies"][extra])
 
 
 def test_examples_extra_declares_every_import_of_the_examples_and_benchmarks() -> None:

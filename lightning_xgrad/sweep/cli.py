@@ -1,0 +1,320 @@
+"""``python -m lightning_xgrad.sweep`` (``xgrad-sweep``): does XGrad help my model, and with which s?
+
+Runs the user's LightningCLI command once per (s, seed), as a subprocess (see :mod:`.runs`), reads the monitored
+metric back from each run's CSV log, and writes the table, the verdict (see :mod:`.stats`), results.json and a
+plot of the curves into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import report, stats
+from .plot import CurvePanel, plot_curves
+from .runs import (
+    FINISHED,
+    NOT_RUN,
+    RunResult,
+    RunSpec,
+    SweepError,
+    check_command,
+    collect,
+    execute,
+    json_safe,
+    run_folder,
+    tail,
+)
+
+DEFAULT_ROOT = Path("xgrad-sweeps")
+STATE_FILE = "sweep.json"
+USAGE = (
+    "python -m lightning_xgrad.sweep [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] "
+    "[--out DIR] [--resume] -- python my_cli.py fit --config my.yaml [more args]"
+)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to run: the user's command for every s in ``steps`` (0 first) and seed in ``seeds``, into ``out``."""
+
+    command: tuple[str, ...]
+    steps: tuple[int, ...]
+    seeds: tuple[int, ...]
+    monitor: str
+    mode: stats.Mode
+    out: Path
+
+    def __post_init__(self) -> None:
+        validate(self.steps, self.seeds, self.command, self.mode)
+        if 0 not in self.steps:
+            raise ValueError(f"steps must include 0, the baseline the others are compared with, got {self.steps}")
+
+    def plan(self) -> list[RunSpec]:
+        """Seed by seed, every s for a seed before the next seed: paired results arrive early."""
+        return [run_folder(self.out, s, seed) for seed in self.seeds for s in self.steps]
+
+
+def validate(steps: Sequence[int], seeds: Sequence[int], command: Sequence[str], mode: str = "min") -> None:
+    """Refuse bad input before any run starts (ValueError, naming the argument)."""
+    if not command:
+        raise ValueError(f"no command after `--`: give the LightningCLI command to sweep, e.g. {USAGE}")
+    if any(s < 0 for s in steps):
+        raise ValueError(f"--steps must be >= 0 (s = 0 is the baseline without XGrad), got {list(steps)}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"--steps has duplicates: {list(steps)}")
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed")
+    if any(not 0 <= seed < 2**32 for seed in seeds):
+        raise ValueError(f"--seeds must be in [0, 2**32) (seed_everything's range), got {list(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds has duplicates: {list(seeds)}")
+    if mode not in stats.MODES:
+        raise ValueError(f"--mode must be one of {stats.MODES}, got {mode!r}")
+
+
+def run_sweep(
+    config: SweepConfig,
+    resume: bool = False,
+    check: bool = True,
+    desc: str = "runs",
+) -> list[RunResult]:
+    """Run every (s, seed) of ``config`` not finished yet (all of them unless ``resume``), one after the other,
+    with a progress bar; return every run's result, in plan order.
+
+    A run that fails is reported with the last lines of its log and the sweep goes on. Raises SweepError when
+    ``out`` holds another sweep, when the command does not take the sweep's arguments or already has XGradCallback
+    (``check``: one ``--print_config`` call before the first run), and when the first finished run never logged
+    the monitored metric (the message names the metrics it logged)."""
+    from tqdm import tqdm
+
+    echo = tqdm.write
+    _check_out(config, resume)
+    plan = config.plan()
+    # a run is done once its process exited cleanly (whether it logged the monitored metric is read afresh)
+    done = {spec for spec in plan if resume and collect(spec, config.monitor).returncode == 0}
+    todo = [spec for spec in plan if spec not in done]
+    if done:
+        echo(f"resuming {config.out}: {len(done)} of {len(plan)} runs already finished, {len(todo)} to run")
+    monitor_checked = False
+    if done:
+        _check_monitor(collect(next(spec for spec in plan if spec in done), config.monitor), config.monitor)
+        monitor_checked = True
+    if check and todo:
+        with tempfile.TemporaryDirectory(prefix="xgrad-sweep-check-") as scratch:
+            check_command(config.command, max(config.steps), config.seeds[0], Path(scratch))
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / STATE_FILE).write_text(json.dumps({"command": list(config.command)}, indent=1) + "\n")
+    with tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True) as bar:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            execute(config.command, spec)
+            result = collect(spec, config.monitor)
+            if result.returncode == 0 and not monitor_checked:
+                _check_monitor(result, config.monitor)
+                monitor_checked = True
+            if result.status == FINISHED:
+                echo(f"{spec.name}: {config.monitor}={stats.format_value(result.final)} ({result.seconds:.0f} s)")
+            else:
+                reason = report.describe(result, config.monitor)
+                echo(f"{spec.name}: {reason}; last lines of {spec.log}:\n{_indent(tail(spec.log))}")
+            bar.update()
+    return [collect(spec, config.monitor) for spec in plan]
+
+
+def _check_out(config: SweepConfig, resume: bool) -> None:
+    """``out`` must be new, or hold a sweep of the same command when resuming."""
+    state = config.out / STATE_FILE
+    if state.is_file():
+        previous = json.loads(state.read_text())
+        if not resume:
+            raise SweepError(
+                f"--out {config.out} already holds a sweep: pass --resume to continue it, or choose another --out"
+            )
+        if previous["command"] != list(config.command):
+            raise SweepError(
+                f"--out {config.out} holds a sweep of another command ({shlex.join(previous['command'])}); "
+                "--resume continues a sweep of the same command only"
+            )
+
+
+def _check_monitor(result: RunResult, monitor: str) -> None:
+    if result.final is None:
+        logged = ", ".join(name for name in result.finals) or "none"
+        raise SweepError(
+            f"--monitor {monitor} was never logged by the first run (s={result.steps} seed={result.seed}); it "
+            f"logged: {logged}. Pass one of those as --monitor (with --mode max if higher is better)."
+        )
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def labels(steps: Sequence[int]) -> dict[int, str]:
+    return {s: "0 (no XGrad)" if s == 0 else str(s) for s in steps}
+
+
+def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float) -> dict[str, Any]:
+    finals = report.finals_by_steps(results)
+    summary = []
+    for s in config.steps:
+        spread = stats.Spread.of(list(finals.get(s, {}).values()))
+        delta = None if s == 0 else stats.paired_delta(finals.get(s, {}), finals.get(0, {}), config.mode)
+        summary.append(
+            {
+                "s": s,
+                "finished": len(finals.get(s, {})),
+                "mean": spread and spread.mean,
+                "std": spread and spread.std,
+                "delta_mean": delta and delta.mean,
+                "delta_standard_error": delta and delta.standard_error,
+                "paired_seeds": list(delta.seeds) if delta else [],
+                "seeds_improved": delta and delta.improved,
+                "verdict": stats.BASELINE if s == 0 else (delta.verdict if delta else "no paired seeds"),
+            }
+        )
+    return {
+        "command": list(config.command),
+        "monitor": config.monitor,
+        "mode": config.mode,
+        "steps": list(config.steps),
+        "seeds": list(config.seeds),
+        "machine": machine(),
+        "wall_seconds": round(wall, 1),
+        "summary": summary,
+        "verdict": stats.verdict(finals, config.mode, config.monitor),
+        "runs": [r.as_json() for r in results],
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name where the system tells it (Linux, macOS), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()} on {platform.system()}"
+
+
+def markdown(config: SweepConfig, results: Sequence[RunResult], wall: float) -> str:
+    finished = sum(r.status == FINISHED for r in results)
+    lines = [
+        f"# XGrad sweep: {config.monitor} ({'lower' if config.mode == 'min' else 'higher'} is better)",
+        "",
+        f"Command: `{shlex.join(config.command)}`  ",
+        f"s: {' '.join(map(str, config.steps))}; seeds: {' '.join(map(str, config.seeds))}; {finished} of "
+        f"{len(results)} runs finished; wall time {wall / 60:.1f} min; {machine()}.",
+        "",
+        *report.table(results, config.monitor, config.mode, labels(config.steps)),
+        "",
+        f"**Verdict**: {stats.verdict(report.finals_by_steps(results), config.mode, config.monitor)}.",
+        "",
+        report.explanation(config.monitor, config.mode),
+    ]
+    failed = report.failures(results, config.monitor)
+    if failed:
+        lines += ["", "Runs without a result:", "", *failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(config: SweepConfig, results: Sequence[RunResult], wall: float) -> tuple[str, list[Path]]:
+    """results.md, results.json and curves.png in ``out``; the Markdown and the paths written."""
+    text = markdown(config, results, wall)
+    paths = [config.out / "results.md", config.out / "results.json"]
+    curves = {s: {r.seed: r.curve for r in results if r.steps == s and r.status == FINISHED} for s in config.steps}
+    legend = {s: "s = 0 (no XGrad)" if s == 0 else f"XGrad s = {s}" for s in config.steps}
+    panel = CurvePanel(f"XGrad sweep: {config.monitor}", config.monitor, curves, legend)
+    if plot_curves([panel], config.out / "curves.png"):
+        paths.append(config.out / "curves.png")
+    else:
+        text += "\nNo curves.png: matplotlib is not installed (`pip install 'lightning-xgrad[sweep]'`).\n"
+    paths[0].write_text(text)
+    paths[1].write_text(json.dumps(json_safe(results_json(config, results, wall)), indent=1) + "\n")
+    return text, paths
+
+
+def new_folder(root: Path) -> Path:
+    """A folder under ``root`` named by the time, that no other sweep has taken."""
+    stem = time.strftime("%Y%m%d-%H%M%S")
+    folder, count = root / stem, 1
+    while folder.exists():
+        count += 1
+        folder = root / f"{stem}-{count}"
+    return folder
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_xgrad.sweep",
+        usage=USAGE,
+        description=(
+            "Does XGrad help my model, and with which s? Runs a LightningCLI command once per (s, seed), s = 0 "
+            "without XGrad, and compares the monitored metric seed by seed. Each run gets --seed_everything=SEED, "
+            "for s > 0 --trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=S, and a "
+            "CSVLogger into its folder (added to the loggers the command already has). {seed} in the command is "
+            "replaced by the run's seed."
+        ),
+    )
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[0, 1, 2], help="values of s (default: 0 1 2; 0 is always run)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--monitor", default="val_loss", help="the logged metric to compare (default: val_loss)")
+    parser.add_argument("--mode", choices=stats.MODES, default="min", help="min: lower is better (default); max")
+    parser.add_argument("--out", type=Path, help="the sweep's folder (default: a new folder under xgrad-sweeps/)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep in --out: skip finished runs")
+    argv = list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    return parser.parse_args(argv[:split]), argv[split + 1 :], parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns 0 when every run finished with the metric, 1 when some did not, 2 on bad input."""
+    args, command, parser = parse(sys.argv[1:] if argv is None else argv)
+    steps = list(args.steps)
+    try:
+        validate(steps, args.seeds, command, args.mode)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the folder of the sweep to continue")
+    steps = sorted({0, *steps})
+    out = args.out if args.out is not None else new_folder(DEFAULT_ROOT)
+    config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out)
+    start = time.perf_counter()
+    try:
+        results = run_sweep(config, resume=args.resume)
+    except SweepError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: continue with --resume --out {out}", file=sys.stderr)
+        results = [collect(spec, config.monitor) for spec in config.plan()]
+        write_outputs(config, results, time.perf_counter() - start)
+        return 130
+    text, paths = write_outputs(config, results, time.perf_counter() - start)
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    incomplete = [r for r in results if r.status != FINISHED]
+    if incomplete:
+        not_run = sum(r.status == NOT_RUN for r in incomplete)
+        print(f"{len(incomplete)} of {len(results)} runs have no result ({not_run} not run)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,102 @@
+"""The sweep's table and verdict as Markdown, and its results.json: per s, the metric over seeds and the paired
+difference against s = 0 (see :mod:`.stats`), from the runs' results (see :mod:`.runs`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from . import stats
+from .runs import FAILED, FINISHED, NO_METRIC, RunResult
+
+
+def finals_by_steps(results: Sequence[RunResult], metric: str | None = None) -> dict[int, dict[int, float]]:
+    """s -> seed -> the final value of ``metric`` (default: the monitored one) of every finished run."""
+    finals: dict[int, dict[int, float]] = {}
+    for r in results:
+        finals.setdefault(r.steps, {})
+        if r.status != FINISHED:
+            continue
+        value = r.final if metric is None else r.finals.get(metric)
+        if value is not None:
+            finals[r.steps][r.seed] = value
+    return finals
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table with padded columns, so it reads as well in a terminal as rendered."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
+
+    return [line(header), "|" + "|".join("-" * (width + 2) for width in widths) + "|", *(line(r) for r in rows)]
+
+
+def table(
+    results: Sequence[RunResult],
+    monitor: str,
+    mode: stats.Mode,
+    labels: Mapping[int, str],
+    label_header: str = "s",
+    more_metrics: Sequence[str] = (),
+) -> list[str]:
+    """One row per s (in ``labels``' order): finished runs, mean ± std over seeds of the monitored metric (and of
+    ``more_metrics``), the paired difference against s = 0 with its standard error, seeds improved, verdict."""
+    finals = finals_by_steps(results)
+    totals = {s: sum(r.steps == s for r in results) for s in labels}
+    header = [
+        label_header,
+        "runs",
+        f"{monitor} (mean ± std)",
+        *more_metrics,
+        f"Δ {monitor} vs s=0 (mean ± SE)",
+        "seeds improved",
+        "verdict",
+    ]
+    rows = []
+    for s, label in labels.items():
+        values = finals.get(s, {})
+        row = [label, f"{len(values)}/{totals[s]}", stats.format_spread(stats.Spread.of(list(values.values())))]
+        for metric in more_metrics:
+            row.append(stats.format_spread(stats.Spread.of(list(finals_by_steps(results, metric).get(s, {}).values()))))
+        if s == 0:
+            row += ["", "", stats.BASELINE]
+        else:
+            delta = stats.paired_delta(values, finals.get(0, {}), mode)
+            if delta is None:
+                row += ["", "", "no paired seeds"]
+            else:
+                improved = "" if delta.verdict == stats.NOT_FINITE else f"{delta.improved}/{delta.count}"
+                row += [stats.format_delta(delta), improved, delta.verdict]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def explanation(metric: str, mode: stats.Mode | None = None) -> str:
+    """What the table's numbers are and what the verdict rule is."""
+    direction = "" if mode is None else f" ({'lower' if mode == 'min' else 'higher'} is better)"
+    return (
+        f"{metric}: its last logged value in each run{direction}; mean ± sample std over seeds. Δ: the metric at "
+        "s minus the metric at s = 0 with the same seed, mean ± its standard error (std of the differences / "
+        f"√seeds). A verdict names s better or worse only when |mean Δ| > {stats.NOISE_STANDARD_ERRORS:g} standard "
+        f"errors over at least {stats.MIN_SEEDS} seeds: a screen for seed noise, not a significance test (with 3 "
+        "seeds, noise alone passes it about one time in five; more seeds make it stricter)."
+    )
+
+
+def describe(result: RunResult, monitor: str) -> str:
+    """Why a run has no result."""
+    if result.status == NO_METRIC:
+        return f"{NO_METRIC} (it exited cleanly but never logged {monitor})"
+    if result.status == FAILED:
+        return f"{FAILED} (exit status {result.returncode})"
+    return result.status
+
+
+def failures(results: Sequence[RunResult], monitor: str) -> list[str]:
+    """One line per run that did not finish with the monitored metric."""
+    return [
+        f"- s={r.steps} seed={r.seed}: {describe(r, monitor)}" + (f", log: `{r.log}`" if r.log else "")
+        for r in results
+        if r.status != FINISHED
+    ]

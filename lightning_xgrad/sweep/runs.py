@@ -1,0 +1,232 @@
+"""One sweep run: the user's command with what the sweep appends, run as a subprocess, and its metrics read back.
+
+A run is the user's LightningCLI command with ``--seed_everything=SEED``, for s > 0
+``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=S``, and a CSVLogger appended to
+``trainer.logger`` (``+=``, so a logger the user configured keeps logging) that writes ``csv/metrics.csv`` into the
+run's folder. ``{seed}`` anywhere in the command is replaced by the run's seed (for a data module or model that
+takes a seed of its own). The run's output goes to ``log.txt`` and its outcome to ``status.json`` in its folder;
+a finished run is never run again by ``--resume``. Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+XGRAD_CLASS_PATH = "lightning_xgrad.XGradCallback"
+CSV_LOGGER_CLASS_PATH = "lightning.pytorch.loggers.CSVLogger"
+SEED_PLACEHOLDER = "{seed}"
+#: the statuses of a run in results.json
+FINISHED, FAILED, NO_METRIC, NOT_RUN = "finished", "failed", "metric not logged", "not run"
+#: CSVLogger's bookkeeping columns, not metrics
+INDEX_COLUMNS = ("epoch", "step")
+
+
+class SweepError(Exception):
+    """A problem with the sweep's input, found before (or, for the monitored metric, after the first) run."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (s, seed) of a sweep, and where its files go."""
+
+    steps: int
+    seed: int
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return f"s={self.steps} seed={self.seed}"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "log.txt"
+
+    @property
+    def status_file(self) -> Path:
+        return self.folder / "status.json"
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.folder / "csv" / "metrics.csv"
+
+
+def run_folder(out: Path, steps: int, seed: int) -> RunSpec:
+    return RunSpec(steps, seed, out / "runs" / f"s{steps}-seed{seed}")
+
+
+def appended_args(steps: int, seed: int, folder: Path) -> list[str]:
+    """What the sweep adds to the user's command for one run."""
+    args = [f"--seed_everything={seed}"]
+    if steps > 0:
+        args += [f"--trainer.callbacks+={XGRAD_CLASS_PATH}", f"--trainer.callbacks.steps={steps}"]
+    # name "csv" and an empty version: the metrics land in <folder>/csv/metrics.csv, with no version_N folder
+    return [
+        *args,
+        f"--trainer.logger+={CSV_LOGGER_CLASS_PATH}",
+        f"--trainer.logger.save_dir={folder.resolve()}",  # absolute: the program may change its directory
+        "--trainer.logger.name=csv",
+        "--trainer.logger.version=",
+    ]
+
+
+def run_command(command: Sequence[str], spec: RunSpec) -> list[str]:
+    """The full command line of one run."""
+    user = [arg.replace(SEED_PLACEHOLDER, str(spec.seed)) for arg in command]
+    return [*user, *appended_args(spec.steps, spec.seed, spec.folder)]
+
+
+@dataclass
+class RunResult:
+    """What one run left: its status, the monitored metric's last value and curve, every metric's last value."""
+
+    steps: int
+    seed: int
+    status: str
+    final: float | None = None
+    #: the rows of metrics.csv where the monitored metric was logged: epoch, step and every metric in that row
+    curve: list[dict[str, float]] = field(default_factory=list)
+    #: the last value of every metric the run logged
+    finals: dict[str, float] = field(default_factory=dict)
+    returncode: int | None = None
+    seconds: float | None = None
+    log: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["s"] = data.pop("steps")
+        return {key: json_safe(value) for key, value in data.items()}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinity as strings, at any depth: results.json stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a CSVLogger metrics file, each with only the columns that hold a value in that row."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return [
+            {key: float(value) for key, value in row.items() if value not in ("", None)} for row in csv.DictReader(file)
+        ]
+
+
+def logged_metric_names(rows: Sequence[dict[str, float]]) -> list[str]:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(key for key in row if key not in INDEX_COLUMNS))
+    return list(names)
+
+
+def collect(spec: RunSpec, monitor: str) -> RunResult:
+    """The result of a run from its folder: status.json and csv/metrics.csv (``not run`` without a status)."""
+    if not spec.status_file.is_file():
+        return RunResult(spec.steps, spec.seed, NOT_RUN)
+    status = json.loads(spec.status_file.read_text())
+    rows = read_metrics(spec.metrics_csv)
+    finals: dict[str, float] = {}
+    for row in rows:
+        finals.update({key: value for key, value in row.items() if key not in INDEX_COLUMNS})
+    curve = [row for row in rows if monitor in row]
+    result = RunResult(
+        spec.steps,
+        spec.seed,
+        status["status"],
+        curve=curve,
+        finals=finals,
+        returncode=status.get("returncode"),
+        seconds=status.get("seconds"),
+        log=str(spec.log),
+    )
+    if result.status == FINISHED:
+        if curve:
+            result.final = curve[-1][monitor]
+        else:
+            result.status = NO_METRIC
+    return result
+
+
+def execute(command: Sequence[str], spec: RunSpec) -> None:
+    """Run once, from scratch: the folder is emptied first, output goes to log.txt, the outcome to status.json."""
+    shutil.rmtree(spec.folder, ignore_errors=True)
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    argv = run_command(command, spec)
+    start = time.perf_counter()
+    with spec.log.open("w") as log:
+        log.write(f"$ {shlex.join(argv)}\n\n")
+        log.flush()
+        returncode = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    status = {
+        "status": FINISHED if returncode == 0 else FAILED,
+        "returncode": returncode,
+        "seconds": round(time.perf_counter() - start, 3),
+        "command": argv,
+    }
+    spec.status_file.write_text(json.dumps(status, indent=1) + "\n")
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file."""
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def check_command(command: Sequence[str], steps: int, seed: int, scratch: Path) -> None:
+    """Run the command once with the sweep's arguments for ``steps`` and ``--print_config`` appended: it parses
+    them without training, and the printed config shows whether XGradCallback is already there (the sweep adds it
+    itself for s > 0 and must leave it out for s = 0). Raises SweepError with what went wrong."""
+    import yaml
+
+    spec = RunSpec(steps, seed, scratch)
+    argv = [*run_command(command, spec), "--print_config"]
+    process = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if process.returncode != 0:
+        output = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
+        raise SweepError(
+            "the command does not accept the sweep's arguments (it must be a LightningCLI program; the sweep "
+            f"checked with --print_config appended):\n  $ {shlex.join(argv)}\n{output}"
+        )
+    try:
+        config = yaml.safe_load(process.stdout)
+    except yaml.YAMLError:
+        config = None
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(trainer, dict):
+        raise SweepError(
+            f"the command printed no Trainer configuration with --print_config (is it a LightningCLI program?):\n"
+            f"  $ {shlex.join(argv)}\n{process.stdout[-2000:]}"
+        )
+    callbacks = trainer.get("callbacks") or []
+    xgrad = [c for c in callbacks if isinstance(c, dict) and str(c.get("class_path", "")).endswith("XGradCallback")]
+    if len(xgrad) > (1 if steps > 0 else 0):
+        raise SweepError(
+            "XGradCallback is already in the command's configuration (trainer.callbacks, from a config file or a "
+            "flag). The sweep adds it itself for s > 0 and runs s = 0 without it: remove it from the command or "
+            "its config and run the sweep again."
+        )
+    loggers = trainer.get("logger")
+    last_logger = loggers[-1] if isinstance(loggers, list) and loggers else None
+    if not (
+        isinstance(last_logger, dict) and last_logger.get("init_args", {}).get("save_dir") == str(scratch.resolve())
+    ):
+        raise SweepError(f"the sweep's CSVLogger did not reach trainer.logger: {loggers!r}")
+    if steps > 0 and xgrad[-1].get("init_args", {}).get("steps") != steps:
+        raise SweepError(f"the sweep's --trainer.callbacks.steps={steps} did not reach XGradCallback: {xgrad[-1]!r}")
