@@ -1,5 +1,5 @@
 # Two set-up commands for a fresh machine: `make demo` and `make test`. Both create .venv and install into it: torch
-# first (TORCH, from TORCH_INDEX if set), then the package with its [dev] extra (tests, examples, ruff).
+# first (TORCH, from TORCH_INDEX if set), then the package with its [dev] extra (tests, examples, ruff, mypy).
 #   make test                                                      # torch 2.13.0, the release CI tests
 #   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu     # its CPU-only build (no CUDA wheels)
 #   make test TORCH=torch                                          # the newest release pip can find
@@ -35,6 +35,7 @@ test: $(INSTALLED)
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -168,14 +168,15 @@ class XGradCallback(Callback):
         for key, predictor in known.items():
             if key not in current:
                 predictor.close()
-        self._predictors, new = {}, []
+        self._predictors = {}
+        new: list[int] = []
         for index, optimizer in enumerate(optimizers):
-            predictor = known.get(id(optimizer))
-            if predictor is None:
+            kept = known.get(id(optimizer))
+            if kept is None:
                 scales = _direction_scales(trainer, optimizer)
-                predictor = OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile, scales)
+                kept = OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile, scales)
                 new.append(index)
-            self._predictors[id(optimizer)] = predictor
+            self._predictors[id(optimizer)] = kept
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks = []

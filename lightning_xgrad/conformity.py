@@ -59,7 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices
+from ._foreach import TensorList, chunk_slices
 from ._scalars import uniform
 from ._validation import check_choice, check_real
 
@@ -101,7 +101,7 @@ def check_conformity_args(owner: str, beta: Any, c: Any, eps: Any, cdf: Any, pre
 
 
 @torch.no_grad()
-def update_mean_(exp_avgs: list[Tensor], grads: list[Tensor], beta: float, *, foreach: bool = True) -> None:
+def update_mean_(exp_avgs: list[Tensor], grads: TensorList, beta: float, *, foreach: bool = True) -> None:
     """``m = beta * m + (1 - beta) * g`` in place, with the official code's operations (``mul_`` then ``add_``)."""
     if foreach:
         if grads:
@@ -127,7 +127,7 @@ def _variance_coefficients(step_counts: Sequence[float], beta: float) -> tuple[l
 def update_variance_(
     exp_vars: list[Tensor],
     exp_avgs: list[Tensor],
-    grads: list[Tensor],
+    grads: TensorList,
     step_counts: Sequence[float],
     beta: float,
     *,
@@ -149,14 +149,14 @@ def update_variance_(
         return
     torch._foreach_mul_(exp_vars, beta)
     for part in chunk_slices(grads):
-        factor = uniform(mean_factors[part])
-        if isinstance(factor, float):
-            delta = torch._foreach_add(grads[part], exp_avgs[part], alpha=factor)
+        mean_factor = uniform(mean_factors[part])
+        if isinstance(mean_factor, float):
+            deltas = torch._foreach_add(grads[part], exp_avgs[part], alpha=mean_factor)
         else:
-            delta = torch._foreach_mul(exp_avgs[part], factor)
-            torch._foreach_add_(delta, grads[part])
-        torch._foreach_addcmul_(exp_vars[part], delta, delta, uniform(weights[part]))
-        del delta  # one chunk of temporaries alive at a time
+            deltas = torch._foreach_mul(exp_avgs[part], mean_factor)
+            torch._foreach_add_(deltas, grads[part])
+        torch._foreach_addcmul_(exp_vars[part], deltas, deltas, uniform(weights[part]))
+        del deltas  # one chunk of temporaries alive at a time
 
 
 def update_statistics_(
@@ -211,18 +211,18 @@ def conformity_scale_(
             _tensor_scale_from_z_(out, z.div_(out), c, cdf)
         return
     for part in chunk_slices(scales):
-        out = scales[part]
-        z = torch._foreach_div(exp_avgs[part], uniform(corrections[part]))  # m_hat
-        torch._foreach_copy_(out, exp_vars[part])
-        torch._foreach_mul_(out, uniform(factors[part]))  # se^2 = var / (n - 1 + eps)
-        torch._foreach_sqrt_(out)
-        torch._foreach_add_(out, eps)  # se
-        torch._foreach_div_(z, out)  # z = m_hat / se
-        _scale_from_z_(out, z, c, cdf)
-        del z  # one chunk of temporaries alive at a time
+        outs = scales[part]
+        zs = torch._foreach_div(exp_avgs[part], uniform(corrections[part]))  # m_hat
+        torch._foreach_copy_(outs, exp_vars[part])
+        torch._foreach_mul_(outs, uniform(factors[part]))  # se^2 = var / (n - 1 + eps)
+        torch._foreach_sqrt_(outs)
+        torch._foreach_add_(outs, eps)  # se
+        torch._foreach_div_(zs, outs)  # z = m_hat / se
+        _scale_from_z_(outs, zs, c, cdf)
+        del zs  # one chunk of temporaries alive at a time
 
 
-def _scale_from_z_(out: list[Tensor], z: list[Tensor], c: float, cdf: ConformityCDF) -> None:
+def _scale_from_z_(out: TensorList, z: TensorList, c: float, cdf: ConformityCDF) -> None:
     """``out = min(1, c * |2 Phi(-z) - 1|)``; ``z`` is consumed (overwritten)."""
     if cdf == "bft":
         # |2 / (1 + exp(u)) - 1| = tanh(|u| / 2), u = 0.07056 z^3 + 1.5976 z

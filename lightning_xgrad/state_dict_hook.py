@@ -40,7 +40,7 @@ class RealWeightsHook:
     """
 
     def __init__(self, real_values: RealValues | None, module: nn.Module | None) -> None:
-        self._real_values = None if real_values is None else weakref.WeakMethod(real_values)  # type: ignore[arg-type]
+        self._real_values = None if real_values is None else weakref.WeakMethod(real_values)
         self._module = None if module is None else weakref.ref(module)
 
     def _own_real_values(self) -> list[tuple[Tensor, Tensor]]:

@@ -4,12 +4,16 @@ Layers, bottom to top: helpers <- building blocks <- rules, optimizers <- per-op
 callbacks <- the package's namespace. A module imports from lower layers only, or from its own unit (the modules of
 one unit belong together: ``rules/``, ``optim/``, the helpers, the predictor and its buckets). Private names are
 imported within their own folder only, everything below the callbacks is Lightning-free, and every module of the
-package is placed in a layer here (a new module must say where it belongs).
+package is placed in a layer here (a new module must say where it belongs). Importing the Lightning-free parts does
+not import Lightning: the package's namespace is lazy.
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,10 +51,11 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
     ("rules and optimizers", {"rules": {"rules.*"}, "optim": {"optim.*"}}),
     ("per-optimizer drivers", {"prediction": {"buckets", "predictor"}, "conformity_tracker": {"conformity_tracker"}}),
     ("callbacks", {"callback": {"callback"}, "cprop_callback": {"cprop_callback"}}),
+    ("tools", {"sweep": {"sweep.*"}}),
     ("namespace", {"namespace": {"__init__"}}),
 ]
-#: the layers that must not import Lightning (everything below the callbacks)
-LIGHTNING_FREE = {"helpers", "building blocks", "rules and optimizers", "per-optimizer drivers"}
+#: the layers that must not import Lightning (all but the callbacks and the namespace, which imports them lazily)
+LIGHTNING_FREE = {"helpers", "building blocks", "rules and optimizers", "per-optimizer drivers", "tools"}
 LIGHTNING_PACKAGES = {"lightning", "pytorch_lightning", "lightning_fabric"}
 
 
@@ -184,3 +189,20 @@ def test_the_check_catches_what_it_must(
     monkeypatch.setitem(MODULES, module, path)
     problems = _violations()
     assert any(expected in problem and module in problem for problem in problems), problems
+
+
+def test_optimizers_rules_and_the_predictor_import_without_lightning() -> None:
+    """``import lightning_xgrad.optim`` (and the rules, the predictor, ``OptimizerPredictor`` from the namespace) costs
+    torch alone: Lightning is imported by the callbacks only, on first use. In a fresh interpreter."""
+    probe = (
+        "import sys\n"
+        "import lightning_xgrad.optim, lightning_xgrad.rules, lightning_xgrad.predictor\n"
+        "from lightning_xgrad import OptimizerPredictor, PredictionRule, register_rule\n"
+        "from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, CPropSGD\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(LIGHTNING_PACKAGES)!r})))\n"
+        "from lightning_xgrad import XGradCallback\n"
+        "print('lightning' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT.parent), os.environ.get("PYTHONPATH"))))}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.splitlines() == ["[]", "True"]  # ... and the callback does bring Lightning in

@@ -50,7 +50,7 @@ from .._directions import add_heavy_ball_adam_direction_
 from .._scalars import as_float
 from .._validation import check_real
 from ..sharding import DTensor, local_tensor, ranks_holding
-from ._base import BaseOptimizer, increment_step_counts_
+from ._base import BaseOptimizer, gradients, increment_step_counts_
 
 __all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD"]
 
@@ -123,13 +123,14 @@ class _AdaptiveHeavyBall(BaseOptimizer):
             owners = []
             grads: list[Tensor] = []
             previous = []
-            for p in self._params_with_grad(group):
+            params = self._params_with_grad(group)
+            for p, grad in zip(params, gradients(params), strict=True):
                 state = self.state[p]
                 if "prev_grad" not in state:
-                    state["prev_grad"] = p.grad.detach().clone(memory_format=torch.preserve_format)
+                    state["prev_grad"] = grad.detach().clone(memory_format=torch.preserve_format)
                 else:
                     owners.append(p)
-                    grads.append(local_tensor(p.grad))
+                    grads.append(local_tensor(grad))
                     previous.append(local_tensor(state["prev_grad"]))
             differences.append(_sum_of_squared_differences(owners, grads, previous))
             distances.append(self._pending_distances.get(index))
@@ -319,7 +320,8 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         torch._foreach_mul_(products, beta.to(products[0].device))
         if group["weight_decay"] != 0:
             torch._foreach_mul_(local_params, 1.0 - lr * group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta).to(exp_avgs[0].dtype))
+        # the weight is a 0-dim tensor on the device (no sync); torch takes it, its stubs list numbers and lists only
+        torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta).to(exp_avgs[0].dtype))  # type: ignore[call-overload]
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         add_heavy_ball_adam_direction_(local_params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, -lr)
