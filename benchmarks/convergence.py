@@ -26,7 +26,6 @@ s > 0, and a CSVLogger into the run's folder, from which the validation metrics 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import platform
@@ -37,7 +36,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from lightning_xgrad.sweep import SweepConfig, run_sweep, stats
@@ -48,6 +46,10 @@ from lightning_xgrad.sweep.runs import FINISHED, RunResult, SweepError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+if str(EXAMPLES) not in sys.path:  # the examples' helpers import as the example programs import them
+    sys.path.insert(0, str(EXAMPLES))
+from _loader import load_example  # noqa: E402  (examples/_loader.py, shared with the tests)
+
 CONFIGS = EXAMPLES / "configs"
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "benchmarks" / "runs"
@@ -93,17 +95,6 @@ TASKS: dict[str, Task] = {
     "digits_cprop": Task(*DIGITS, "digits_cprop.yaml", *DIGITS_METRICS, baseline="CProp alone", method="CProp"),
     "digits_ahb": Task(*DIGITS, "digits_ahb.yaml", *DIGITS_METRICS, baseline="heavy-ball alone", method="heavy-ball"),
 }
-
-
-def load_example(name: str) -> ModuleType:
-    """``examples/<name>.py`` as its script sees itself (its folder on sys.path for shared helpers)."""
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def seed_flags(task: Task) -> list[str]:

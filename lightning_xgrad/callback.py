@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
-from ._validation import check_int
+from ._validation import argument_error, check_int
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
 from .protocols import DirectionScaleProvider, DirectionScales
 from .shift import relative_shift
@@ -327,9 +327,8 @@ class XGradCallback(Callback):
             except RuntimeError:  # not attached to a Trainer: nothing is predicted
                 trainer = None
         else:
-            raise TypeError(
-                "XGradCallback.real_weights: `owner` must be a LightningModule or a Trainer, got "
-                f"{type(owner).__name__}"
+            raise argument_error(
+                "XGradCallback.real_weights", "owner", "a LightningModule or a Trainer", owner, TypeError
             )
         callbacks = [c for c in trainer_callbacks(trainer) if isinstance(c, XGradCallback)]
         with ExitStack() as stack:

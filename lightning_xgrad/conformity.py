@@ -61,7 +61,7 @@ from torch import Tensor
 
 from ._foreach import TensorList, chunk_slices
 from ._scalars import uniform
-from ._validation import check_choice, check_real
+from ._validation import argument_error, check_choice, check_real
 
 __all__ = [
     "CDF_CHOICES",
@@ -239,7 +239,7 @@ def _scale_from_z_(out: TensorList, z: TensorList, c: float, cdf: ConformityCDF)
         torch._foreach_erf_(z)
         torch._foreach_copy_(out, z)
     else:
-        raise ValueError(f"conformity scale: `cdf` must be one of {CDF_CHOICES}, got {cdf!r}")
+        raise argument_error("conformity scale", "cdf", f"one of {CDF_CHOICES}", cdf)
     torch._foreach_abs_(out)
     if c != 1.0:
         torch._foreach_mul_(out, c)
@@ -253,7 +253,7 @@ def _tensor_scale_from_z_(out: Tensor, z: Tensor, c: float, cdf: ConformityCDF) 
     elif cdf == "normal":
         torch.mul(z, 1.0 / math.sqrt(2.0), out=out).erf_()
     else:
-        raise ValueError(f"conformity scale: `cdf` must be one of {CDF_CHOICES}, got {cdf!r}")
+        raise argument_error("conformity scale", "cdf", f"one of {CDF_CHOICES}", cdf)
     out.abs_()
     if c != 1.0:
         out.mul_(c)

@@ -26,12 +26,9 @@ a load replaced it) and left in place after training: it behaves as the ``defaul
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._wrappers import unwrap_optimizer
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
 
 __all__ = ["WatchedState", "watch_state"]
 
@@ -71,7 +68,7 @@ class WatchedState(defaultdict):
         self.version += 1
         super().update(*args, **kwargs)
 
-    def __ior__(self, other: Any) -> Self:  # type: ignore[misc]  # typeshed's dict allows |= what | refuses
+    def __ior__(self, other: Any) -> WatchedState:  # type: ignore[misc]  # typeshed's dict allows |= what | refuses
         self.version += 1
         return super().__ior__(other)
 

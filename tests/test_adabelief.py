@@ -22,10 +22,11 @@ from lightning_xgrad import OptimizerPredictor, XGradCallback
 from lightning_xgrad.rules import rule_for
 from lightning_xgrad.rules.adabelief import AdaBeliefRule
 
+from . import agreement
 from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
 
 LR = 0.01
-RTOL, ATOL = 1e-10, 1e-12
+RTOL, ATOL = 1e-10, 1e-12  # float64 hand computations (the end-to-end runs: tests/agreement.py)
 
 
 def _params(seed: int = 0, dtype: torch.dtype = torch.float64) -> list[nn.Parameter]:
@@ -274,8 +275,6 @@ def test_registry_and_handles() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-E2E_RTOL, E2E_ATOL = 1e-5, 1e-6
-SEPARATION = 100
 BATCH_SIZE = 8
 EPOCHS = 2  # 96 samples = 12 batches, 24 optimizer steps
 
@@ -342,8 +341,9 @@ def test_trainer_with_callback_equals_the_reference_loop(name: str) -> None:
 
     with_xgrad = _fit(kwargs, XGradCallback(steps=1))
     expected = _reference(kwargs, steps=1)
-    torch.testing.assert_close(with_xgrad, expected, rtol=E2E_RTOL, atol=E2E_ATOL)
+    torch.testing.assert_close(with_xgrad, expected, rtol=agreement.RTOL, atol=agreement.ATOL)
 
     baseline = _fit(kwargs, None)
-    torch.testing.assert_close(baseline, _reference(kwargs, steps=None), rtol=E2E_RTOL, atol=E2E_ATOL)
-    assert (baseline - with_xgrad).abs().max() > SEPARATION * (E2E_ATOL + E2E_RTOL * expected.abs().max())
+    torch.testing.assert_close(baseline, _reference(kwargs, steps=None), rtol=agreement.RTOL, atol=agreement.ATOL)
+    tolerance = agreement.ATOL + agreement.RTOL * expected.abs().max()
+    assert (baseline - with_xgrad).abs().max() > agreement.SEPARATION * tolerance

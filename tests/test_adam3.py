@@ -23,6 +23,7 @@ from lightning_xgrad.rules import rule_for
 from lightning_xgrad.rules.adam3 import AdaM3Rule
 
 from . import reference
+from .agreement import assert_close, assert_far, mse
 from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
 
 # float64 throughout: the implementations use lerp for m and divide by sqrt(1 - b2^k) after the square root, the
@@ -361,9 +362,6 @@ def test_registry_gives_adam3_its_rule() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- Trainer end to end
-RTOL = 1e-5  # as tests/test_equivalence.py: float32 rounding of the prediction compounded over ~24 steps
-ATOL = 1e-6
-SEPARATION = 100
 EPOCHS = 2  # 12 batches of 8: 24 optimizer steps
 
 FACTORIES = {
@@ -387,15 +385,10 @@ def reference_knows_adam3(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reference, "direction", adam3_direction)
 
 
-def _mse(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(net(x), y)
-
-
 def fit_reference(name: str, steps: int | None, rule: str = "auto") -> Tensor:
     net = make_net()
     reference.xgrad_reference(
-        net, FACTORIES[name](net.parameters()), batches(*make_data(96), 8), _mse, steps, rule=rule, epochs=EPOCHS
+        net, FACTORIES[name](net.parameters()), batches(*make_data(96), 8), mse, steps, rule=rule, epochs=EPOCHS
     )
     return flat(net)
 
@@ -406,12 +399,6 @@ def fit_trainer(name: str, steps: int) -> Tensor:
     return flat(module.net)
 
 
-def assert_far(a: Tensor, b: Tensor, what: str) -> None:
-    tolerance = ATOL + RTOL * b.abs().max().item()
-    gap = (a - b).abs().max().item()
-    assert gap > SEPARATION * tolerance, f"{what}: max |diff| {gap:.3g} is not > {SEPARATION} x {tolerance:.3g}"
-
-
 @pytest.mark.usefixtures("reference_knows_adam3")
 @pytest.mark.parametrize(("name", "steps"), [("decoupled0.5", 1), ("l2", 2)])
 def test_trainer_with_callback_matches_reference(name: str, steps: int, caplog: pytest.LogCaptureFixture) -> None:
@@ -419,7 +406,7 @@ def test_trainer_with_callback_matches_reference(name: str, steps: int, caplog: 
         got = fit_trainer(name, steps)
     assert "optimizer 0 (AdaM3) predicts with the adam3 rule" in caplog.text
     expected = fit_reference(name, steps)
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    assert_close(got, expected)
     assert_far(fit_reference(name, None), expected, "baseline vs XGrad")
     if name == "decoupled0.5":
         # the applied update includes the decoupled decay, the state rule does not: the two predictions differ,

@@ -13,6 +13,7 @@ import copy
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_xgrad.conformity import conformity_scale_, scale_from_z, update_s
 from lightning_xgrad.cprop_callback import CPropCallback
 from lightning_xgrad.optim.cprop import CPropAdam, CPropSGD
 
+from .agreement import ATOL, RTOL, assert_close, assert_far, mse
 from .cprop_reference import (
     Conformity,
     CPropAdamReference,
@@ -37,15 +39,9 @@ from .cprop_reference import (
 )
 from .toolkit import EXAMPLES, TinyModule, batches, flat, load_example, loader, make_data, make_net, trainer
 
-RTOL, ATOL = 1e-5, 1e-6
 MOVEMENT_TOLERANCE = 1e-4  # float32 training against the float64 reference: this fraction of how far it moved
-SEPARATION = 100  # "makes a difference": further apart than this many times the tolerance
 BATCH = 8
 START = flat(make_net())  # the initial weights of every run
-
-
-def assert_close(got: Tensor, expected: Tensor) -> None:
-    torch.testing.assert_close(got, expected.to(got.dtype), rtol=RTOL, atol=ATOL)
 
 
 def assert_tracks(got: Tensor, expected: Tensor, what: str = "weights") -> None:
@@ -57,16 +53,11 @@ def assert_tracks(got: Tensor, expected: Tensor, what: str = "weights") -> None:
     )
 
 
-def assert_far(a: Tensor, b: Tensor, what: str) -> None:
-    a, b = a.double(), b.double()
+def assert_apart(a: Tensor, b: Tensor, what: str) -> None:
+    """``a`` and ``b`` further apart than the agreement tolerance and the movement tolerance allow, in float64."""
+    b = b.double()
     tolerance = max(ATOL + RTOL * b.abs().max().item(), MOVEMENT_TOLERANCE * (b - START.double()).abs().max().item())
-    gap = (a - b).abs().max().item()
-    assert gap > SEPARATION * tolerance, f"{what}: max |diff| {gap:.3g} is not > {SEPARATION} x {tolerance:.3g}"
-
-
-def mse(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(net(x), y)
+    assert_far(a.double(), b, what, tolerance)
 
 
 # ---------------------------------------------------------------------------------------------------- the scale
@@ -252,7 +243,7 @@ def test_cprop_sgd_matches_float64_reference(case: str, foreach: bool) -> None:
     assert_tracks(got, expected)
     _reference_scales(optimizer, net, reference, ref_net)
     plain = {k: v for k, v in real.items() if not k.startswith("cprop_")}
-    assert_far(got, train_optimizer(lambda p: torch.optim.SGD(p, **plain), dtype=torch.float64)[0], "CPropSGD vs SGD")
+    assert_apart(got, train_optimizer(lambda p: torch.optim.SGD(p, **plain), dtype=torch.float64)[0], "CPropSGD vs SGD")
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
@@ -265,7 +256,7 @@ def test_cprop_adam_matches_float64_reference(case: str, foreach: bool) -> None:
     _reference_scales(optimizer, net, reference, ref_net)
     plain = {k: v for k, v in real.items() if not k.startswith("cprop_")}
     torch_adam = torch.optim.AdamW if plain.pop("decoupled_weight_decay", False) else torch.optim.Adam
-    assert_far(got, train_optimizer(lambda p: torch_adam(p, **plain), dtype=torch.float64)[0], "CPropAdam vs Adam")
+    assert_apart(got, train_optimizer(lambda p: torch_adam(p, **plain), dtype=torch.float64)[0], "CPropAdam vs Adam")
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single_tensor"])
@@ -432,7 +423,7 @@ def test_callback_matches_float64_reference(name: str, cdf: str, c: float) -> No
     factory = CALLBACK_OPTIMIZERS[name]
     got = flat(fit(factory, [CPropCallback(c=c, cdf=cdf)]).net)  # type: ignore[arg-type]
     assert_tracks(got, reference_fit(factory, conformity=Conformity(c=c, cdf=cdf)))
-    assert_far(got, reference_fit(factory), "CPropCallback vs no CProp")
+    assert_apart(got, reference_fit(factory), "CPropCallback vs no CProp")
 
 
 class GradSpy(Callback):
@@ -473,9 +464,9 @@ def test_callback_with_xgrad_matches_reference(name: str, cprop_first: bool) -> 
     got = flat(fit(factory, callbacks if cprop_first else callbacks[::-1]).net)
     expected = reference_fit(factory, conformity=Conformity(), xgrad_steps=2)
     assert_tracks(got, expected)
-    assert_far(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
+    assert_apart(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
     unscaled = reference_fit(factory, conformity=Conformity(), xgrad_steps=2, predict_with_scale=False)
-    assert_far(got, unscaled, "prediction with the scale vs without")
+    assert_apart(got, unscaled, "prediction with the scale vs without")
 
 
 @pytest.mark.parametrize(
@@ -491,7 +482,7 @@ def test_callback_with_xgrad_trajectory_rule_matches_reference(factory: Any, rul
     got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, rule=rule)]).net)  # type: ignore[arg-type]
     expected = reference_fit(factory, conformity=Conformity(), xgrad_steps=2, trajectory=True)
     assert_tracks(got, expected)
-    assert_far(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
+    assert_apart(got, reference_fit(factory, conformity=Conformity()), "CProp + XGrad vs CProp alone")
 
 
 @pytest.mark.parametrize("name", sorted(CPROP_OPTIMIZERS))
@@ -499,7 +490,7 @@ def test_cprop_optimizers_with_xgrad_match_reference(name: str) -> None:
     factory, reference = CPROP_OPTIMIZERS[name]
     got = flat(fit(factory, [XGradCallback(steps=2)]).net)
     assert_tracks(got, reference_fit(reference, xgrad_steps=2))
-    assert_far(got, reference_fit(reference, xgrad_steps=2, predict_with_scale=False), "rule without the scale")
+    assert_apart(got, reference_fit(reference, xgrad_steps=2, predict_with_scale=False), "rule without the scale")
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
@@ -548,6 +539,25 @@ def test_resume_from_a_checkpoint_with_the_old_statistics(tmp_path: Path) -> Non
     torch.save(saved, tmp_path / "broken.ckpt")
     with pytest.raises(ValueError, match=r"CPropCallback: .*parameter 0.*'exp_var'"):
         fit(factory, [CPropCallback()], epochs=2, samples=80, ckpt_path=str(tmp_path / "broken.ckpt"))
+
+
+def test_resuming_with_other_settings_warns_once_naming_both(tmp_path: Path) -> None:
+    """The checkpoint records beta, c, eps and cdf; a resume with other ones says so (they apply from the resumed
+    step on, to the statistics carried over); the same settings resume silently."""
+    factory = TORCH_OPTIMIZERS["adamw"]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    fit(factory, [CPropCallback(beta=0.99, cdf="normal"), checkpoint], epochs=1, samples=80, enable_checkpointing=True)
+    (path,) = tmp_path.glob("*.ckpt")
+    with pytest.warns(UserWarning) as record:
+        fit(factory, [CPropCallback(beta=0.999, c=2.0)], epochs=2, samples=80, ckpt_path=str(path))
+    ours = [str(w.message) for w in record if "CPropCallback" in str(w.message)]
+    assert len(ours) == 1
+    assert "saved with beta=0.99, c=1.0, cdf='normal'" in ours[0]
+    assert "this run uses beta=0.999, c=2.0, cdf='bft'" in ours[0]
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        fit(factory, [CPropCallback(beta=0.99, cdf="normal")], epochs=2, samples=80, ckpt_path=str(path))
+    assert not [w for w in same if "CPropCallback" in str(w.message)]
 
 
 class ManualModule(TinyModule):

@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from lightning_xgrad import XGradCallback
+from tests.agreement import ATOL, RTOL
 from tests.ddp_script import EPOCHS, PER_RANK_BATCH, WORLD_SIZE, N
 from tests.toolkit import OPTIMIZERS, TinyModule, flat, loader, make_data, trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: a state rule (Adam) and an optimizer that gets the trajectory rule (RMSprop without momentum)
 DDP_OPTIMIZERS = ["adam", "rmsprop"]
-#: DDP sums the two ranks' gradients (gloo all-reduce) where one process sums 2*b per-sample terms in another order
-RTOL, ATOL = 1e-5, 1e-6
+# DDP sums the two ranks' gradients (gloo all-reduce) where one process sums 2*b per-sample terms in another order:
+# within the agreement tolerance (tests/agreement.py)
 STEPS = EPOCHS * N // (WORLD_SIZE * PER_RANK_BATCH)
 
 

@@ -13,19 +13,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_xgrad import XGradCallback
 
+from .agreement import assert_close, assert_far, mse
 from .reference import xgrad_reference
 from .toolkit import OPTIMIZERS, TinyModule, batches, flat, loader, make_data, make_net, trainer
 
-# Observed: the largest difference over all cases is below 1e-6 (float32 rounding of the prediction formula
-# compounded over ~25 steps; worst 7.8e-7, RMSprop with momentum); 11 of the 36 cases are bit-identical.
-RTOL = 1e-5
-ATOL = 1e-6
-# The baseline must differ from the XGrad weights by this many times the tolerance.
-SEPARATION = 100
+# Agreement (tests/agreement.py): observed, the largest difference over all cases is below 1e-6 (float32 rounding of
+# the prediction formula compounded over ~25 steps; worst 7.8e-7, RMSprop with momentum); 11 of the 36 cases are
+# bit-identical. The baseline must end SEPARATION times the tolerance away from the XGrad weights.
 BATCH_SIZE = 8
 
 # toolkit's optimizers plus two that make a detail visible within ~25 steps:
@@ -133,11 +131,6 @@ MORE_STATE_RULES = [
 ]
 
 
-def mse(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(net(x), y)
-
-
 def fit_trainer(case: Case, callback: XGradCallback | None) -> Tensor:
     """The final weights of a Lightning fit of ``case``, with ``callback`` if given."""
     x, y = make_data(case.samples)
@@ -172,19 +165,6 @@ def fit_reference(case: Case, steps: int | None) -> Tensor:
 
 def optimizer_steps(case: Case) -> int:
     return case.epochs * -(-len(case.batches()) // case.accumulate)
-
-
-def assert_close(got: Tensor, expected: Tensor) -> None:
-    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
-
-
-def assert_far(a: Tensor, b: Tensor, what: str) -> None:
-    """``a`` and ``b`` differ by far more than the tolerance used for agreement."""
-    tolerance = ATOL + RTOL * b.abs().max().item()
-    gap = (a - b).abs().max().item()
-    assert gap > SEPARATION * tolerance, (
-        f"{what}: max |diff| {gap:.3g} is not > {SEPARATION} x tolerance {tolerance:.3g}"
-    )
 
 
 def test_cases_cover_twenty_steps() -> None:

@@ -27,20 +27,19 @@ from torch.utils.data import DistributedSampler
 from lightning_xgrad import OptimizerPredictor
 from lightning_xgrad.rules import rule_for
 
+from .agreement import ATOL, RTOL, SEPARATION
 from .reference import xgrad_reference
 from .toolkit import load_example, make_net
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EPOCHS, BATCH, SEED = 2, 64, 0
-#: float32 rounding of the prediction formula (foreach vs per tensor) compounded over ~46 steps
-RTOL, ATOL = 1e-5, 1e-6
+# Agreement (tests/agreement.py): float32 rounding of the prediction formula (foreach vs per tensor), compounded
+# over ~46 steps.
 #: Under fp16 autocast the package's W_hat, one float32 ulp away from the reference's in about 5% of the elements
 #: (its foreach Adam formula rounds differently), sometimes rounds to another float16 weight in the forward pass:
 #: measured 4.9e-6 after 46 steps (the first jump at step 8), while the baselines without XGrad agree bit for bit
 #: and XGrad moves the weights by 2.2e-2 (the trajectory rule in place of the Adam rule ends 5e-5 away).
 TOLERANCES = {"16-mixed": {"rtol": 0.0, "atol": 1.5e-5}}
-#: the run without XGrad must end this many times the tolerance away
-SEPARATION = 100
 AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 

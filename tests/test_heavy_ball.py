@@ -27,11 +27,11 @@ from lightning_xgrad.optim.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeav
 from lightning_xgrad.rules import rule_for
 from lightning_xgrad.rules.heavy_ball import HeavyBallAdamRule, HeavyBallSGDRule
 
+from .agreement import ATOL, RTOL, assert_far, mse
 from .heavy_ball_reference import HeavyBallReference, heavy_ball_xgrad_reference
 from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RTOL, ATOL = 1e-5, 1e-6
 BATCH_SIZE = 8
 EPOCHS = 2  # 12 batches of 8: 24 steps
 
@@ -58,19 +58,8 @@ def make_reference(kind: str, net: nn.Module) -> HeavyBallReference:
     return HeavyBallReference(groups, kind)
 
 
-def mse(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(net(x).float(), y.float())
-
-
 def train_batches() -> list[tuple[Tensor, Tensor]]:
     return batches(*make_data(), BATCH_SIZE)
-
-
-def assert_far(a: Tensor, b: Tensor, what: str) -> None:
-    """``a`` and ``b`` differ by far more than the agreement tolerance."""
-    gap = float((a - b).abs().max())
-    assert gap > 100 * (ATOL + RTOL * float(b.abs().max())), f"{what}: only {gap:.3g} apart"
 
 
 # ------------------------------------------------------------------------------------------------ hand computations

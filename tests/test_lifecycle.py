@@ -26,6 +26,7 @@ from lightning_xgrad import XGradCallback
 from lightning_xgrad.predictor import OptimizerPredictor
 from lightning_xgrad.snapshot import ParameterSnapshot
 
+from .agreement import mse
 from .reference import xgrad_reference
 from .toolkit import OPTIMIZERS, TinyModule, batches, flat, loader, make_data, make_net, trainer
 
@@ -412,7 +413,7 @@ def test_a_group_at_lr_zero_trains_like_the_reference() -> None:
         [{"params": net[0].parameters(), "momentum": 0.0}, {"params": net[2].parameters()}], lr=0.05, momentum=0.9
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_zero_at_3_and_4, lambda step: 1.0])
-    xgrad_reference(net, optimizer, batches(*make_data(80), 8), _mse, steps=2, scheduler=scheduler)
+    xgrad_reference(net, optimizer, batches(*make_data(80), 8), mse, steps=2, scheduler=scheduler)
     torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
 
 
@@ -456,7 +457,7 @@ def test_cosine_annealing_to_zero_under_the_trajectory_rule() -> None:
     net = make_net()
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4, eta_min=0.0)
-    xgrad_reference(net, optimizer, batches(*make_data(80), 8), _mse, steps=1, scheduler=scheduler, rule="trajectory")
+    xgrad_reference(net, optimizer, batches(*make_data(80), 8), mse, steps=1, scheduler=scheduler, rule="trajectory")
     torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
 
     real = RealWeights()
@@ -537,7 +538,7 @@ def test_predictor_restore_goes_on_past_a_failing_bucket_and_raises_after(monkey
     x, y = make_data(8)
     for _ in range(2):
         predictor.predict()
-        _mse(net, (x, y)).backward()
+        mse(net, (x, y)).backward()
         predictor.restore()
         optimizer.step()
     real = flat(net)
@@ -567,11 +568,6 @@ def two_groups(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=0.01)
 
 
-def _mse(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return nn.functional.mse_loss(net(x), y)
-
-
 # ---------------------------------------------------------------- optimizers replaced during fit
 
 
@@ -595,8 +591,8 @@ def test_a_replaced_optimizer_is_predicted_like_xgrad_on_the_new_one(before_xgra
     _fit(module, [replacer, xgrad] if before_xgrad else [xgrad, replacer], max_epochs=2)
 
     net, data = make_net(), batches(*make_data(80), 8)
-    xgrad_reference(net, OPTIMIZERS["sgd_momentum"](net.parameters()), data, _mse, steps=2, rule=rule)
-    xgrad_reference(net, OPTIMIZERS["adam"](net.parameters()), data, _mse, steps=2, rule=rule)
+    xgrad_reference(net, OPTIMIZERS["sgd_momentum"](net.parameters()), data, mse, steps=2, rule=rule)
+    xgrad_reference(net, OPTIMIZERS["adam"](net.parameters()), data, mse, steps=2, rule=rule)
     torch.testing.assert_close(flat(module), flat(net), rtol=1e-5, atol=1e-6)
 
 
@@ -693,7 +689,7 @@ def test_a_reset_or_loaded_optimizer_state_is_never_predicted_from_stale_tensors
         net,
         optimizer,
         batches(*make_data(80), 8),
-        _mse,
+        mse,
         steps=2,
         on_window_start=lambda t: reset_state(optimizer, net, plan, t),
     )
@@ -737,7 +733,7 @@ class PicklesItself(pl.LightningModule):
             torch.save(self, stream)
             self.pickled = stream.getvalue()
             self.copies.append(copy.deepcopy(self.net))
-        return _mse(self.net, batch)
+        return mse(self.net, batch)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=0.01)

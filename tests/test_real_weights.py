@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from lightning_xgrad import XGradCallback
 
+from .agreement import ATOL, RTOL, mse
 from .reference import xgrad_reference
 from .toolkit import batches, flat, loader, make_data, make_net, trainer
 
-RTOL, ATOL = 1e-5, 1e-6
 CLIP = 0.05
 
 
@@ -146,7 +146,7 @@ def test_a_weight_clamp_lands_on_the_real_weights_and_is_kept(optimizer: str, st
         critic,
         make_optimizer(optimizer, critic.parameters()),
         batches(*make_data(80), 8),
-        lambda net, batch: nn.functional.mse_loss(net(batch[0]), batch[1]),
+        mse,
         steps=steps,
         epochs=2,
         on_window_start=lambda t: clamp_(critic),

@@ -51,6 +51,34 @@ def _rule_direction(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
     return out
 
 
+def test_direction_scales_given_to_the_predictor_scale_state_rule_predictions_only() -> None:
+    """``direction_scales`` (CProp's live scales) multiply dW elementwise where a parameter has one; the trajectory
+    rule extrapolates the applied update as it is. By hand: W_hat = W - steps * lr * scale * buf."""
+    params = _params()
+    optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    _run(optimizer, params, n_steps=3)
+    scales = {params[0]: torch.linspace(0.0, 1.0, params[0].numel(), dtype=torch.float64).reshape(params[0].shape)}
+    real = [p.detach().clone() for p in params]
+    predictor = OptimizerPredictor(optimizer, steps=2, direction_scales=scales)
+    assert predictor.predict()
+    for i, (p, w) in enumerate(zip(params, real, strict=True)):
+        scale = scales[params[0]] if i == 0 else 1.0
+        expected = w - 2 * LR * scale * optimizer.state[p]["momentum_buffer"]
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+    predictor.restore()
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, real, strict=True))
+
+    trajectory = OptimizerPredictor(optimizer, steps=2, rule="trajectory", direction_scales=scales)
+    trajectory.predict()  # no update known yet: records the one this step applies
+    trajectory.restore()
+    update, _ = _run(optimizer, params, n_steps=1, seed=2)
+    now = [p.detach().clone() for p in params]
+    trajectory.predict()
+    for p, w, u in zip(params, now, update, strict=True):
+        torch.testing.assert_close(p.detach(), w - 2 * u, rtol=1e-12, atol=1e-15)  # no scale on the trajectory
+    trajectory.restore(stepped=False)
+
+
 STATE_RULE_CASES = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=LR, momentum=0.9),
     "sgd_dampening_l2": lambda p: torch.optim.SGD(p, lr=LR, momentum=0.8, dampening=0.3, weight_decay=0.1),

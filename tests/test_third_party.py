@@ -18,15 +18,9 @@ from torch import Tensor, nn
 
 from lightning_xgrad import XGradCallback
 
+from .agreement import ATOL, RTOL, mse
 from .reference import xgrad_reference
 from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def _mse(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    return nn.functional.mse_loss(net(batch[0]), batch[1])
-
 
 # ---------------------------------------------------------------- StochasticWeightAveraging
 
@@ -38,7 +32,7 @@ class BatchNormModule(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 2))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return _mse(self.net, batch)
+        return mse(self.net, batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -111,7 +105,7 @@ def test_ema_weight_averaging_averages_the_real_weights() -> None:
         net,
         optimizer,
         batches(x, y, 8),
-        _mse,
+        mse,
         steps=2,
         accumulate=2,
         epochs=2,
@@ -220,8 +214,8 @@ def test_an_optimizer_with_lr_none_is_extrapolated_without_rescaling(factory: An
     assert module.trainer.optimizers[0].param_groups[0]["lr"] is None
 
     net = make_net()
-    xgrad_reference(net, factory(net.parameters()), batches(*make_data(80), 8), _mse, steps=2, epochs=2)
+    xgrad_reference(net, factory(net.parameters()), batches(*make_data(80), 8), mse, steps=2, epochs=2)
     torch.testing.assert_close(flat(module), flat(net), rtol=RTOL, atol=ATOL)
     baseline = make_net()
-    xgrad_reference(baseline, factory(baseline.parameters()), batches(*make_data(80), 8), _mse, steps=None, epochs=2)
+    xgrad_reference(baseline, factory(baseline.parameters()), batches(*make_data(80), 8), mse, steps=None, epochs=2)
     assert (flat(baseline) - flat(net)).abs().max() > 100 * ATOL

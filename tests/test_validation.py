@@ -43,6 +43,11 @@ def adam() -> torch.optim.Optimizer:
         ({"compile": "yes"}, TypeError, "`compile` must be True or False, got 'yes'"),
         ({"compile": 1}, TypeError, "`compile` must be True or False, got 1"),
         ({"snapshot": {}}, TypeError, "`snapshot` must be a ParameterSnapshot or None, got {}"),
+        (
+            {"direction_scales": [0.5]},
+            TypeError,
+            "`direction_scales` must be a mapping from parameters to scales, or None, got [0.5]",
+        ),
     ],
 )
 def test_predictor_refuses_bad_arguments(kwargs: dict[str, Any], error: type[Exception], message: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.convergence import EXAMPLES, load_example  # noqa: F401  (re-exported for the tests)
+from examples._loader import EXAMPLES, load_example  # noqa: F401  (re-exported for the tests)
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")

@@ -19,7 +19,8 @@ from lightning_xgrad import OptimizerPredictor, XGradCallback
 from lightning_xgrad.optim import AdaM3, CPropAdam, CPropSGD
 from lightning_xgrad.rules import rule_for
 
-from .test_equivalence import Case, assert_close, assert_far, fit_reference, fit_trainer
+from .agreement import ATOL, RTOL, assert_close, assert_far
+from .test_equivalence import Case, fit_reference, fit_trainer
 from .toolkit import TinyModule, flat, loader, make_data, trainer
 
 pytestmark = pytest.mark.skipif(
@@ -129,7 +130,7 @@ def test_compiled_prediction_includes_the_cprop_scale(name: str) -> None:
 
 
 def test_compiled_prediction_keeps_the_heavy_ball_secant_at_the_predicted_point() -> None:
-    from .test_heavy_ball import ATOL, BATCH_SIZE, EPOCHS, RTOL, make_optimizer
+    from .test_heavy_ball import BATCH_SIZE, EPOCHS, make_optimizer
     from .test_heavy_ball import fit_reference as heavy_ball_reference
 
     module = TinyModule(lambda p: make_optimizer("sgd", p))
