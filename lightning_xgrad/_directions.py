@@ -42,31 +42,43 @@ def add_adam_direction_(
     ``scales`` optional elementwise factors (CProp's conformity scale). The lists are walked in chunks, so the
     temporaries (the denominators) never exceed the largest tensor.
     """
+    # each choice made once, so that per chunk the Python work stays what the callers' own loops had
+    bc_each: list[float] | list[Tensor] | None = None
+    bc_all: float | None = None
+    if isinstance(sqrt_bias_correction2, list):
+        bc_each = sqrt_bias_correction2
+    elif sqrt_bias_correction2 != 1.0:
+        bc_all = sqrt_bias_correction2
+    eps_each: list[float] | None = None
+    eps_all: float | None = None
+    if isinstance(eps, list):
+        eps_each = eps
+    elif eps:
+        eps_all = eps
+    size_each, size_all = (step_size, 1.0) if isinstance(step_size, list) else (None, step_size)
     for part in chunk_slices(params):
         denom = torch._foreach_sqrt(second_moments[part])
-        if isinstance(sqrt_bias_correction2, list):
-            torch._foreach_div_(denom, sqrt_bias_correction2[part])
-        elif sqrt_bias_correction2 != 1.0:
-            torch._foreach_div_(denom, sqrt_bias_correction2)
-        if isinstance(eps, list):
-            torch._foreach_add_(denom, eps[part])
-        elif eps:
-            torch._foreach_add_(denom, eps)
+        if bc_each is not None:
+            torch._foreach_div_(denom, bc_each[part])
+        elif bc_all is not None:
+            torch._foreach_div_(denom, bc_all)
+        if eps_each is not None:
+            torch._foreach_add_(denom, eps_each[part])
+        elif eps_all is not None:
+            torch._foreach_add_(denom, eps_all)
         if divisors is not None:
             torch._foreach_mul_(denom, divisors[part])
-        sizes = step_size[part] if isinstance(step_size, list) else step_size
-        if scales is None:
-            if isinstance(sizes, list):
-                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, sizes)
-            else:
-                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=sizes)
-        else:
+        if scales is not None:
             torch._foreach_reciprocal_(denom)
             torch._foreach_mul_(denom, exp_avgs[part])  # m / denom
-            if isinstance(sizes, list):
-                torch._foreach_addcmul_(params[part], denom, scales[part], sizes)
+            if size_each is not None:
+                torch._foreach_addcmul_(params[part], denom, scales[part], size_each[part])
             else:
-                torch._foreach_addcmul_(params[part], denom, scales[part], value=sizes)
+                torch._foreach_addcmul_(params[part], denom, scales[part], value=size_all)
+        elif size_each is not None:
+            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, size_each[part])
+        else:
+            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=size_all)
         del denom  # before the next chunk allocates: one chunk of temporaries alive at a time
 
 

@@ -135,6 +135,13 @@ class OptimizerPredictor:
         """The elementwise scales given at construction (empty when none)."""
         return self._direction_scales
 
+    @direction_scales.setter
+    def direction_scales(self, value: Any) -> None:
+        raise AttributeError(
+            "OptimizerPredictor: `direction_scales` is set at construction, "
+            "OptimizerPredictor(optimizer, direction_scales=...), and read live from then on"
+        )
+
     # ------------------------------------------------------------------ rules
     def group_rule(self, group: dict[str, Any]) -> PredictionRule | None:
         """The state rule used for a param group, ``None`` for the trajectory rule."""

@@ -410,3 +410,10 @@ def test_bias_correction_uses_the_current_step_count() -> None:
     expected = torch.tensor([0.3 / (0.3 + 1e-8), -4.0 / (4.0 + 1e-8)], dtype=torch.float64)
     torch.testing.assert_close(d, expected, rtol=1e-12, atol=0)
     assert math.isclose(float(p[0]), 2.0 - LR * float(expected[0]), rel_tol=1e-12)
+
+
+def test_direction_scales_are_given_at_construction_not_assigned() -> None:
+    predictor = OptimizerPredictor(torch.optim.SGD(_params(), lr=LR, momentum=0.9))
+    assert predictor.direction_scales == {}
+    with pytest.raises(AttributeError, match=r"`direction_scales` is set at construction"):
+        predictor.direction_scales = {}
