@@ -358,3 +358,13 @@ def test_cli_config_trains_digits_with_the_adaptive_optimizer(tmp_path: Path, mo
         assert cli.trainer.current_epoch == 1 and math.isfinite(float(cli.trainer.callback_metrics["val_loss"]))
     assert any(isinstance(c, XGradCallback) for c in xgrad.trainer.callbacks)
     assert not torch.equal(flat(baseline.model), flat(xgrad.model))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_sparse_gradients_are_refused_with_the_optimizers_message(kind: str) -> None:
+    w = nn.Parameter(torch.ones(4))
+    optimizer = AdaptiveHeavyBallSGD([w]) if kind == "sgd" else AdaptiveHeavyBallAdam([w])
+    w.grad = torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,))
+    name = type(optimizer).__name__
+    with pytest.raises(RuntimeError, match=rf"^{name} does not support sparse gradients"):
+        optimizer.step()
