@@ -85,6 +85,24 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         """Update ``params`` (the group's parameters with a gradient) with this step's momentum ``beta``."""
         raise NotImplementedError
 
+    def _against_previous(
+        self, params: list[Tensor], values: list[Tensor], name: str
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The parameters whose state already keeps a previous value under ``name``, with their current and previous
+        local values; the others get a copy of their current value kept (their first one: nothing to compare)."""
+        owners: list[Tensor] = []
+        current: list[Tensor] = []
+        previous: list[Tensor] = []
+        for p, value in zip(params, values, strict=True):
+            state = self.state[p]
+            if name not in state:
+                state[name] = value.detach().clone(memory_format=torch.preserve_format)
+            else:
+                owners.append(p)
+                current.append(local_tensor(value))
+                previous.append(local_tensor(state[name]))
+        return owners, current, previous
+
     @torch.no_grad()
     def observe_gradient_point(self) -> None:
         """Record the current parameter values as the point where this step's gradients were taken.
@@ -98,17 +116,8 @@ class _AdaptiveHeavyBall(BaseOptimizer):
             return
         self._observed = True
         for index, group in enumerate(self.param_groups):
-            owners: list[Tensor] = []
-            known: list[Tensor] = []
-            previous: list[Tensor] = []
-            for p in self._params_with_grad(group):
-                state = self.state[p]
-                if "prev_point" not in state:
-                    state["prev_point"] = p.detach().clone(memory_format=torch.preserve_format)
-                else:
-                    owners.append(p)
-                    known.append(local_tensor(p))
-                    previous.append(local_tensor(state["prev_point"]))
+            params = self._params_with_grad(group)
+            owners, known, previous = self._against_previous(params, params, "prev_point")
             self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous)
             if previous:
                 torch._foreach_copy_(previous, known)
@@ -120,18 +129,8 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         distances: list[Tensor | None] = []
         differences: list[Tensor | None] = []
         for index, group in enumerate(self.param_groups):
-            owners = []
-            grads: list[Tensor] = []
-            previous = []
             params = self._params_with_grad(group)
-            for p, grad in zip(params, gradients(params), strict=True):
-                state = self.state[p]
-                if "prev_grad" not in state:
-                    state["prev_grad"] = grad.detach().clone(memory_format=torch.preserve_format)
-                else:
-                    owners.append(p)
-                    grads.append(local_tensor(grad))
-                    previous.append(local_tensor(state["prev_grad"]))
+            owners, grads, previous = self._against_previous(params, gradients(params), "prev_grad")
             differences.append(_sum_of_squared_differences(owners, grads, previous))
             distances.append(self._pending_distances.get(index))
             if previous:
