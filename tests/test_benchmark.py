@@ -1,6 +1,6 @@
 """The benchmarks: the convergence report's arithmetic on hand-made runs, tiny real runs of both benchmarks end to end
-(into the git-ignored scratch folder: `git status` stays clean), the overhead benchmark's naive reference, and its count
-of ATen calls against hand counts."""
+(into the git-ignored scratch folder: `git status` stays clean), the overhead benchmark's naive reference, its count
+of ATen calls against hand counts, and the GPU check script's dry run on the CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,66 @@ def test_the_fused_case_trains_with_a_fused_adamw(overhead) -> None:
     optimizer = overhead.Classifier("mlp", "adamw_fused").configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
 
+
+# ---------------------------------------------------------------------- the GPU check script
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(GPU_CHECK), *args], cwd=REPO, env=environment, capture_output=True, text=True)
+
+
+def test_gpu_check_dry_run_writes_every_stage_into_one_folder_and_records_timeouts(tmp_path) -> None:
+    """Every stage on the CPU with tiny sizes, but the tests stage and the bf16 timing (tested in-process above) get
+    1 s, so they time out: recorded, and the stages after them still run."""
+    out = tmp_path / "check"
+    one_second = {"GPU_CHECK_TIMEOUT_TEST_CUDA": "1", "GPU_CHECK_TIMEOUT_OVERHEAD_BF16": "1"}
+    result = _gpu_check("--cpu", "--archive", str(tmp_path / "check.tar.gz"), str(out), **one_second)
+    assert result.returncode == 1, result.stdout + result.stderr  # not every stage passed
+    assert result.stdout.rstrip().endswith(f"3 of 5 stages passed; results in {out} (summary.md)")
+    with (out / "stages.tsv").open() as file:
+        stages = {row["stage"]: row for row in csv.DictReader(file, delimiter="\t")}
+    assert list(stages) == ["env", "test_cuda", "calls", "overhead", "overhead-bf16"]
+    assert {name: row["status"] for name, row in stages.items()} == {
+        "env": "ok",
+        "test_cuda": "timeout",
+        "calls": "ok",
+        "overhead": "ok",
+        "overhead-bf16": "timeout",
+    }
+    assert stages["test_cuda"]["exit"] == stages["overhead-bf16"]["exit"] == "124"
+    assert {p.name for p in out.iterdir()} >= {
+        *(f"{stage}.log" for stage in stages),
+        "nvidia-smi.txt",
+        "stages.tsv",
+        "summary.md",
+        "calls.json",
+        "calls.md",
+        "overhead.json",
+        "overhead.md",
+        "overhead.png",
+    }
+    assert f"torch {torch.__version__}" in (out / "env.log").read_text()
+    assert json.loads((out / "overhead.json").read_text())["summary"]["mlp-sgd"]["xgrad"]["hooks_ms"] > 0
+    assert json.loads((out / "calls.json").read_text())["calls"]["rules"]["SGD momentum"]["per_size"]["4"]["aten"] == 3
+    summary = (out / "summary.md").read_text()
+    assert "| test_cuda | timeout | 124 |" in summary and "## ATen calls per predict() + restore()" in summary
+    with tarfile.open(tmp_path / "check.tar.gz") as archive:
+        assert "check/summary.md" in archive.getnames()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_check_without_cuda_stops_with_a_message_and_writes_nothing(tmp_path) -> None:
+    result = _gpu_check(str(tmp_path / "check"))
+    assert result.returncode == 2
+    assert "no CUDA device" in result.stderr and "cuda available False" in result.stderr
+    assert "gpu_check.sh --cpu is a dry run" in result.stderr
+    assert not (tmp_path / "check").exists()
+
+
+def test_make_gpu_check_runs_the_script_and_installs_nothing() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    dry = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--cpu"], cwd=REPO, capture_output=True, text=True)
+    assert dry.stdout.splitlines() == ["benchmarks/gpu_check.sh --cpu"]
