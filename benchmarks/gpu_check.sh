@@ -106,7 +106,7 @@ else  # tiny: the script and the folder layout, in seconds
     STEP_ARGS=(--runs 1 --steps 2 --warmup 4)
     OVERHEAD_CASES=(mlp-sgd)
     BF16_CASES=(mlp-sgd)
-    VARIANT_ARGS=(--variants xgrad naive)
+    VARIANT_ARGS=(--variants xgrad)
 fi
 TOTAL="${GPU_CHECK_TOTAL:-460}"
 OUT="${OUT:-$REPO/benchmarks/runs/gpu-$([[ $MODE == cpu ]] && echo dry-run-)$(date +%Y%m%d-%H%M%S)}"

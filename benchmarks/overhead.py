@@ -886,6 +886,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     steps = args.only in (None, "steps")
     calls = args.only in (None, "calls")
+    if args.publish and args.only is not None and args.name == "overhead":
+        parser.error(
+            f"--publish with --only {args.only} would replace the published overhead.md, which holds both "
+            "measurements: publish a full run, or give the files another --name (e.g. --name calls)"
+        )
     if steps and (args.runs < 1 or args.steps < 2 or args.warmup < 4):
         parser.error(
             "--runs must be >= 1, --steps >= 2 (steps alternate) and --warmup >= 4 (the first prediction, at step 2, "

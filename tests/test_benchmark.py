@@ -254,6 +254,14 @@ def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(over
     assert "## An unused trainable module" in text and "CUDA kernel launches" not in text  # CPU: no launches
 
 
+def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) -> None:
+    published = {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()}
+    with pytest.raises(SystemExit):
+        overhead.main(["--only", "calls", "--publish", "--calls-sizes", "4", "--calls-rules", "Adamax"])
+    assert "would replace the published overhead.md" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == published
+
+
 def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants(overhead, tmp_path) -> None:
     tiny = ["--runs", "1", "--steps", "2", "--warmup", "4", "--device", "cpu", "--out", str(tmp_path)]
     case = ["--cases", "mlp-adamw_fused", "--variants", "xgrad", "--precision", "bf16-mixed"]
