@@ -95,7 +95,7 @@ fi
 # ---------------------------------------------------------------- sizes and time limits
 if [[ $MODE == gpu ]]; then
     DEVICE=cuda
-    CALLS_ARGS=(--calls-repeats 5)
+    CALLS_ARGS=(--calls-repeats 3)
     STEP_ARGS=(--runs 1 --steps 20 --warmup 6)
     OVERHEAD_CASES=(mlp-adamw mlp-adamw_fused mlp-sgd)
     BF16_CASES=(mlp-adamw mlp-sgd)

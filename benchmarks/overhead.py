@@ -26,7 +26,7 @@ the largest tensor, and the time cost of one unused trainable module (a paramete
 
     python benchmarks/overhead.py --publish                    # the published run (both measurements)
     python benchmarks/overhead.py --only steps --runs 2 --steps 20 --cases mlp-adamw
-    python benchmarks/overhead.py --only calls                 # ATen calls per step, a few minutes
+    python benchmarks/overhead.py --only calls                 # ATen calls per step, 8 min on 2 busy cores
     python benchmarks/overhead.py --only calls --calls-sizes 40 400 --calls-rules AdamW "SGD momentum"
     python benchmarks/overhead.py --replot benchmarks/results/overhead.json --publish  # redraw the plot only
 
