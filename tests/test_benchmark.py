@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .toolkit import make_dry_run
+
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "benchmarks" / "runs"
 
@@ -340,5 +342,5 @@ def test_gpu_check_without_cuda_stops_with_a_message_and_writes_nothing(tmp_path
 def test_make_gpu_check_runs_the_script_and_installs_nothing() -> None:
     if shutil.which("make") is None:
         pytest.skip("no make")
-    dry = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--cpu"], cwd=REPO, capture_output=True, text=True)
-    assert dry.stdout.splitlines() == ["benchmarks/gpu_check.sh --cpu"]
+    dry = make_dry_run("gpu-check", "GPU_CHECK_ARGS=--cpu", cwd=REPO)
+    assert dry.splitlines() == ["benchmarks/gpu_check.sh --cpu"]

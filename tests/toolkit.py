@@ -6,6 +6,8 @@ tensors so a plain-PyTorch reference loop can replay exactly the batches the Tra
 
 from __future__ import annotations
 
+import os
+import subprocess
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -110,3 +112,14 @@ def trainer(**kwargs: Any) -> pl.Trainer:
 def flat(module: nn.Module) -> Tensor:
     """All parameters as one detached vector."""
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+def make_dry_run(*arguments: str, cwd: Any) -> str:
+    """What ``make -n`` would run, as a top-level make prints it.
+
+    The suite itself runs under ``make test``; without this, the child make inherits MAKELEVEL and MAKEFLAGS and
+    adds "Entering directory" lines (and the parent's flags) to its plan.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    command = ["make", "-n", "--no-print-directory", *arguments]
+    return subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
