@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .sharding import DTensor, ranks_holding
+from .sharding import sum_over_ranks
 
 __all__ = ["relative_shift"]
 
@@ -24,12 +24,6 @@ def relative_shift(predicted: Sequence[tuple[Tensor, Tensor, Tensor]]) -> float:
     real = [value for _, _, value in predicted]
     shift = torch.stack([d.float().square().sum() for d in torch._foreach_sub(predicted_values, real)])
     norm = torch.stack([r.float().square().sum() for r in real])
-    if any(isinstance(p, DTensor) for p, _, _ in predicted) and torch.distributed.is_initialized():
-        # Sum the local shards over ranks (logging steps only), counting replicated elements once.
-        weights = torch.tensor([1.0 / ranks_holding(p) for p, _, _ in predicted], device=shift.device)
-        squares = torch.stack([(shift * weights).sum(), (norm * weights).sum()])
-        torch.distributed.all_reduce(squares)
-    else:
-        squares = torch.stack([shift.sum(), norm.sum()])
-    shift_norm, real_norm = squares[0].sqrt(), squares[1].sqrt()
-    return float(shift_norm / real_norm.clamp_min(1e-30))
+    # logging steps only: with sharded parameters, one all_reduce of the two sums (replicated elements counted once)
+    shift_squares, real_squares = sum_over_ranks([p for p, _, _ in predicted], torch.stack([shift, norm], dim=1))
+    return float(shift_squares.sqrt() / real_squares.sqrt().clamp_min(1e-30))
