@@ -395,3 +395,85 @@ def test_no_allocation_on_steps_that_do_not_log_and_one_copy_on_steps_that_do(tm
             assert param_bytes <= extra <= param_bytes + chunk_bytes + 1024, f"batch {b}: {extra} bytes"
     # without logging, from the second step on (the first allocates SGD's momentum buffers): a few scalars at most
     assert max(quiet.peak_from_restore[1:]) <= 64
+
+
+# ---------------------------------------------------------------- W, W_hat and W_next as other callbacks see them
+
+
+class Trajectory(Callback):
+    """By optimizer step: W (the real weights at the window's start), W_hat (what its forward pass sees) and W_next
+    (the weights after its update, at the window's last batch end). ``first()`` goes before XGradCallback in the
+    list, the recorder itself last."""
+
+    def __init__(self) -> None:
+        self.real: dict[int, Tensor] = {}
+        self.predicted: dict[int, Tensor] = {}
+        self.updated: dict[int, Tensor] = {}
+
+    def first(self) -> Callback:
+        recorder = self
+
+        class First(Callback):
+            def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, i: int) -> None:
+                recorder.real.setdefault(trainer.global_step, flat(pl_module))
+
+        return First()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, i: int) -> None:
+        self.predicted.setdefault(trainer.global_step, flat(pl_module))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int) -> None:
+        if trainer.global_step - 1 in self.real and trainer.global_step - 1 not in self.updated:
+            self.updated[trainer.global_step - 1] = flat(pl_module)
+
+    def quality(self, step: int, steps: int) -> tuple[float, float]:
+        """(cosine, error) of optimizer step ``step`` (0-based), in float64."""
+        w, w_hat, w_next = (t[step].double() for t in (self.real, self.predicted, self.updated))
+        d, u = w_hat - w, w_next - w
+        return float(d @ u / (d.norm() * u.norm())), float((d - steps * u).norm() / (steps * u).norm())
+
+
+def check_logged(folder: Path, trajectory: Trajectory, logged_steps: list[int], steps: int, rel: float) -> None:
+    cosines, errors = logged(folder, COSINE), logged(folder, ERROR)
+    assert list(cosines) == list(errors) == logged_steps
+    for step in logged_steps:
+        cosine, error = trajectory.quality(step, steps)
+        assert cosines[step] == pytest.approx(cosine, rel=rel), f"step {step}"
+        assert errors[step] == pytest.approx(error, rel=rel), f"step {step}"
+
+
+def test_accumulation_and_a_validation_mid_window(tmp_path: Path) -> None:
+    """Two micro-batches per step and a validation after batch 2 (inside the second window, the prediction set
+    aside and brought back): the metrics compare the window's W_hat with its one update, logged at the window's
+    step."""
+    trajectory = Trajectory()
+    x, y = make_data(96)
+    trainer(
+        callbacks=[trajectory.first(), XGradCallback(log_every_n_steps=2), trajectory],
+        max_epochs=1,
+        logger=csv_logger(tmp_path),
+        log_every_n_steps=50,
+        accumulate_grad_batches=2,
+        val_check_interval=3,
+        limit_val_batches=1,
+    ).fit(TinyModule(OPTIMIZERS["adam"]), loader(x, y), loader(*make_data(16, seed=1), batch_size=16))
+    check_logged(tmp_path, trajectory, [2, 4], steps=1, rel=1e-4)  # 6 steps; step 0 predicts nothing
+
+
+@pytest.mark.parametrize("cprop_first", [False, True])
+def test_the_update_measured_is_the_one_cprop_applied_whatever_the_callback_order(
+    tmp_path: Path, cprop_first: bool
+) -> None:
+    """CPropCallback rescales each update in the optimizer's step post-hook: the measurement runs after it, so it
+    sees the update really applied, also when XGradCallback comes first in the list (and registered its own hooks
+    first)."""
+    from lightning_xgrad import CPropCallback
+
+    trajectory = Trajectory()
+    pair = [XGradCallback(log_every_n_steps=2), CPropCallback(beta=0.9)]
+    callbacks = [trajectory.first(), *(reversed(pair) if cprop_first else pair), trajectory]
+    x, y = make_data(80)
+    trainer(callbacks=callbacks, max_epochs=1, logger=csv_logger(tmp_path), log_every_n_steps=50).fit(
+        TinyModule(OPTIMIZERS["sgd_momentum"]), loader(x, y)
+    )
+    check_logged(tmp_path, trajectory, [2, 4, 6, 8], steps=1, rel=1e-4)
