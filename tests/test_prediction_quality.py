@@ -310,6 +310,18 @@ def test_a_step_the_grad_scaler_skips_logs_no_prediction_quality(tmp_path: Path)
     assert all(0 < c <= 1 and math.isfinite(e) for c, e in zip(cosines.values(), errors.values(), strict=True))
 
 
+def test_steps_at_lr_zero_log_no_prediction_quality(tmp_path: Path) -> None:
+    """At lr 0 the prediction is W_hat = W and the update is 0: the cosine is undefined, so nothing is logged."""
+    x, y = make_data(80)
+    module = TinyModule(OPTIMIZERS["adam"], schedule=lambda step: 0.0 if step in (4, 5) else 1.0)
+    trainer(
+        callbacks=[XGradCallback(log_every_n_steps=1)], max_epochs=1, logger=csv_logger(tmp_path), log_every_n_steps=50
+    ).fit(module, loader(x, y))
+    shifts, cosines = logged(tmp_path, SHIFT), logged(tmp_path, COSINE)
+    assert shifts[4] == shifts[5] == 0.0
+    assert list(cosines) == list(logged(tmp_path, ERROR)) == [1, 2, 3, 6, 7, 8, 9]
+
+
 # ---------------------------------------------------------------- no cost on other steps
 
 
