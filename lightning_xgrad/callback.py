@@ -221,7 +221,7 @@ class XGradCallback(Callback):
                 f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rule} rule, "
                 f"steps={self.steps}"
             )
-            hyperparams[per_optimizer("xgrad/rule", index, count)] = rule
+            hyperparams[_per_optimizer("xgrad/rule", index, count)] = rule
         if hyperparams:
             hyperparams["xgrad/steps"] = self.steps
         # A key is logged once per fit: an optimizer replaced later at the same index is announced by the line above
@@ -442,7 +442,7 @@ class XGradCallback(Callback):
         count = len(predictors)
         step = batches_that_stepped(trainer)
         shifts = {
-            per_optimizer("xgrad/relative_shift", i, count): relative_shift(predictors[i].predicted_params())
+            _per_optimizer("xgrad/relative_shift", i, count): relative_shift(predictors[i].predicted_params())
             for i in predicted
         }
         for logger in trainer.loggers:
@@ -461,8 +461,8 @@ class XGradCallback(Callback):
         if quality is None:  # no update was applied (the GradScaler skipped the step) or nothing was predicted
             return
         metrics = {
-            per_optimizer("xgrad/prediction_cosine", index, window.optimizer_count): quality.cosine,
-            per_optimizer("xgrad/prediction_error", index, window.optimizer_count): quality.error,
+            _per_optimizer("xgrad/prediction_cosine", index, window.optimizer_count): quality.cosine,
+            _per_optimizer("xgrad/prediction_error", index, window.optimizer_count): quality.error,
         }
         for logger in window.loggers:
             logger.log_metrics(metrics, step=window.step)
@@ -473,7 +473,7 @@ class XGradCallback(Callback):
             self._logging = None
 
 
-def per_optimizer(name: str, index: int, count: int) -> str:
+def _per_optimizer(name: str, index: int, count: int) -> str:
     """A logged name for optimizer ``index`` of ``count``: ``name`` itself with one optimizer, else
     ``name/optimizer_<index>`` (the index in ``trainer.optimizers``)."""
     return name if count == 1 else f"{name}/optimizer_{index}"
