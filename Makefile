@@ -5,6 +5,8 @@
 #   make test TORCH=torch                                          # the newest release pip can find
 # A different TORCH or TORCH_INDEX than .venv was made with recreates .venv; a changed pyproject.toml reinstalls the
 # package into it.
+#   make gpu-check                                                 # the GPU check (benchmarks/gpu_check.sh), no install
+#   make gpu-check GPU_CHECK_ARGS="--cpu"                          # its dry run on the CPU
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -14,7 +16,7 @@ BIN := $(VENV)/bin
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean gpu-check
 
 $(TORCH_STAMP):
 	rm -rf $(VENV)
@@ -40,6 +42,10 @@ lint: $(INSTALLED)
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Installs nothing: it runs with .venv if it exists, else the machine's python3 (see the script's header).
+gpu-check:
+	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs *.egg-info build dist

@@ -18,9 +18,20 @@ allocate (CUDA: ``max_memory_allocated``; CPU: the profiler's allocation events)
 ``--publish`` also writes them to ``benchmarks/results/``, the published results the README links to. The plot
 shows the hooks' time next to the optimizer's update, and the whole-step overhead with its 95% interval.
 
-    python benchmarks/overhead.py --publish                    # the published run
-    python benchmarks/overhead.py --runs 2 --steps 20 --cases mlp-adamw
+A second measurement (``--only calls`` alone) counts what one ``predict()`` + ``restore()`` of an
+``OptimizerPredictor`` dispatches, with torch.profiler, for every rule family on models of 40, 400 and 4000 tensors
+(n blocks of Linear(64) + LayerNorm(64)): ATen calls and their growth with the number of tensors (issue 14's target:
+at most 2x from 40 to 4000), host reads of tensor values, kernel launches on CUDA, the hooks' transient memory over
+the largest tensor, and the time cost of one unused trainable module (a parameter without optimizer state).
+
+    python benchmarks/overhead.py --publish                    # the published run (both measurements)
+    python benchmarks/overhead.py --only steps --runs 2 --steps 20 --cases mlp-adamw
+    python benchmarks/overhead.py --only calls                 # ATen calls per step, 8 min on 2 busy cores
+    python benchmarks/overhead.py --only calls --calls-sizes 40 400 --calls-rules AdamW "SGD momentum"
     python benchmarks/overhead.py --replot benchmarks/results/overhead.json --publish  # redraw the plot only
+
+``benchmarks/gpu_check.sh`` runs both on CUDA (``--cases mlp-adamw_fused`` is AdamW with ``fused=True``,
+``--precision bf16-mixed`` the Trainer's precision).
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +67,9 @@ RUNS = REPO / "benchmarks" / "runs"
 VARIANTS = ("xgrad", "xgrad-compiled", "naive")
 XGRAD_VARIANTS = ("xgrad", "xgrad-compiled")
 OPTIMIZERS = ("adamw", "sgd")
+#: what ``--cases`` also accepts: AdamW with ``fused=True`` (for the GPU check)
+OPTIMIZER_CHOICES = (*OPTIMIZERS, "adamw_fused")
+MEASUREMENTS = ("steps", "calls")
 MODELS = ("mlp", "cnn")
 
 
@@ -105,8 +119,9 @@ class Classifier(pl.LightningModule):
         return nn.functional.cross_entropy(self.net(inputs), targets)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-2, foreach=True)
+        if self.optimizer_name in ("adamw", "adamw_fused"):
+            fused = {"fused": True} if self.optimizer_name == "adamw_fused" else {"foreach": True}
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-2, **fused)
         return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9, foreach=True)
 
 
@@ -282,6 +297,331 @@ class Probe(Callback):
         self._handle.remove()
 
 
+# ---------------------------------------------------------------------- ATen calls per predict() + restore()
+#: tensor counts of the calls measurement: n blocks of Linear(64) + LayerNorm(64), 4 tensors per block
+CALL_SIZES = (40, 400, 4000)
+#: the issue's target: calls per step grow at most this much from the smallest to the largest model
+CALL_GROWTH_TARGET = 2.0
+#: optimizer steps (with fresh random gradients) before anything is measured, so every rule has its state
+CALL_WARMUP_STEPS = 6
+#: the unused-module case: a trainable Linear(64, 64) without optimizer state next to this many used tensors
+UNUSED_FAMILIES = ("AdamW", "SGD momentum")
+UNUSED_TENSORS = 400
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def rule_families(device: torch.device) -> dict[str, OptimizerFactory]:
+    """One optimizer per prediction rule family, as users configure them (foreach where the optimizer has it)."""
+    from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam
+
+    families: dict[str, OptimizerFactory] = {
+        "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, foreach=True),
+        "AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, fused=True),
+        "Adam amsgrad": lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True, foreach=True),
+        "RAdam": lambda p: torch.optim.RAdam(p, lr=1e-3, foreach=True),
+        "Adamax": lambda p: torch.optim.Adamax(p, lr=1e-3, foreach=True),
+        "NAdam (trajectory)": lambda p: torch.optim.NAdam(p, lr=1e-3, foreach=True),
+        "SGD momentum": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=True),
+        "RMSprop momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, foreach=True),
+        "AdaM3": lambda p: AdaM3(p, lr=1e-3, foreach=True),
+        "CPropAdam": lambda p: CPropAdam(p, lr=1e-3, foreach=True),
+        "AdaptiveHeavyBallAdam": lambda p: AdaptiveHeavyBallAdam(p, lr=1e-3),
+        "AdaptiveHeavyBallSGD": lambda p: AdaptiveHeavyBallSGD(p, lr=1e-2),
+    }
+    if device.type == "cuda":  # its step counter lives on the GPU (torch refuses it on the CPU)
+        families["Adam capturable"] = lambda p: torch.optim.Adam(p, lr=1e-3, capturable=True, foreach=True)
+    return families
+
+
+def blocks(tensors: int) -> nn.Module:
+    """n blocks of Linear(64, 64) + LayerNorm(64): 4 tensors per block, the largest 16 KiB."""
+    if tensors < 4 or tensors % 4:
+        raise ValueError(f"tensor counts must be positive multiples of 4 (one block = 4 tensors), got {tensors}")
+    return nn.Sequential(*(layer for _ in range(tensors // 4) for layer in (nn.Linear(64, 64), nn.LayerNorm(64))))
+
+
+def temporary_budget() -> int | None:
+    """The byte budget the hooks chunk their temporaries by (issue 14, item 1). The package has none yet: return it
+    here once it exists (from the public API), and the table's ``transient / max(largest, budget)`` column fills."""
+    return None
+
+
+@dataclass
+class CallCount:
+    """What one predict() + restore() dispatches, from the profiler."""
+
+    #: ATen operators called from Python (nested ones, e.g. a foreach op's per-tensor fallback, not counted again)
+    aten: int
+    #: host reads of a tensor's value (``aten::_local_scalar_dense``: ``.item()``, ``float(t)``): syncs on a GPU
+    scalar_reads: int
+    #: CUDA only (else None): kernel launches through the runtime or driver API, and kernels that ran on the device
+    launches: int | None = None
+    kernels: int | None = None
+
+
+def _has_aten_ancestor(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_calls(work: Callable[[], Any], device: torch.device) -> CallCount:
+    """Profile ``work`` once and count its top-level ATen calls, host reads and, on CUDA, kernel launches."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        work()
+        _sync(device)
+    events = profiler.events()
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    count = CallCount(
+        aten=sum(1 for e in cpu if e.name.startswith("aten::") and not _has_aten_ancestor(e)),
+        scalar_reads=sum(1 for e in cpu if e.name == "aten::_local_scalar_dense"),
+    )
+    if device.type == "cuda":
+        count.launches = sum(1 for e in cpu if "LaunchKernel" in e.name or e.name == "cudaGraphLaunch")
+        count.kernels = sum(
+            1
+            for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+        )
+    return count
+
+
+class PredictionBench:
+    """An optimizer with state over a model's parameters and an :class:`OptimizerPredictor` on it, stepped like a
+    training loop (predict, gradients, restore, step) with random gradients instead of a forward and backward pass.
+
+    ``unused`` parameters are in the optimizer but never get a gradient, so never any state (a pretrained model's
+    unused head)."""
+
+    def __init__(
+        self,
+        factory: OptimizerFactory,
+        used: list[nn.Parameter],
+        device: torch.device,
+        unused: Sequence[nn.Parameter] = (),
+    ) -> None:
+        from lightning_xgrad import OptimizerPredictor
+
+        self.device = device
+        self.used = used
+        self.optimizer = factory([*used, *unused])
+        self.predictor = OptimizerPredictor(self.optimizer, steps=1)
+        generator = torch.Generator(device=device).manual_seed(0)
+        for _ in range(CALL_WARMUP_STEPS):
+            self.predictor.predict()
+            for p in used:
+                p.grad = torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype)
+            self.predictor.restore()
+            self.optimizer.step()
+
+    def hooks(self) -> None:
+        """What the callback does per step: predict, then (after forward and backward) restore."""
+        self.predictor.predict()
+        self.predictor.restore()
+
+    def measured(self, probe: Callable[[Callable[[], None]], Any]) -> Any:
+        """``probe(self.hooks)``, then the optimizer's step (the gradients of the last warm-up step), as in training."""
+        result = probe(self.hooks)
+        self.optimizer.step()
+        return result
+
+    def time_hooks(self) -> float:
+        """Seconds of one predict() + restore() (synchronized), then a step."""
+
+        def timed(work: Callable[[], None]) -> float:
+            _sync(self.device)
+            start = time.perf_counter()
+            work()
+            _sync(self.device)
+            return time.perf_counter() - start
+
+        return self.measured(timed)
+
+    def transient(self) -> int:
+        """Peak bytes the hooks allocate beyond what was allocated before them (see :func:`transient_bytes`)."""
+        peaks: list[int] = []
+
+        def probe(work: Callable[[], None]) -> None:
+            with transient_bytes(self.device, peaks.append):
+                work()
+
+        self.measured(probe)
+        return peaks[0]
+
+
+def _on(device: torch.device, module: nn.Module) -> list[nn.Parameter]:
+    return list(module.to(device).parameters())
+
+
+def measure_calls(
+    families: list[str], sizes: list[int], repeats: int, device: torch.device, unused_tensors: int = UNUSED_TENSORS
+) -> dict[str, Any]:
+    """Calls, transient bytes and hook time per rule family and model size, and the unused-module case."""
+    factories = rule_families(device)
+    rows: dict[str, Any] = {}
+    plan = [(family, size) for family in families for size in sizes]
+    for family, size in tqdm(plan, desc="calls", unit="case"):
+        torch.manual_seed(0)
+        params = _on(device, blocks(size))
+        bench = PredictionBench(factories[family], params, device)
+        count = bench.measured(lambda work: count_calls(work, device))
+        transient = bench.transient()
+        seconds = [bench.time_hooks() for _ in range(repeats)]
+        rows.setdefault(family, {})[str(size)] = {
+            **vars(count),
+            "transient_bytes": transient,
+            "hooks_ms": 1e3 * median(seconds),
+        }
+    largest = max(p.numel() * p.element_size() for p in blocks(4).parameters())
+    budget = temporary_budget()
+    summary: dict[str, Any] = {"sizes": sizes, "largest_bytes": largest, "budget_bytes": budget, "rules": {}}
+    for family, per_size in rows.items():
+        first, last = per_size[str(sizes[0])], per_size[str(sizes[-1])]
+        transient = max(row["transient_bytes"] for row in per_size.values())
+        summary["rules"][family] = {
+            "per_size": per_size,
+            "aten_growth": last["aten"] / first["aten"],
+            "launch_growth": None if first["launches"] is None else last["launches"] / max(first["launches"], 1),
+            "transient_bytes": transient,
+            "transient_over_largest": transient / largest,
+            "transient_over_max_largest_budget": None if budget is None else transient / max(largest, budget),
+        }
+    summary["unused_module"] = {
+        family: measure_unused_module(factories[family], unused_tensors, repeats, device)
+        for family in tqdm([f for f in UNUSED_FAMILIES if f in families], desc="unused module", unit="rule")
+    }
+    return summary
+
+
+def measure_unused_module(
+    factory: OptimizerFactory, tensors: int, repeats: int, device: torch.device
+) -> dict[str, Any]:
+    """predict() + restore() with one unused trainable Linear(64, 64) in the optimizer next to ``tensors`` used
+    tensors, over the same without it; runs alternate so the machine's drift cancels."""
+    torch.manual_seed(0)
+    with_unused = PredictionBench(factory, _on(device, blocks(tensors)), device, unused=_on(device, nn.Linear(64, 64)))
+    torch.manual_seed(0)
+    without = PredictionBench(factory, _on(device, blocks(tensors)), device)
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(max(repeats, 5)):
+        times["with"].append(with_unused.time_hooks())
+        times["without"].append(without.time_hooks())
+    calls_with = with_unused.measured(lambda work: count_calls(work, device)).aten
+    calls_without = without.measured(lambda work: count_calls(work, device)).aten
+    return {
+        "tensors": tensors,
+        "with_ms": 1e3 * median(times["with"]),
+        "without_ms": 1e3 * median(times["without"]),
+        "ratio": median(times["with"]) / median(times["without"]),
+        "aten_with": calls_with,
+        "aten_without": calls_without,
+    }
+
+
+def _kib(n: float) -> str:
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _per_size(per_size: dict[str, Any], key: str, fmt: Callable[[Any], str]) -> str:
+    """One cell: ``key`` at every model size, smallest first."""
+    return " / ".join(fmt(row[key]) for row in per_size.values())
+
+
+def calls_report(calls: dict[str, Any], command: str, device: str) -> str:
+    """The calls measurement as markdown: calls per step and their growth, transient memory, the unused module."""
+    sizes = [str(s) for s in calls["sizes"]]
+    budget = calls["budget_bytes"]
+    cuda = any(r["launch_growth"] is not None for r in calls["rules"].values())
+    lines = [
+        "# ATen calls per predict() + restore()",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {device}, torch {torch.__version__}, Python {platform.python_version()}.",
+        "",
+        f"`OptimizerPredictor` on models of n blocks of Linear(64) + LayerNorm(64) ({', '.join(sizes)} tensors; the "
+        f"largest tensor {_kib(calls['largest_bytes'])}), each optimizer after {CALL_WARMUP_STEPS} steps with random "
+        "gradients so its state exists. One predict() + restore(), profiled:",
+        "",
+        "- *ATen calls*: ATen operators called from Python (a foreach op counts once; what it calls inside does not);",
+        f"- *growth*: calls at {sizes[-1]} tensors over calls at {sizes[0]}; the target is ≤ {CALL_GROWTH_TARGET:g}x;",
+        "- *host reads*: `aten::_local_scalar_dense` (`.item()`, `float(tensor)`): a device sync when the tensor lives "
+        "on a GPU (on the CPU, reading a step counter is free);",
+        "- *transient*: peak bytes the hooks allocate beyond what was allocated before them (CUDA: the caching "
+        "allocator's peak; CPU: the profiler's allocation events), the largest over the sizes; the target is "
+        "≤ max(largest tensor, budget);",
+        "- *hooks ms*: median time of predict() + restore() (synchronized), per size.",
+        "",
+        f"| rule | ATen calls {' / '.join(sizes)} | growth (≤ {CALL_GROWTH_TARGET:g}x) | host reads "
+        f"{' / '.join(sizes)} | transient {' / '.join(sizes)} | transient / largest | "
+        "transient / max(largest, budget) (≤ 1) | hooks ms " + " / ".join(sizes) + " |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for family, rule in calls["rules"].items():
+        per = rule["per_size"]
+        growth = rule["aten_growth"]
+        over_budget = rule["transient_over_max_largest_budget"]
+        budget_cell = "no budget yet" if over_budget is None else _check(over_budget, 1.0, True)
+        lines.append(
+            f"| {family} | {_per_size(per, 'aten', str)} | {_check(growth, CALL_GROWTH_TARGET, True)} | "
+            f"{_per_size(per, 'scalar_reads', str)} | {_per_size(per, 'transient_bytes', _kib)} | "
+            f"{rule['transient_over_largest']:.2f} | {budget_cell} | {_per_size(per, 'hooks_ms', '{:.2f}'.format)} |"
+        )
+    if cuda:
+        lines += [
+            "",
+            "## CUDA kernel launches per predict() + restore()",
+            "",
+            "*launches*: the runtime's and the driver's kernel-launch calls (`cudaLaunchKernel`, `cuLaunchKernel`, "
+            "...); *kernels*: kernels the CUDA profiler saw run (copies and memsets not counted).",
+            "",
+            f"| rule | launches {' / '.join(sizes)} | growth (≤ {CALL_GROWTH_TARGET:g}x) | "
+            f"kernels {' / '.join(sizes)} |",
+            "|---|---|---|---|",
+        ]
+        for family, rule in calls["rules"].items():
+            per = rule["per_size"]
+            lines.append(
+                f"| {family} | {_per_size(per, 'launches', str)} | "
+                f"{_check(rule['launch_growth'], CALL_GROWTH_TARGET, True)} | {_per_size(per, 'kernels', str)} |"
+            )
+    if calls["unused_module"]:
+        used = next(iter(calls["unused_module"].values()))["tensors"]
+        lines += [
+            "",
+            "## An unused trainable module",
+            "",
+            "One trainable Linear(64, 64) in the optimizer that never gets a gradient, so never optimizer state, next "
+            f"to {used} used tensors; predict() + restore() with it over the same without it (alternating runs, "
+            "medians). The target: it costs nothing per step (ratio ≈ 1).",
+            "",
+            "| rule | with ms | without ms | ratio | ATen calls with / without |",
+            "|---|---|---|---|---|",
+        ]
+        for family, row in calls["unused_module"].items():
+            lines.append(
+                f"| {family} | {row['with_ms']:.3f} | {row['without_ms']:.3f} | {row['ratio']:.2f}x | "
+                f"{row['aten_with']} / {row['aten_without']} |"
+            )
+    lines.append("")
+    lines.append(
+        "Budget: "
+        + (
+            "the package has no byte budget for temporaries yet (issue 14, item 1): `temporary_budget()` in "
+            "benchmarks/overhead.py returns None and the budget column stays empty until it does."
+            if budget is None
+            else f"{_mib(budget)}."
+        )
+    )
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- one run
 def run_once(model: str, optimizer: str, variant: str, args: argparse.Namespace, times: StepTimes) -> None:
     pl.seed_everything(0, verbose=False)
@@ -302,6 +642,7 @@ def run_once(model: str, optimizer: str, variant: str, args: argparse.Namespace,
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
+        precision=args.precision,
         max_steps=args.warmup + args.steps,
         callbacks=callbacks,
         logger=False,
@@ -354,11 +695,11 @@ def summarize(results: dict[str, dict[str, StepTimes]]) -> dict[str, dict[str, A
                 "persistent_bytes": t.persistent,
                 "transient_bytes": max(t.transient, default=0),
             }
-        for variant in VARIANTS:
+        for variant in per_variant:
             v = row[variant]
             v["hooks_over_step"] = v["hooks_ms"] / v["step_without_ms"]
             v["hooks_over_update"] = v["hooks_ms"] / v["update_ms"]
-            v["hooks_over_naive"] = v["hooks_ms"] / row["naive"]["hooks_ms"]
+            v["hooks_over_naive"] = v["hooks_ms"] / row["naive"]["hooks_ms"] if "naive" in row else float("nan")
         summary[case] = row
     return summary
 
@@ -378,21 +719,26 @@ def _overhead(v: dict[str, Any]) -> str:
     return f"{100 * v['step_overhead']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
+def _variants(row: dict[str, Any], variants: tuple[str, ...]) -> list[str]:
+    """The variants of ``variants`` a case was measured with (``--variants`` may leave some out)."""
+    return [v for v in variants if v in row]
+
+
 def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: float, args: Any) -> str:
     lines = [
         "# Overhead: XGradCallback per training step",
         "",
         f"Command: `{command}`  ",
         f"Machine: {device}, torch {torch.__version__}, Lightning {pl.__version__}, Python "
-        f"{platform.python_version()}; {args.runs} interleaved runs per variant, {args.steps} measured steps each "
-        f"after {args.warmup} warm-up steps; wall time {wall / 60:.1f} min.",
+        f"{platform.python_version()}, precision {args.precision}; {args.runs} interleaved runs per variant, "
+        f"{args.steps} measured steps each after {args.warmup} warm-up steps; wall time {wall / 60:.1f} min.",
         "",
         "In every run the measured callback acts on even steps only, so each step with it is paired with the next "
         "step without it in the same run. Medians over all measured steps of all runs:",
         "",
         "- *step without / with*: the whole training step without and with the callback;",
         "- *hooks*: the time inside the callback's hooks in a step (predict + restore);",
-        "- *update*: the optimizer's own `step` (foreach), from `on_before_optimizer_step` to its post-hook;",
+        "- *update*: the optimizer's own `step` (foreach or fused), from `on_before_optimizer_step` to its post-hook;",
         "- *step overhead*: median over pairs of (step with / step without) - 1, with a 95% bootstrap interval;",
         "- *hooks / step*: hooks over the step without, the callback's own share of the step;",
         "- *first predicted step*: the hooks' time at the first step with optimizer state (includes compiling);",
@@ -403,7 +749,7 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, row in summary.items():
-        for variant in VARIANTS:
+        for variant in _variants(row, VARIANTS):
             v = row[variant]
             lines.append(
                 f"| {case} | {variant} | {v['step_without_ms']:.2f} | {v['step_with_ms']:.2f} | {v['hooks_ms']:.3f} | "
@@ -423,7 +769,7 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
     ]
     for case, row in summary.items():
         optimizer_bound = case.startswith("mlp")
-        for variant in XGRAD_VARIANTS:
+        for variant in _variants(row, XGRAD_VARIANTS):
             v = row[variant]
             overhead = _overhead(v)
             if not optimizer_bound:
@@ -447,13 +793,11 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = list(summary)
-    bars = {
-        "optimizer update (foreach)": [summary[c]["xgrad"]["update_ms"] for c in cases],
-        "XGradCallback hooks": [summary[c]["xgrad"]["hooks_ms"] for c in cases],
-        "XGradCallback(compile=True) hooks": [summary[c]["xgrad-compiled"]["hooks_ms"] for c in cases],
-        "naive XGrad hooks": [summary[c]["naive"]["hooks_ms"] for c in cases],
-    }
-    overhead_labels = {"xgrad": "XGradCallback", "xgrad-compiled": "XGradCallback(compile=True)", "naive": "naive"}
+    variants = [v for v in VARIANTS if all(v in summary[c] for c in cases)]
+    labels = {"xgrad": "XGradCallback", "xgrad-compiled": "XGradCallback(compile=True)", "naive": "naive XGrad"}
+    bars = {"optimizer update": [summary[c][variants[0]]["update_ms"] for c in cases]}
+    bars.update({f"{labels[v]} hooks": [summary[c][v]["hooks_ms"] for c in cases] for v in variants})
+    overhead_labels = {v: labels[v] for v in variants}
     fig, (left, right) = plt.subplots(1, 2, figsize=(4.0 + 3.8 * len(cases), 4.0))
     width = 0.8 / len(bars)
     for i, (label, values) in enumerate(bars.items()):
@@ -487,10 +831,40 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     cases = [f"{m}-{o}" for m in MODELS for o in OPTIMIZERS]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=cases, default=cases)
+    parser.add_argument(
+        "--only", choices=MEASUREMENTS, help="run one measurement: the Trainer steps or the calls (default: both)"
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=[f"{m}-{o}" for m in MODELS for o in OPTIMIZER_CHOICES],
+        default=cases,
+        help="model-optimizer pairs of the step timing (default: %(default)s)",
+    )
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="(default: all)")
+    parser.add_argument("--precision", default="32-true", help="the Trainer's precision (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=8, help="interleaved runs per variant (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50, help="measured steps per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per run (default: %(default)s)")
+    parser.add_argument(
+        "--calls-sizes",
+        type=int,
+        nargs="+",
+        default=list(CALL_SIZES),
+        help="tensor counts of the calls measurement, multiples of 4 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--calls-rules", nargs="+", metavar="RULE", help="rule families of the calls measurement (default: all)"
+    )
+    parser.add_argument(
+        "--calls-repeats", type=int, default=10, help="timed predict() + restore() per case (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--calls-unused-tensors",
+        type=int,
+        default=UNUSED_TENSORS,
+        help="used tensors next to the unused module, a multiple of 4 (default: %(default)s)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="output folder (default: a new folder under benchmarks/runs/)")
     parser.add_argument(
@@ -502,17 +876,38 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     targets = [out, RESULTS] if args.publish else [out]
     if args.replot is not None:
-        summary = json.loads(args.replot.read_text())["summary"]
+        summary = json.loads(args.replot.read_text()).get("summary")
+        if summary is None:
+            parser.error(f"{args.replot} holds no step timing to plot (a --only calls run)")
         for folder in targets:
             folder.mkdir(parents=True, exist_ok=True)
             plot(summary, folder / f"{args.name}.png")
         print("wrote " + ", ".join(str(folder / f"{args.name}.png") for folder in targets))
         return
-    if args.runs < 1 or args.steps < 2 or args.warmup < 4:
+    steps = args.only in (None, "steps")
+    calls = args.only in (None, "calls")
+    if args.publish and args.only is not None and args.name == "overhead":
+        parser.error(
+            f"--publish with --only {args.only} would replace the published overhead.md, which holds both "
+            "measurements: publish a full run, or give the files another --name (e.g. --name calls)"
+        )
+    if steps and (args.runs < 1 or args.steps < 2 or args.warmup < 4):
         parser.error(
             "--runs must be >= 1, --steps >= 2 (steps alternate) and --warmup >= 4 (the first prediction, at step 2, "
             "allocates the snapshot: memory is measured after it)"
         )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+    families = list(rule_families(torch.device(args.device)))
+    rules = args.calls_rules or families
+    if calls:
+        unknown = sorted(set(rules) - set(families))
+        if unknown:
+            parser.error(f"--calls-rules: unknown {unknown}; on {args.device} the families are {families}")
+        if any(size < 4 or size % 4 for size in [*args.calls_sizes, args.calls_unused_tensors]):
+            parser.error("--calls-sizes and --calls-unused-tensors must be positive multiples of 4 (4 tensors a block)")
+        if args.calls_repeats < 1:
+            parser.error("--calls-repeats must be >= 1")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*max_steps.*")
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the CPU memory measurement uses the profiler: keep it quiet
@@ -523,26 +918,35 @@ def main(argv: list[str] | None = None) -> None:
         if args.device == "cuda"
         else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     )
-    results = {case: {variant: StepTimes() for variant in VARIANTS} for case in args.cases}
-    plan = [(case, variant) for _ in range(args.runs) for case in args.cases for variant in VARIANTS]
-    start = time.perf_counter()
-    for case, variant in tqdm(plan, desc="runs", unit="run"):
-        model, optimizer = case.split("-")
-        run_once(model, optimizer, variant, args, results[case][variant])
-    wall = time.perf_counter() - start
-
-    summary = summarize(results)
-    raw = {case: {v: vars(t) for v, t in per.items()} for case, per in results.items()}
-    markdown = report(summary, command, device, wall, args)
+    data: dict[str, Any] = {"command": command, "device": device, "torch": torch.__version__}
+    sections: list[str] = []
+    if steps:
+        results = {case: {variant: StepTimes() for variant in args.variants} for case in args.cases}
+        plan = [(case, variant) for _ in range(args.runs) for case in args.cases for variant in args.variants]
+        start = time.perf_counter()
+        for case, variant in tqdm(plan, desc="runs", unit="run"):
+            model, optimizer = case.split("-")
+            run_once(model, optimizer, variant, args, results[case][variant])
+        wall = time.perf_counter() - start
+        data["summary"] = summarize(results)
+        data["raw"] = {case: {v: vars(t) for v, t in per.items()} for case, per in results.items()}
+        data["precision"] = args.precision
+        sections.append(report(data["summary"], command, device, wall, args))
+    if calls:
+        data["calls"] = measure_calls(
+            rules, args.calls_sizes, args.calls_repeats, torch.device(args.device), args.calls_unused_tensors
+        )
+        sections.append(calls_report(data["calls"], command, device))
+    markdown = "\n\n".join(sections)
     for folder in targets:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{args.name}.json").write_text(
-            json.dumps({"command": command, "device": device, "summary": summary, "raw": raw}, indent=1)
-        )
+        (folder / f"{args.name}.json").write_text(json.dumps(data, indent=1))
         (folder / f"{args.name}.md").write_text(markdown + "\n")
-        plot(summary, folder / f"{args.name}.png")
+        if steps:
+            plot(data["summary"], folder / f"{args.name}.png")
     print(markdown)
-    print("\nwrote " + ", ".join(f"{folder / args.name}.md, .png and .json" for folder in targets))
+    written = ".md, .png and .json" if steps else ".md and .json"
+    print("\nwrote " + ", ".join(f"{folder / args.name}{written}" for folder in targets))
 
 
 if __name__ == "__main__":

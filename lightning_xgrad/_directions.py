@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices
+from ._foreach import TensorList, chunk_slices
 from ._scalars import step_counts_as_floats
 
 __all__ = ["add_adam_direction_", "add_heavy_ball_adam_direction_"]
@@ -32,6 +32,7 @@ def add_adam_direction_(
     eps: float | list[float] = 0.0,
     divisors: list[Tensor] | None = None,
     scales: list[Tensor] | None = None,
+    chunk_bytes: int | None = None,
 ) -> None:
     """In place, per tensor i: ``params[i] += step_size[i] * scales[i] * m[i] / denom[i]`` with
     ``denom = (sqrt(v) / sqrt_bias_correction2 + eps) * divisors``.
@@ -39,8 +40,9 @@ def add_adam_direction_(
     Every scalar argument is one number for all tensors or one per tensor (``sqrt_bias_correction2`` may be 0-dim
     tensors on the parameters' device, so that bias corrections of step counts kept there cost no sync);
     ``divisors`` are optional per-tensor 0-dim tensors (a bias correction over the step size, kept on the device);
-    ``scales`` optional elementwise factors (CProp's conformity scale). The lists are walked in chunks, so the
-    temporaries (the denominators) never exceed the largest tensor.
+    ``scales`` optional elementwise factors (CProp's conformity scale). The lists are walked in chunks of at most
+    ``max(largest tensor, chunk_bytes)`` bytes (:func:`~lightning_xgrad._foreach.chunk_slices`: by default the
+    budget ``params`` was planned with, or the package default), which bounds the temporaries (the denominators).
     """
     # each choice made once, so that per chunk the Python work stays what the callers' own loops had
     bc_each: list[float] | list[Tensor] | None = None
@@ -56,7 +58,7 @@ def add_adam_direction_(
     elif eps:
         eps_all = eps
     size_each, size_all = (step_size, 1.0) if isinstance(step_size, list) else (None, step_size)
-    for part in chunk_slices(params):
+    for part in chunk_slices(params, chunk_bytes):
         denom = torch._foreach_sqrt(second_moments[part])
         if bc_each is not None:
             torch._foreach_div_(denom, bc_each[part])
@@ -100,6 +102,15 @@ def add_heavy_ball_adam_direction_(
     if alpha == 0:
         return
     sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in step_counts_as_floats(step_counts)]
-    # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom
-    divisors = [((1.0 - product) / alpha).to(v.dtype) for product, v in zip(products, exp_avg_sqs, strict=True)]
-    add_adam_direction_(params, exp_avgs, exp_avg_sqs, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=divisors)
+    # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom: a few foreach ops on the 0-dim
+    # products, whatever their number
+    divisors: TensorList = torch._foreach_neg(products)
+    torch._foreach_add_(divisors, 1.0)
+    torch._foreach_div_(divisors, alpha)
+    dtype = exp_avg_sqs[0].dtype if exp_avg_sqs else None
+    if products and products[0].dtype != dtype:  # in the moments' dtype
+        if len({p.device for p in products}) == 1:  # in three calls
+            divisors = torch.stack(divisors).to(dtype).unbind()
+        else:
+            divisors = [d.to(dtype) for d in divisors]
+    add_adam_direction_(params, exp_avgs, exp_avg_sqs, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=list(divisors))

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ScalarColumn", "as_float", "step_counts_as_floats", "uniform"]
+__all__ = ["ScalarColumn", "as_float", "on_accelerator", "step_counts_as_floats", "uniform"]
 
 
 def as_float(value: Any) -> float:
@@ -43,6 +43,12 @@ class ScalarColumn(list):
         if self._views is None:
             return [float(t) for t in self]
         return [float(v) for v in self._views]
+
+
+def on_accelerator(step_counts: Sequence[Any]) -> bool:
+    """Whether per-parameter step counts live on an accelerator (capturable or fused optimizers), where reading them
+    on the host would wait for the device: the rules then compute their bias corrections with tensor ops instead."""
+    return bool(step_counts) and isinstance(step_counts[0], Tensor) and step_counts[0].device.type != "cpu"
 
 
 def step_counts_as_floats(step_counts: Sequence[Any]) -> list[float]:

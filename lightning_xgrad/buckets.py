@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._foreach import DEFAULT_CHUNK_BYTES, ChunkedList
 from ._scalars import ScalarColumn, as_float
 from .rules import PredictionRule, extrapolate_, rewind_
 from .rules.compiled import CompiledPrediction
@@ -39,7 +40,8 @@ class Bucket:
     group_index: int
     #: the parameters as the optimizer holds them (keys for the snapshot and for state_dict hooks)
     owners: list[Tensor]
-    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters
+    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters; chunked once for
+    #: the plan's budget (a :class:`~lightning_xgrad._foreach.ChunkedList`), which every foreach walk over them uses
     params: list[Tensor]
     buffers: list[Tensor]
     #: the parameters hold W_hat and the buffers the real W
@@ -183,16 +185,29 @@ class TrajectoryBucket(Bucket):
 
 @dataclass
 class Plan:
-    """The buckets of one optimizer, built param group by param group, and what deciding them read."""
+    """The buckets of one optimizer, built param group by param group, and what deciding them read.
+
+    A parameter whose state does not yet hold what its rule needs (a module in the optimizer but unused in forward
+    gets no state at all) is left out, and the plan stays valid until that changes: a new state entry is a change of
+    the optimizer's state mapping, which the predictor's plan key notices in O(1) (:mod:`~lightning_xgrad.
+    optimizer_state`); an entry that exists but lacks the rule's tensors (rare: no torch optimizer leaves one) is
+    watched by its size in :attr:`partial`. So a parameter that never gets state costs nothing per step.
+    """
 
     snapshot: ParameterSnapshot
+    #: out-of-place temporaries of one foreach call stay within ``max(largest tensor, chunk_bytes)``
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     buckets: list[Bucket] = field(default_factory=list)
     #: the state-rule parameters, and the state dict each had when planned (for a state mapping that cannot be
     #: watched, the predictor compares them every step)
     owners: list[Tensor] = field(default_factory=list)
     state_dicts: list[Any] = field(default_factory=list)
-    #: whether every state-rule parameter had the state its rule needs (else the plan is rebuilt at the next step)
-    complete: bool = True
+    #: state entries that exist but lack what the rule needs, with their size when planned
+    partial: list[tuple[Any, int]] = field(default_factory=list)
+
+    def partial_entries_unchanged(self) -> bool:
+        """Whether every state entry left out as incomplete still has the size it had (O(those entries))."""
+        return all(len(entry) == size for entry, size in self.partial)
 
     def add_state_group(
         self,
@@ -211,7 +226,8 @@ class Plan:
             self.state_dicts.append(entry)
             row = rule.state_tensors(entry if entry is not None else {})
             if row is None:
-                self.complete = False
+                if entry is not None:
+                    self.partial.append((entry, len(entry)))
                 continue
             owners, rows = grouped.setdefault((index, p.device, p.dtype), ([], []))
             owners.append(p)
@@ -239,6 +255,7 @@ class Plan:
             local, buffers = self._buffers(owners)
             self.buckets.append(TrajectoryBucket(index, owners, local, buffers, lr_then=lr_then))
 
-    def _buffers(self, owners: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        local = [local_tensor(p) for p in owners]
+    def _buffers(self, owners: list[Tensor]) -> tuple[ChunkedList, list[Tensor]]:
+        """The tensors the math runs on, chunked once for the plan's budget, and their snapshot buffers."""
+        local = ChunkedList([local_tensor(p) for p in owners], self.chunk_bytes)
         return local, self.snapshot.buffers_for(owners, local)

@@ -75,6 +75,11 @@ class XGradCallback(Callback):
             passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
             first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
             is off by default; see benchmarks/results/overhead.md for what it saves.
+        chunk_bytes: the memory budget of the prediction's temporaries, in bytes. Out-of-place foreach ops (Adam's
+            denominators, the trajectory rule's differences) walk the parameters in chunks of at most
+            ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less
+            transient memory for smaller ones. ``None``: 32 MiB, which fits the many small tensors of most models
+            in one call per op; ``0``: chunks as small as the largest tensor.
 
     The rule each optimizer got is logged once at INFO and as logger hyperparameters (``xgrad/rule``, or
     ``xgrad/rule/optimizer_<index>``, and ``xgrad/steps``).
@@ -97,8 +102,9 @@ class XGradCallback(Callback):
         start_step: int = 0,
         log_every_n_steps: int | None = None,
         compile: bool = False,
+        chunk_bytes: int | None = None,
     ) -> None:
-        check_prediction_args("XGradCallback", steps, rule, compile)  # the predictor's checks and messages
+        check_prediction_args("XGradCallback", steps, rule, compile, chunk_bytes)  # the predictor's checks, messages
         check_int("XGradCallback", "start_step", start_step, minimum=0)
         check_int("XGradCallback", "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         self.steps = steps
@@ -106,6 +112,7 @@ class XGradCallback(Callback):
         self.start_step = start_step
         self.log_every_n_steps = log_every_n_steps
         self.compile = compile
+        self.chunk_bytes = chunk_bytes
         self._snapshot = ParameterSnapshot()
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
@@ -186,7 +193,9 @@ class XGradCallback(Callback):
             kept = known.get(id(optimizer))
             if kept is None:
                 scales = _direction_scales(trainer, optimizer)
-                kept = OptimizerPredictor(optimizer, self.steps, self.rule, self._snapshot, self.compile, scales)
+                kept = OptimizerPredictor(
+                    optimizer, self.steps, self.rule, self._snapshot, self.compile, scales, self.chunk_bytes
+                )
                 new.append(index)
             self._predictors[id(optimizer)] = kept
         for handle in self._optimizer_hooks:

@@ -46,8 +46,10 @@ The moving average m is the official one, so ``CPropAdam`` still shares Adam's `
 (m, v) layout are converted on load by :func:`variance_from_square_mean`, approximately.
 
 The functions take lists of tensors that share a device and dtype (the optimizers' and the callback's buckets) and
-work in place; ``foreach=True`` runs ``torch._foreach_*`` kernels with temporaries of at most two tensors per chunk
-of the lists, ``foreach=False`` one tensor at a time (the optimizers' single-tensor path).
+work in place; ``foreach=True`` runs ``torch._foreach_*`` kernels on chunks of the lists of at most
+``max(largest tensor, chunk_bytes)`` bytes (:func:`~lightning_xgrad._foreach.chunk_slices`; by default the budget a
+planned list carries, else 32 MiB), with one temporary per tensor of a chunk; ``foreach=False`` one tensor at a time
+(the optimizers' single-tensor path).
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def update_variance_(
     beta: float,
     *,
     foreach: bool = True,
+    chunk_bytes: int | None = None,
 ) -> None:
     """Fold g into the variance: ``exp_var = beta * exp_var + (1 - beta) * r_t * (g - m_hat_{t-1})^2`` in place.
 
@@ -148,7 +151,7 @@ def update_variance_(
             exp_var.mul_(beta).addcmul_(delta, delta, value=weight)
         return
     torch._foreach_mul_(exp_vars, beta)
-    for part in chunk_slices(grads):
+    for part in chunk_slices(exp_vars, chunk_bytes):  # the gradients' sizes: a planned list keeps its chunks
         mean_factor = uniform(mean_factors[part])
         if isinstance(mean_factor, float):
             deltas = torch._foreach_add(grads[part], exp_avgs[part], alpha=mean_factor)
@@ -167,10 +170,11 @@ def update_statistics_(
     beta: float,
     *,
     foreach: bool = True,
+    chunk_bytes: int | None = None,
 ) -> None:
     """Fold one gradient per tensor into the mean and the variance; ``step_counts[i]`` is t for tensor i, counting this
     gradient (the caller counts it first: t += 1, then this)."""
-    update_variance_(exp_vars, exp_avgs, grads, step_counts, beta, foreach=foreach)
+    update_variance_(exp_vars, exp_avgs, grads, step_counts, beta, foreach=foreach, chunk_bytes=chunk_bytes)
     update_mean_(exp_avgs, grads, beta, foreach=foreach)
 
 
@@ -197,6 +201,7 @@ def conformity_scale_(
     cdf: ConformityCDF,
     *,
     foreach: bool = True,
+    chunk_bytes: int | None = None,
 ) -> None:
     """Write CProp's scale into ``scales`` from the statistics and each tensor's gradient count ``step_counts`` (t >= 1,
     counting the gradient just folded in). The scale tensors double as the workspace for the standard error, so
@@ -210,7 +215,7 @@ def conformity_scale_(
             torch.mul(exp_var, factor, out=out).sqrt_().add_(eps)  # se
             _tensor_scale_from_z_(out, z.div_(out), c, cdf)
         return
-    for part in chunk_slices(scales):
+    for part in chunk_slices(scales, chunk_bytes):
         outs = scales[part]
         zs = torch._foreach_div(exp_avgs[part], uniform(corrections[part]))  # m_hat
         torch._foreach_copy_(outs, exp_vars[part])

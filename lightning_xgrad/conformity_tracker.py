@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._foreach import DEFAULT_CHUNK_BYTES, ChunkedList
 from ._scalars import ScalarColumn, step_counts_as_floats
 from .conformity import (
     ConformityCDF,
@@ -50,6 +51,7 @@ class OptimizerConformity:
         scales: the live mapping filled here, parameter -> scale of its last update (what XGrad's predictor reads).
         beta, c, eps, cdf: CProp's settings (:func:`~lightning_xgrad.conformity.conformity_scale_`).
         owner: the name errors start with.
+        chunk_bytes: the temporaries of the foreach ops stay within ``max(largest tensor, chunk_bytes)`` bytes.
     """
 
     def __init__(
@@ -61,11 +63,13 @@ class OptimizerConformity:
         eps: float,
         cdf: ConformityCDF,
         owner: str = "CPropCallback",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self.optimizer = optimizer
         self.scales = scales
         self.beta, self.c, self.eps, self.cdf = beta, c, eps, cdf
         self.owner = owner
+        self.chunk_bytes = chunk_bytes
         self.state: dict[Tensor, dict[str, Tensor]] = {}
         self._befores: dict[Tensor, Tensor] = {}
         self._plan_key: tuple[int, ...] | None = None
@@ -110,8 +114,10 @@ class OptimizerConformity:
             bucket.exp_vars.append(entry["exp_var"])
             bucket.step_counts.append(entry["step"])
             bucket.scales.append(entry["scale"])
-        for bucket in grouped.values():  # step counts read through NumPy views every step
-            bucket.step_counts = ScalarColumn(bucket.step_counts)
+        for bucket in grouped.values():
+            bucket.step_counts = ScalarColumn(bucket.step_counts)  # read through NumPy views every step
+            bucket.exp_vars = ChunkedList(bucket.exp_vars, self.chunk_bytes)  # chunked once, for every step
+            bucket.scales = ChunkedList(bucket.scales, self.chunk_bytes)
         self._buckets = list(grouped.values())
         self._plan_key = key
 

@@ -47,6 +47,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._compat import trainer_callbacks
+from ._foreach import DEFAULT_CHUNK_BYTES
+from ._validation import check_int
 from .conformity import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
 from .conformity_tracker import OptimizerConformity
 from .protocols import RealWeightsRestorer
@@ -77,18 +79,30 @@ class CPropCallback(Callback):
         eps: added to the effective sample count and to the standard error; must be > 0.
         cdf: ``"bft"``, a logistic fit of the normal CDF (Bowling et al. 2009, the official default), or
             ``"normal"``, the exact one.
+        chunk_bytes: the memory budget of the statistics' temporaries, in bytes: the foreach ops walk the
+            parameters in chunks of at most ``max(largest tensor, chunk_bytes)``; ``None``: 32 MiB, as
+            :class:`~lightning_xgrad.XGradCallback`'s ``chunk_bytes``.
 
     Example::
 
         trainer = Trainer(callbacks=[CPropCallback(), XGradCallback(steps=1)])
     """
 
-    def __init__(self, beta: float = 0.999, c: float = 1.0, eps: float = 1e-8, cdf: ConformityCDF = "bft") -> None:
+    def __init__(
+        self,
+        beta: float = 0.999,
+        c: float = 1.0,
+        eps: float = 1e-8,
+        cdf: ConformityCDF = "bft",
+        chunk_bytes: int | None = None,
+    ) -> None:
         check_conformity_args("CPropCallback", beta, c, eps, cdf)
+        check_int("CPropCallback", "chunk_bytes", chunk_bytes, minimum=0, allow_none=True)
         self.beta = float(beta)
         self.c = float(c)
         self.eps = float(eps)
         self.cdf: ConformityCDF = cdf
+        self.chunk_bytes = chunk_bytes
         self._trackers: dict[int, OptimizerConformity] = {}
         self._scales: dict[int, dict[Tensor, Tensor]] = {}
         self._restorers: list[RealWeightsRestorer] = []
@@ -108,7 +122,9 @@ class CPropCallback(Callback):
         self._trackers = {}  # a new fit starts from fresh statistics, unless a checkpoint restores them
         settings = (self.beta, self.c, self.eps, self.cdf)
         for optimizer in trainer.optimizers:
-            tracker = OptimizerConformity(optimizer, self.xgrad_direction_scales(optimizer), *settings)
+            scales = self.xgrad_direction_scales(optimizer)
+            budget = DEFAULT_CHUNK_BYTES if self.chunk_bytes is None else self.chunk_bytes
+            tracker = OptimizerConformity(optimizer, scales, *settings, chunk_bytes=budget)
             self._trackers[id(optimizer)] = tracker
             self._hook_handles.append(optimizer.register_step_pre_hook(self._pre_step_hook(tracker)))
             self._hook_handles.append(optimizer.register_step_post_hook(lambda *_, t=tracker: t.scale_update()))

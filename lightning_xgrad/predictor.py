@@ -11,8 +11,10 @@
 The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
 buckets (one param group, one device and dtype, one rule; :mod:`lightning_xgrad.buckets`), so predicting and restoring
 are loops over the buckets, and the plan is rebuilt only when the optimizer's state,
-param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read
-(changes to the state are noticed in O(1), see :mod:`lightning_xgrad.optimizer_state`).
+param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read, in a
+C loop (changes to the state are noticed in O(1), see :mod:`lightning_xgrad.optimizer_state`). A parameter that has
+no optimizer state yet (a module unused in forward) is left out of the plan until its state appears, at no cost per
+step. Foreach temporaries are bounded by ``chunk_bytes`` (:mod:`lightning_xgrad._foreach`).
 
 Restoring is exception-safe: every bucket is restored even if one fails, and the first failure is raised after.
 """
@@ -22,11 +24,13 @@ from __future__ import annotations
 import operator
 import weakref
 from collections.abc import Mapping
+from itertools import chain
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+from ._foreach import DEFAULT_CHUNK_BYTES
 from ._validation import argument_error, check_choice, check_flag, check_int
 from ._wrappers import unwrap_optimizer
 from .buckets import Bucket, Plan
@@ -37,6 +41,7 @@ from .rules.compiled import CompiledPrediction
 from .sharding import DTensor, local_tensor
 from .snapshot import ParameterSnapshot
 
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 RuleChoice = Literal["auto", "trajectory"]
 RULE_CHOICES: tuple[str, ...] = get_args(RuleChoice)
 Phase = Literal["idle", "predicted", "suspended"]
@@ -45,12 +50,13 @@ Phase = Literal["idle", "predicted", "suspended"]
 CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
 
 
-def check_prediction_args(owner: str, steps: Any, rule: Any, compile: Any) -> None:
+def check_prediction_args(owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any = None) -> None:
     """The checks of the arguments :class:`OptimizerPredictor` and the callbacks built on it share, with one
     message format: a TypeError for a wrong type, a ValueError for a wrong value, naming both."""
     check_int(owner, "steps", steps, minimum=1)
     check_choice(owner, "rule", rule, RULE_CHOICES)
     check_flag(owner, "compile", compile)
+    check_int(owner, "chunk_bytes", chunk_bytes, minimum=0, allow_none=True)
 
 
 def check_optimizer(owner: str, optimizer: Any) -> torch.optim.Optimizer:
@@ -87,6 +93,10 @@ class OptimizerPredictor:
             (CProp's conformity scale, from a :class:`~lightning_xgrad.protocols.DirectionScaleProvider`); a live
             mapping, read at every prediction. State rules then predict with ``scale * dW``; the trajectory rule
             needs none, since the update it extrapolates was already scaled.
+        chunk_bytes: the memory budget of the temporaries, in bytes: out-of-place foreach ops (Adam's denominators,
+            the trajectory rule's differences) walk the parameters in chunks of at most ``max(largest tensor,
+            chunk_bytes)``, one call per op and chunk. ``None``: 32 MiB
+            (:data:`~lightning_xgrad._foreach.DEFAULT_CHUNK_BYTES`); 0: chunks as small as the largest tensor.
 
     An optimizer that needs the point where its gradients were taken (a
     :class:`~lightning_xgrad.protocols.GradientPointObserver`, the adaptive heavy-ball secant) gets a call to its
@@ -101,9 +111,10 @@ class OptimizerPredictor:
         snapshot: ParameterSnapshot | None = None,
         compile: bool = False,
         direction_scales: DirectionScales | None = None,
+        chunk_bytes: int | None = None,
     ) -> None:
         owner = type(self).__name__
-        check_prediction_args(owner, steps, rule, compile)
+        check_prediction_args(owner, steps, rule, compile, chunk_bytes)
         if snapshot is not None and not isinstance(snapshot, ParameterSnapshot):
             raise argument_error(owner, "snapshot", "a ParameterSnapshot or None", snapshot, TypeError)
         if direction_scales is not None and not isinstance(direction_scales, Mapping):
@@ -112,6 +123,7 @@ class OptimizerPredictor:
             )
         self.optimizer = check_optimizer(owner, optimizer)
         self.compile = compile
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.steps = steps
         self.rule = rule
         self.snapshot = snapshot if snapshot is not None else ParameterSnapshot()
@@ -167,12 +179,15 @@ class OptimizerPredictor:
             self._watched_state.version if state is self._watched_state else None,
             len(state),
             tuple(len(g["params"]) for g in groups),
-            tuple(p.requires_grad for g in groups for p in g["params"]),
+            tuple(map(_REQUIRES_GRAD, chain.from_iterable(g["params"] for g in groups))),
         )
 
     def _plan_is_current(self, key: tuple[Any, ...]) -> bool:
         plan = self._plan
-        if plan is None or not plan.complete or key != self._plan_key or self.optimizer.state is not self._plan_state:
+        if plan is None or key != self._plan_key or self.optimizer.state is not self._plan_state:
+            return False
+        # parameters left out for lack of state: a new entry changed the key; an incomplete one is watched by size
+        if plan.partial and not plan.partial_entries_unchanged():
             return False
         if self._watched_state is self._plan_state:
             return True
@@ -201,7 +216,7 @@ class OptimizerPredictor:
         known_lr.update(self._loaded_lr)
         self._loaded_lr = {}
         state = self.optimizer.state
-        plan = Plan(self.snapshot)
+        plan = Plan(self.snapshot, self.chunk_bytes)
         for index, group in enumerate(self.optimizer.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
             rule = self.group_rule(group)

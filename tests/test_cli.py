@@ -62,3 +62,34 @@ def test_flags_append_the_callback() -> None:
 def test_unknown_rule_is_rejected_by_the_parser() -> None:
     with pytest.raises(SystemExit):
         _cli(["--trainer.callbacks+=lightning_xgrad.XGradCallback", "--trainer.callbacks.rule=adam"])
+
+
+def test_yaml_sets_the_chunk_budget_of_both_callbacks(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``chunk_bytes`` reaches the predictors (and CProp's statistics) from a LightningCLI config."""
+    from lightning_xgrad import CPropCallback
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_steps: 2\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_xgrad.CPropCallback\n"
+        "      init_args: {chunk_bytes: 0}\n"
+        "    - class_path: lightning_xgrad.XGradCallback\n"
+        "      init_args: {chunk_bytes: 1048576}\n"
+    )
+    cli = _cli(["--config", str(config)])
+    (xgrad,) = [c for c in cli.trainer.callbacks if isinstance(c, XGradCallback)]
+    (cprop,) = [c for c in cli.trainer.callbacks if isinstance(c, CPropCallback)]
+    assert (xgrad.chunk_bytes, cprop.chunk_bytes) == (1048576, 0)
+    seen = []
+    original = XGradCallback.on_train_batch_start
+
+    def spy(self, trainer, *args):
+        original(self, trainer, *args)
+        seen.extend(p.chunk_bytes for p in self._predictors.values())
+
+    monkeypatch.setattr(XGradCallback, "on_train_batch_start", spy)
+    cli.trainer.fit(cli.model)
+    assert seen == [1048576, 1048576]
+    assert [t.chunk_bytes for t in cprop._trackers.values()] == [0]

@@ -22,6 +22,8 @@ from packaging.version import Version
 
 import lightning_xgrad.sharding
 
+from .toolkit import make_dry_run
+
 REPO = Path(__file__).resolve().parent.parent
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -175,8 +177,7 @@ def test_make_reinstalls_when_the_torch_choice_changes(tmp_path: Path) -> None:
     (venv / "bin" / "python").touch()
 
     def plan(*variables: str) -> str:
-        command = ["make", "-n", f"VENV={venv}", *variables, "test"]
-        return subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+        return make_dry_run(f"VENV={venv}", *variables, "test", cwd=REPO)
 
     first = plan()  # a .venv without stamps, as an older Makefile left it: made anew
     assert "-m venv" in first and '"torch==2.13.0"' in first

@@ -193,6 +193,35 @@ def test_adam_rule_with_steps_on_the_device_path_matches_the_float_path() -> Non
         torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("n_steps", [3, 8])  # betas (0.8, 0.9): RAdam's rho_k <= 5 up to k = 5, rectified after
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adamax, torch.optim.RAdam])
+def test_rules_with_steps_on_the_device_path_match_the_float_path(
+    monkeypatch: pytest.MonkeyPatch, optimizer_class: type, n_steps: int
+) -> None:
+    """Capturable Adamax and RAdam keep ``step`` on the accelerator; their rules then compute the bias corrections
+    (and RAdam's choice between its two forms) as tensors. Taken here for CPU counters, that path must give the
+    numbers of the float path, also with a parameter at another step (RAdam: the other form in the same call)."""
+    from lightning_xgrad.rules import adamax, radam
+
+    params = _params()
+    optimizer = optimizer_class(params, lr=LR, betas=(0.8, 0.9))
+    _run(optimizer, params, n_steps=n_steps)
+    optimizer.state[params[1]]["step"] = torch.tensor(2.0)  # as a parameter that joined later would have
+    rule = rule_for(optimizer)
+    rows = [rule.state_tensors(optimizer.state[p]) for p in params]
+    columns = tuple(list(c) for c in zip(*rows, strict=True))
+    via_floats = [torch.zeros_like(p) for p in params]
+    rule.add_direction_(via_floats, columns, optimizer.param_groups[0], -0.5)
+    for module in (adamax, radam):
+        monkeypatch.setattr(module, "on_accelerator", lambda step_counts: True)
+    via_tensors = [torch.zeros_like(p) for p in params]
+    rule.add_direction_(via_tensors, columns, optimizer.param_groups[0], -0.5)
+    for a, b in zip(via_floats, via_tensors, strict=True):
+        # float32 step counts: the tensor bias corrections carry float32 rounding, as torch's capturable step does
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+        assert a.abs().max() > 0
+
+
 @pytest.mark.parametrize(
     "factory",
     [
@@ -256,7 +285,7 @@ def test_extrapolate_by_hand() -> None:
 
 def test_chunks_cover_every_tensor_once_within_the_budget() -> None:
     tensors = [torch.empty(n) for n in [5, 1, 7, 3, 3, 2, 7, 1]]
-    slices = list(chunk_slices(tensors))
+    slices = list(chunk_slices(tensors, 0))  # budget 0: chunks of at most the largest tensor (tests/test_scaling.py)
     covered = [i for s in slices for i in range(len(tensors))[s]]
     assert covered == list(range(len(tensors)))
     for s in slices:

@@ -103,6 +103,25 @@ def test_predictor_accepts_good_arguments() -> None:
     OptimizerPredictor(adam(), steps=3, rule="auto", snapshot=ParameterSnapshot(), compile=True)
 
 
+@pytest.mark.parametrize(
+    ("value", "error"), [(-1, ValueError), (1.5, TypeError), ("32MiB", TypeError), (True, TypeError)], ids=repr
+)
+def test_chunk_bytes_is_refused_alike_by_the_predictor_and_both_callbacks(value: Any, error: type) -> None:
+    """``chunk_bytes``: an integer >= 0 (0: chunks of the largest tensor) or None (the 32 MiB default)."""
+    for owner, build in (
+        ("OptimizerPredictor", lambda: OptimizerPredictor(adam(), chunk_bytes=value)),
+        ("XGradCallback", lambda: XGradCallback(chunk_bytes=value)),
+        ("CPropCallback", lambda: CPropCallback(chunk_bytes=value)),
+    ):
+        with pytest.raises(error) as info:
+            build()
+        assert str(info.value) == f"{owner}: `chunk_bytes` must be an integer >= 0 or None, got {value!r}"
+    for good in (0, 4096, None):
+        XGradCallback(chunk_bytes=good)
+        CPropCallback(chunk_bytes=good)
+        OptimizerPredictor(adam(), chunk_bytes=good)
+
+
 # ----------------------------------------------------------------------------------- learning rates, everywhere
 @pytest.mark.parametrize("lr", [math.inf, -math.inf, math.nan, torch.tensor(math.inf)], ids=repr)
 @pytest.mark.parametrize("cls", OPTIMIZER_CLASSES, ids=lambda cls: cls.__name__)

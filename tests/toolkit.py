@@ -6,6 +6,8 @@ tensors so a plain-PyTorch reference loop can replay exactly the batches the Tra
 
 from __future__ import annotations
 
+import os
+import subprocess
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -173,3 +175,14 @@ class XGradMetricsRecorder(Callback):
             key: torch.tensor(self.logged[name], dtype=torch.float64)
             for key, name in zip(keys, XGRAD_METRICS, strict=True)
         }
+
+
+def make_dry_run(*arguments: str, cwd: Any) -> str:
+    """What ``make -n`` would run, as a top-level make prints it.
+
+    The suite itself runs under ``make test``; without this, the child make inherits MAKELEVEL and MAKEFLAGS and
+    adds "Entering directory" lines (and the parent's flags) to its plan.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    command = ["make", "-n", "--no-print-directory", *arguments]
+    return subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout

@@ -47,6 +47,7 @@ from torch.optim.optimizer import ParamsT
 
 from .._compat import new_step_count
 from .._directions import add_heavy_ball_adam_direction_
+from .._foreach import chunk_slices
 from .._scalars import as_float
 from .._validation import check_real
 from ..sharding import DTensor, local_tensor, ranks_holding
@@ -146,8 +147,8 @@ class _AdaptiveHeavyBall(BaseOptimizer):
                 betas.append(None)
                 continue
             device = local_tensor(params[0]).device
-            before = group.get("momentum", 0.0)
-            before = before.to(device) if isinstance(before, Tensor) else torch.tensor(before, device=device)
+            before = group.get("momentum", 0.0)  # a number before the first step, then a tensor on the device
+            before = before.to(device) if isinstance(before, Tensor) else torch.full((), float(before), device=device)
             if distance is None or difference is None:  # fewer than two gradients: no secant yet
                 beta = torch.zeros((), dtype=torch.float32, device=device)
             else:
@@ -170,12 +171,16 @@ def _sum_of_squared_differences(owners: list[Tensor], values: list[Tensor], prev
     dtype = torch.float32  # at least: half-precision parameters sum their squares in float32
     for value in values:
         dtype = torch.promote_types(dtype, value.dtype)
-    norms = torch._foreach_norm(torch._foreach_sub(values, previous), 2, dtype=dtype)
+    norms: list[Tensor] = []
+    for part in chunk_slices(values):  # the differences of one chunk alive at a time
+        norms.extend(torch._foreach_norm(torch._foreach_sub(values[part], previous[part]), 2, dtype=dtype))
     device = norms[0].device
-    squares = torch.stack([n.to(device) for n in norms]).square()
+    if any(n.device != device for n in norms):  # a group spread over devices
+        norms = [n.to(device) for n in norms]
+    squares = torch.stack(norms).square()
     if any(isinstance(p, DTensor) for p in owners) and torch.distributed.is_initialized():
-        holding = torch.tensor([float(ranks_holding(p)) for p in owners], device=device)
-        squares = squares / holding
+        holding = torch.tensor([float(ranks_holding(p)) for p in owners])
+        squares = squares / holding.to(device, non_blocking=True)  # a copy to the device, without waiting
     return squares.sum()
 
 
@@ -319,8 +324,10 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         torch._foreach_mul_(products, beta.to(products[0].device))
         if group["weight_decay"] != 0:
             torch._foreach_mul_(local_params, 1.0 - lr * group["weight_decay"])
-        # the weight is a 0-dim tensor on the device (no sync); torch takes it, its stubs list numbers and lists only
-        torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta).to(exp_avgs[0].dtype))  # type: ignore[call-overload]
+        # the weight stays a 0-dim tensor on the device, one per tensor (the List overload): passed alone it would bind
+        # to the Scalar overload, a host read (.item()) of a device value at every step
+        weight = (1.0 - beta).to(exp_avgs[0].dtype)
+        torch._foreach_lerp_(exp_avgs, grads, [weight] * len(exp_avgs))
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         add_heavy_ball_adam_direction_(local_params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, -lr)

@@ -15,14 +15,9 @@ import torch
 from torch import Tensor
 
 from .._directions import add_adam_direction_
-from .._scalars import step_counts_as_floats, uniform
+from .._scalars import on_accelerator, step_counts_as_floats, uniform
 from .base import PredictionRule
 from .compiled import CompiledPrediction, adam_kernel
-
-
-def _on_accelerator(step_counts: Sequence[Any]) -> bool:
-    """Whether the step counts live on an accelerator (capturable or fused Adam), where reading them would sync."""
-    return isinstance(step_counts[0], Tensor) and step_counts[0].device.type != "cpu"
 
 
 class AdamRule(PredictionRule):
@@ -46,7 +41,7 @@ class AdamRule(PredictionRule):
         exp_avgs, second_moments, step_counts = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = self.outer_eps(group)
-        if _on_accelerator(step_counts):
+        if on_accelerator(step_counts):
             self._add_with_device_steps(params, exp_avgs, second_moments, step_counts, beta1, beta2, eps, alpha)
             return
         eps_folded, step_size = self._scalars(step_counts, beta1, beta2, eps, alpha)
@@ -75,7 +70,7 @@ class AdamRule(PredictionRule):
         self, columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
     ) -> list[list[float]] | None:
         step_counts = columns[2]
-        if _on_accelerator(step_counts):
+        if on_accelerator(step_counts):
             return None  # reading accelerator steps would sync: the eager no-sync path instead
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, step = self._scalars(step_counts, beta1, beta2, self.outer_eps(group), alpha)

@@ -2,6 +2,8 @@
 
 torch's Adamax keeps ``exp_avg`` (m) and ``exp_inf`` (u = max(b2 * u, |g| + eps)) and applies
 ``p -= lr / (1 - b1^k) * m / u``; L2 weight decay and ``maximize`` are already inside g, so inside m and u.
+Step counts kept on an accelerator (capturable Adamax) are not read on the host: the bias corrections are then
+computed there, as tensors.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import torch
 from torch import Tensor
 
 from .._foreach import chunk_slices
-from .._scalars import step_counts_as_floats
+from .._scalars import on_accelerator, step_counts_as_floats
 from .base import PredictionRule
 
 
 class AdamaxRule(PredictionRule):
-    """torch.optim.Adamax; a ``step`` kept on an accelerator (capturable) is read with one sync per group."""
+    """torch.optim.Adamax (also capturable, with ``step`` on the accelerator: no host read)."""
 
     name = "adamax"
 
@@ -32,6 +34,18 @@ class AdamaxRule(PredictionRule):
     ) -> None:
         exp_avgs, exp_infs, step_counts = columns
         beta1 = float(group["betas"][0])
+        if on_accelerator(step_counts):
+            if alpha == 0:
+                return
+            # (1 - b1^k) / alpha per tensor, on the device: the divisor that turns m / u into alpha * m / (bc1 * u)
+            divisors = torch._foreach_pow(beta1, step_counts)
+            torch._foreach_neg_(divisors)
+            torch._foreach_add_(divisors, 1.0)
+            torch._foreach_div_(divisors, alpha)
+            for part in chunk_slices(params):
+                denom = torch._foreach_mul(exp_infs[part], divisors[part])
+                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)
+                del denom  # one chunk of temporaries alive at a time
+            return
         step_sizes = [alpha / (1.0 - beta1**k) for k in step_counts_as_floats(step_counts)]
-        for part in chunk_slices(params):
-            torch._foreach_addcdiv_(params[part], exp_avgs[part], exp_infs[part], step_sizes[part])
+        torch._foreach_addcdiv_(params, exp_avgs, exp_infs, step_sizes)  # in place, no temporaries: one call

@@ -8,6 +8,8 @@ With k the step count, rho_inf = 2 / (1 - b2) - 1 and rho_k = rho_inf - 2 k b2^k
 - otherwise: ``dW = m_hat`` (momentum SGD while the variance estimate is unreliable),
 
 where ``m_hat = m / (1 - b1^k)``. Decoupled weight decay is left out of dW; L2 decay is already inside m and v.
+Step counts kept on an accelerator (capturable RAdam) are not read on the host: both forms are then computed there,
+per tensor, as ``m * (A / (sqrt(v) + eps) + B)`` with one of A and B zero.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from torch import Tensor
 
 from .._directions import add_adam_direction_
-from .._foreach import chunk_slices
-from .._scalars import step_counts_as_floats
+from .._foreach import chunk_bytes_of, chunk_slices
+from .._scalars import on_accelerator, step_counts_as_floats
 from .base import PredictionRule
 
 
@@ -35,7 +37,7 @@ def _rectification(k: float, beta2: float) -> float | None:
 
 
 class RAdamRule(PredictionRule):
-    """torch.optim.RAdam; a ``step`` kept on an accelerator (capturable) is read with one sync per group."""
+    """torch.optim.RAdam (also capturable, with ``step`` on the accelerator: no host read)."""
 
     name = "radam"
 
@@ -50,6 +52,9 @@ class RAdamRule(PredictionRule):
         exp_avgs, exp_avg_sqs, step_counts = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = float(group["eps"])
+        if on_accelerator(step_counts):
+            _add_with_device_steps(params, exp_avgs, exp_avg_sqs, step_counts, beta1, beta2, eps, alpha)
+            return
         rectified: list[int] = []
         rectified_sizes: list[float] = []
         plain: list[int] = []
@@ -63,13 +68,56 @@ class RAdamRule(PredictionRule):
             else:
                 rectified.append(i)
                 rectified_sizes.append(step_size * rect * math.sqrt(1.0 - beta2**k))
+        chunk_bytes = chunk_bytes_of(params)
         if plain:
-            targets = [params[i] for i in plain]
-            moments = [exp_avgs[i] for i in plain]
-            for part in chunk_slices(targets):
+            targets, moments = _pick(plain, params, exp_avgs)
+            for part in chunk_slices(targets, chunk_bytes):
                 torch._foreach_add_(targets[part], torch._foreach_mul(moments[part], plain_sizes[part]))
         if rectified:
-            targets = [params[i] for i in rectified]
-            moments = [exp_avgs[i] for i in rectified]
-            second = [exp_avg_sqs[i] for i in rectified]
-            add_adam_direction_(targets, moments, second, rectified_sizes, eps=eps)
+            targets, moments, second = _pick(rectified, params, exp_avgs, exp_avg_sqs)
+            add_adam_direction_(targets, moments, second, rectified_sizes, eps=eps, chunk_bytes=chunk_bytes)
+
+
+def _pick(indices: list[int], *columns: list[Any]) -> list[list[Any]]:
+    """The entries at ``indices`` of each column; the columns themselves when that is all of them (the usual case:
+    every tensor of a bucket is at the same step), so that planned lists keep their chunks."""
+    if len(indices) == len(columns[0]):
+        return list(columns)
+    return [[column[i] for i in indices] for column in columns]
+
+
+def _add_with_device_steps(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    step_counts: list[Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    alpha: float,
+) -> None:
+    """Step counts on the accelerator: ``p += m * (A / (sqrt(v) + eps) + B)`` per tensor, with
+    ``A = alpha * r_k * sqrt(1 - b2^k) / (1 - b1^k)`` and ``B = 0`` where rho_k > 5, else ``A = 0`` and
+    ``B = alpha / (1 - b1^k)``; the scalars computed on the device for all tensors at once (a few ops on one vector)."""
+    if alpha == 0 or not params:
+        return
+    k = torch.stack(list(step_counts))
+    bc1 = 1.0 - torch.pow(beta1, k)
+    beta2_k = torch.pow(beta2, k)
+    bc2 = 1.0 - beta2_k
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho = rho_inf - 2.0 * k * beta2_k / bc2
+    rectify = rho > 5.0
+    ratio = (rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho)
+    r = torch.where(rectify, ratio, torch.ones_like(ratio)).sqrt()  # r_k where it is defined
+    step_size = alpha / bc1
+    adaptive = torch.where(rectify, step_size * r * bc2.sqrt(), torch.zeros_like(r)).unbind()
+    momentum = torch.where(rectify, torch.zeros_like(r), step_size).unbind()
+    for part in chunk_slices(params):
+        factor = torch._foreach_sqrt(exp_avg_sqs[part])
+        torch._foreach_add_(factor, eps)
+        torch._foreach_reciprocal_(factor)
+        torch._foreach_mul_(factor, adaptive[part])
+        torch._foreach_add_(factor, momentum[part])
+        torch._foreach_addcmul_(params[part], exp_avgs[part], factor)
+        del factor  # one chunk of temporaries alive at a time
