@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
 from ._validation import argument_error, check_int
-from .prediction_quality import HeldPrediction
+from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
 from .protocols import DirectionScaleProvider, DirectionScales
 from .shift import relative_shift
@@ -69,8 +69,8 @@ class XGradCallback(Callback):
             and the update the optimizer then applies, ``W_next - W``) and ``xgrad/prediction_error``
             (``||(W_hat - W) - steps * (W_next - W)|| / ||steps * (W_next - W)||``), to the Trainer's loggers at the
             step they belong to (whatever the Trainer's own ``log_every_n_steps``); with several optimizers each name
-            ends in ``/optimizer_<index>``. On those steps only, one copy of the predicted weights is held from the
-            restore to the update. ``None`` logs nothing.
+            ends in ``/optimizer_<index>``. On those steps only, a copy of the predicted weights (at most
+            ``metrics_max_bytes``) is held from the restore to the update. ``None`` logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
             passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
             first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
@@ -80,6 +80,13 @@ class XGradCallback(Callback):
             ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less
             transient memory for smaller ones. ``None``: 32 MiB, which fits the many small tensors of most models
             in one call per op; ``0``: chunks as small as the largest tensor.
+        metrics_max_bytes: the most memory, in bytes per rank and optimizer, that the prediction metrics hold on a
+            logging step. They compare W_hat with the update applied after it, so W_hat is kept aside from the
+            restore to the update: all of it when the predicted parameters fit in the budget (exact values), else a
+            systematic sample that fits (tensors smaller than an equal share of the budget whole, every m-th element
+            of the larger ones), and the cosine and error are estimates from it. Default 32 MiB, as ``chunk_bytes``;
+            ``None``: always exact (one full copy of the predicted parameters). A budget below one element per
+            predicted tensor raises a ValueError at the first logging step.
 
     The rule each optimizer got is logged once at INFO and as logger hyperparameters (``xgrad/rule``, or
     ``xgrad/rule/optimizer_<index>``, and ``xgrad/steps``).
@@ -103,16 +110,19 @@ class XGradCallback(Callback):
         log_every_n_steps: int | None = None,
         compile: bool = False,
         chunk_bytes: int | None = None,
+        metrics_max_bytes: int | None = DEFAULT_METRICS_MAX_BYTES,
     ) -> None:
         check_prediction_args("XGradCallback", steps, rule, compile, chunk_bytes)  # the predictor's checks, messages
         check_int("XGradCallback", "start_step", start_step, minimum=0)
         check_int("XGradCallback", "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
+        check_int("XGradCallback", "metrics_max_bytes", metrics_max_bytes, minimum=1, allow_none=True)
         self.steps = steps
         self.rule: RuleChoice = rule
         self.start_step = start_step
         self.log_every_n_steps = log_every_n_steps
         self.compile = compile
         self.chunk_bytes = chunk_bytes
+        self.metrics_max_bytes = metrics_max_bytes
         self._snapshot = ParameterSnapshot()
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
@@ -451,13 +461,15 @@ class XGradCallback(Callback):
         count = len(predictors)
         step = batches_that_stepped(trainer)
         shifts = {
-            _per_optimizer("xgrad/relative_shift", i, count): relative_shift(predictors[i].predicted_params())
+            _per_optimizer("xgrad/relative_shift", i, count): relative_shift(
+                predictors[i].predicted_params(), predictors[i].chunk_bytes
+            )
             for i in predicted
         }
         for logger in trainer.loggers:
             logger.log_metrics(shifts, step=step)
         pending = {id(predictors[i].optimizer): i for i in predicted}
-        self._logging = _LoggingWindow(step, list(trainer.loggers), count, pending)
+        self._logging = _LoggingWindow(step, list(trainer.loggers), count, pending, self.metrics_max_bytes)
 
     def _measure_update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """A step post-hook, registered in logging windows only: compare the held W_hat with the applied update."""
@@ -497,6 +509,8 @@ class _LoggingWindow:
     optimizer_count: int
     #: id(optimizer) -> its index, for the optimizers that predicted in this window and have not restored yet
     pending: dict[int, int]
+    #: the budget of each held W_hat (``XGradCallback.metrics_max_bytes``)
+    max_bytes: int | None
     #: id(optimizer) -> (its index, its W_hat), from its restore until its step post-hook measures the update
     held: dict[int, tuple[int, HeldPrediction]] = field(default_factory=dict)
     handles: list[RemovableHandle] = field(default_factory=list)
@@ -514,7 +528,10 @@ class _LoggingWindow:
         predicted = predictor.predicted_params()
         if not predicted:
             return
-        self.held[id(optimizer)] = (index, HeldPrediction(predicted))
+        self.held[id(optimizer)] = (
+            index,
+            HeldPrediction(predicted, self.max_bytes, predictor.chunk_bytes, "XGradCallback", "metrics_max_bytes"),
+        )
         self.handles.append(optimizer.register_step_post_hook(measure))
 
     def close(self) -> None:

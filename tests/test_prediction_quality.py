@@ -489,3 +489,136 @@ def test_the_update_measured_is_the_one_cprop_applied_whatever_the_callback_orde
         TinyModule(OPTIMIZERS["sgd_momentum"]), loader(x, y)
     )
     check_logged(tmp_path, trajectory, [2, 4, 6, 8], steps=1, rel=1e-4)
+
+
+# ---------------------------------------------------------------- bounded memory: a sample within metrics_max_bytes
+
+
+def test_a_budget_below_the_copy_holds_a_sample_within_it_that_estimates_the_exact_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``metrics_max_bytes`` an eighth of the predicted parameters: every logging step holds at most that much, and
+    the logged cosine and error stay close to W, W_hat and W_next's in float64 (a sampler that compared other
+    positions of W_hat than of W and W_next, or dropped a tensor, lands far off: the cosine is 0.3 to 0.8 here)."""
+    import lightning_xgrad.callback as callback_module
+    from lightning_xgrad.prediction_quality import HeldPrediction
+
+    held: list[HeldPrediction] = []
+
+    class Recorded(HeldPrediction):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            held.append(self)
+            self.held_bytes = self.nbytes  # compare() frees the copy
+
+    monkeypatch.setattr(callback_module, "HeldPrediction", Recorded)
+    param_bytes = sum(p.numel() * p.element_size() for p in Wide().parameters())
+    budget = param_bytes // 8
+    trajectory = Trajectory()
+    x, y = make_data(80)
+    trainer(
+        callbacks=[trajectory.first(), XGradCallback(log_every_n_steps=1, metrics_max_bytes=budget), trajectory],
+        max_epochs=1,
+        logger=csv_logger(tmp_path),
+        log_every_n_steps=50,
+    ).fit(Wide(), loader(x, y))
+    assert len(held) == 9 and all(h.sampled and h.held_bytes <= budget for h in held)
+    cosines, errors = logged(tmp_path, COSINE), logged(tmp_path, ERROR)
+    assert list(cosines) == list(errors) == list(range(1, 10))
+    deviations = []
+    for step in cosines:
+        cosine, error = trajectory.quality(step, 1)
+        assert cosines[step] == pytest.approx(cosine, abs=0.02), f"step {step}"
+        assert errors[step] == pytest.approx(error, rel=0.02), f"step {step}"
+        deviations.append(abs(cosines[step] - cosine))
+    assert max(deviations) > 1e-6  # an estimate from a sample, not the exact value
+
+
+def real_step(dtype: torch.dtype, budgets: list[int | None]) -> tuple[list[Any], tuple[float, float], int]:
+    """One predicted SGD-momentum step of a 6-256-256-2 MLP in ``dtype`` (after two steps that build momentum), with a
+    HeldPrediction per budget: (each one's held bytes, sample flag and quality; the float64 (cosine, error) of W,
+    W_hat and W_next; the parameters' bytes)."""
+    from lightning_xgrad import OptimizerPredictor
+    from lightning_xgrad.prediction_quality import HeldPrediction
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2)).to(dtype)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    predictor = OptimizerPredictor(optimizer)
+    x, y = torch.randn(24, 6, dtype=dtype), torch.randn(24, 2, dtype=dtype)
+    for t in range(3):
+        predictor.predict()
+        if t == 2:
+            predicted = predictor.predicted_params()
+            helds = [HeldPrediction(predicted, budget) for budget in budgets]
+            w = torch.cat([real.double().flatten() for _, _, real in predicted])
+            w_hat = torch.cat([local.detach().double().flatten() for _, local, _ in predicted])
+        optimizer.zero_grad()
+        nn.functional.mse_loss(net(x[8 * t : 8 * t + 8]), y[8 * t : 8 * t + 8]).backward()
+        predictor.restore()
+        optimizer.step()
+    w_next = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+    d, u = w_hat - w, w_next - w
+    exact = (float(d @ u / (d.norm() * u.norm())), float((d - u).norm() / u.norm()))
+    results = [(h.nbytes, h.sampled, h.compare(1)) for h in helds]
+    return results, exact, sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+def test_a_budget_the_parameters_fit_in_is_bit_identical_to_no_budget() -> None:
+    """m = 1: a budget of exactly the parameters' bytes holds all of W_hat, and its values are those of
+    ``metrics_max_bytes=None`` bit for bit; one byte less, and a sample is held."""
+    param_bytes = 4 * (6 * 256 + 256 + 256 * 256 + 256 + 256 * 2 + 2)
+    (exact, fits, below), reference, total = real_step(torch.float32, [None, param_bytes, param_bytes - 1])
+    assert total == param_bytes
+    assert exact[:2] == fits[:2] == (param_bytes, False)
+    assert fits[2] == exact[2]  # the same floats
+    assert exact[2].cosine == pytest.approx(reference[0], abs=1e-6)
+    assert below[1] and below[0] <= param_bytes - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_sample_within_the_budget_estimates_a_real_step(dtype: torch.dtype) -> None:
+    """Budgets of an eighth and a sixty-fourth of the parameters (about 8000 and 800 elements), in float32 and
+    bfloat16 (sums in float32): within the budget, and close to the float64 values (measured: within 0.008 and 0.044
+    of the cosine)."""
+    bytes_per = torch.finfo(dtype).bits // 8
+    total = bytes_per * (6 * 256 + 256 + 256 * 256 + 256 + 256 * 2 + 2)
+    budgets = [total // 8, total // 64]
+    results, (cosine, error), _ = real_step(dtype, budgets)
+    for budget, tolerance, (nbytes, sampled, quality) in zip(budgets, [0.02, 0.1], results, strict=True):
+        assert sampled and nbytes <= budget
+        assert quality.cosine == pytest.approx(cosine, abs=tolerance)
+        assert quality.error == pytest.approx(error, rel=tolerance)
+        assert quality.cosine != pytest.approx(cosine, abs=1e-7)  # an estimate, not the exact value
+
+
+def test_the_sample_does_not_repeat_one_column_of_a_matrix() -> None:
+    """A 512 x 64 matrix whose even columns move along the prediction and odd columns against it: cosine 0, error
+    sqrt(2). A stride of 64 (the row length) would see one column only (cosine +-1); the prime stride (67) walks
+    through the columns."""
+    from lightning_xgrad.prediction_quality import HeldPrediction
+
+    w = torch.zeros(512, 64)
+    param = w.clone()
+    param[:, :] = 1.0  # W_hat
+    held = HeldPrediction([(param, param, w)], max_bytes=param.numel() * 4 // 64)
+    assert held.strides == [67] and held.nbytes <= param.numel() * 4 // 64
+    param[:, 1::2] = -1.0  # W_next: odd columns against the prediction
+    quality = held.compare(1)
+    assert quality is not None
+    assert quality.cosine == pytest.approx(0.0, abs=0.01)
+    assert quality.error == pytest.approx(math.sqrt(2), rel=0.01)
+
+
+def test_a_budget_below_one_element_per_tensor_is_refused_with_the_argument_named() -> None:
+    from lightning_xgrad.prediction_quality import HeldPrediction
+
+    tensors = [torch.zeros(100), torch.zeros(3, dtype=torch.float64), torch.zeros(0)]
+    with pytest.raises(ValueError) as info:
+        HeldPrediction([(t, t, t.clone()) for t in tensors], 15, None, "XGradCallback", "metrics_max_bytes")
+    assert str(info.value) == (
+        "XGradCallback: `metrics_max_bytes` must be None or at least 16 bytes for these parameters (one element of "
+        "each of 2 tensors), got 15"
+    )
+    held = HeldPrediction([(t, t, t.clone()) for t in tensors], 16)
+    assert held.nbytes == 16 and [h.numel() for h in held.predicted] == [2, 1, 0]  # 8 bytes each
