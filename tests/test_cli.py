@@ -63,8 +63,9 @@ def test_metrics_max_bytes_is_set_from_the_command_line() -> None:
     """The metrics' byte budget: an integer, or null for always exact; 32 MiB when not given."""
     flags = ["--trainer.callbacks+=lightning_xgrad.XGradCallback"]
     budgets = []
-    for extra in ([], ["--trainer.callbacks.metrics_max_bytes=1048576"], ["--trainer.callbacks.metrics_max_bytes=null"]):
-        (callback,) = [c for c in _cli(flags + extra).trainer.callbacks if isinstance(c, XGradCallback)]
+    for extra in ([], ["1048576"], ["null"]):
+        given = [f"--trainer.callbacks.metrics_max_bytes={value}" for value in extra]
+        (callback,) = [c for c in _cli(flags + given).trainer.callbacks if isinstance(c, XGradCallback)]
         budgets.append(callback.metrics_max_bytes)
     assert budgets == [32 * 2**20, 1048576, None]
 

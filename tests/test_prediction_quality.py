@@ -382,29 +382,37 @@ class Wide(TinyModule):
         self.net = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2))
 
 
-def test_no_allocation_on_steps_that_do_not_log_and_one_copy_on_steps_that_do(tmp_path: Path) -> None:
+def test_no_allocation_on_steps_that_do_not_log_and_one_copy_or_the_budget_on_steps_that_do(tmp_path: Path) -> None:
+    """Within the budget (the default 32 MiB): a logging step holds one copy of the parameters and chunk temporaries.
+    With ``metrics_max_bytes`` an eighth of the parameters: at most the budget for the sample and as much again for
+    the sampled update. Other steps allocate exactly what the run without logging does."""
     x, y = make_data(80)
     every = 3
-    probes = {}
-    for log_every in (None, every):
-        probe = AllocationProbe()
-        trainer(
-            callbacks=[probe, XGradCallback(log_every_n_steps=log_every), probe.end()],
-            max_epochs=1,
-            logger=csv_logger(tmp_path / str(log_every)),
-        ).fit(Wide(), loader(x, y))
-        probes[log_every] = probe
-    quiet, logging = probes[None], probes[every]
     params = list(Wide().parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
+    budget = param_bytes // 8
+    probes = {}
+    for name, log_every, max_bytes in (("quiet", None, None), ("exact", every, 32 * 2**20), ("sampled", every, budget)):
+        probe = AllocationProbe()
+        trainer(
+            callbacks=[probe, XGradCallback(log_every_n_steps=log_every, metrics_max_bytes=max_bytes), probe.end()],
+            max_epochs=1,
+            logger=csv_logger(tmp_path / name),
+        ).fit(Wide(), loader(x, y))
+        probes[name] = probe
+    quiet = probes["quiet"]
     chunk_bytes = max(sum(p.numel() * 4 for p in params[part]) for part in chunk_slices(params))
     for b in range(10):
-        if b % every or b == 0:  # no logging step (step 0 predicts nothing): exactly what the run without logging did
-            assert logging.allocated[b] == quiet.allocated[b], f"batch {b}"
-            assert logging.peak_from_restore[b] == quiet.peak_from_restore[b], f"batch {b}"
-        else:  # one copy of the parameters (W_hat), and chunk temporaries
-            extra = logging.peak_from_restore[b] - quiet.peak_from_restore[b]
-            assert param_bytes <= extra <= param_bytes + chunk_bytes + 1024, f"batch {b}: {extra} bytes"
+        for name, logging in probes.items():
+            if b % every or b == 0:  # no logging step (step 0 predicts nothing): what the run without logging did
+                assert logging.allocated[b] == quiet.allocated[b], f"{name}, batch {b}"
+                assert logging.peak_from_restore[b] == quiet.peak_from_restore[b], f"{name}, batch {b}"
+            elif name == "exact":  # one copy of the parameters (W_hat), and chunk temporaries
+                extra = logging.peak_from_restore[b] - quiet.peak_from_restore[b]
+                assert param_bytes <= extra <= param_bytes + chunk_bytes + 1024, f"batch {b}: {extra} bytes"
+            elif name == "sampled":  # the sample of W_hat, the sampled update, a few scalars
+                extra = logging.peak_from_restore[b] - quiet.peak_from_restore[b]
+                assert budget // 2 <= extra <= 2 * budget + 1024, f"batch {b}: {extra} bytes"
     # without logging, from the second step on (the first allocates SGD's momentum buffers): a few scalars at most
     assert max(quiet.peak_from_restore[1:]) <= 64
 

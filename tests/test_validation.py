@@ -123,7 +123,8 @@ def test_chunk_bytes_is_refused_alike_by_the_predictor_and_both_callbacks(value:
 
 
 @pytest.mark.parametrize(
-    ("value", "error"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("32MiB", TypeError), (True, TypeError)],
+    ("value", "error"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("32MiB", TypeError), (True, TypeError)],
     ids=repr,
 )
 def test_metrics_max_bytes_is_refused_when_not_a_positive_integer_or_none(value: Any, error: type) -> None:
