@@ -4,13 +4,16 @@ Each task is a sweep of the package's own ``lightning_xgrad.sweep`` (the machine
 ``python -m lightning_xgrad.sweep``): every run is what a user types, run as a subprocess,
 ``python examples/<example>.py fit --config examples/configs/<task>.yaml --data.seed=SEED`` (and ``--model.seed``
 where the model takes one), with the config's own logger switched off, plus what the sweep appends:
-``--seed_everything=SEED``, ``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=s`` for
-s > 0, and a CSVLogger into the run's folder, from which the validation metrics are read back. Writes into
+``--seed_everything=SEED``, ``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=s
+--trainer.callbacks.log_every_n_steps=N`` for s > 0, and a CSVLogger into the run's folder, from which the validation
+metrics and XGradCallback's prediction metrics are read back. Writes into
 ``--out`` (default: a new folder under ``benchmarks/runs/``, which git ignores), next to every run's folder:
 
 - ``<name>.md``: per task, mean ± std over seeds of the final metrics, the paired delta against the baseline with
-  its standard error, seeds improved, and a verdict that names a best s only when the paired difference is beyond
-  2 standard errors over at least 3 seeds;
+  its standard error, seeds improved, a verdict that names a best s only when the paired difference is beyond
+  2 standard errors over at least 3 seeds, and next to them the prediction's cosine and error (XGradCallback's
+  ``xgrad/prediction_cosine`` and ``xgrad/prediction_error``: per run the mean over its logged values, logged every
+  ``--log-every-n-steps`` optimizer steps, then mean ± std over seeds);
 - ``<name>.png``: per task, validation curves of the primary metric (log scale) over the paired delta against the
   baseline;
 - ``<name>.json``: every curve, to re-plot without re-running (``--replot``).
@@ -40,7 +43,7 @@ from typing import Any
 
 from lightning_xgrad.sweep import SweepConfig, run_sweep, stats
 from lightning_xgrad.sweep import report as sweep_report
-from lightning_xgrad.sweep.cli import cpu_model
+from lightning_xgrad.sweep.cli import DEFAULT_LOG_EVERY_N_STEPS, cpu_model
 from lightning_xgrad.sweep.plot import CurvePanel, plot_curves
 from lightning_xgrad.sweep.runs import FINISHED, RunResult, SweepError
 
@@ -138,7 +141,12 @@ def curves_of(results: Sequence[RunResult], steps: int) -> list[list[dict[str, f
 
 
 def report(
-    results: dict[str, list[RunResult]], seeds: Sequence[int], steps_list: Sequence[int], command: str, wall: float
+    results: dict[str, list[RunResult]],
+    seeds: Sequence[int],
+    steps_list: Sequence[int],
+    command: str,
+    wall: float,
+    log_every_n_steps: int | None = None,
 ) -> str:
     """The Markdown report: per task, the sweep's table (with the task's other metrics) and its verdict."""
     lines = [
@@ -162,6 +170,9 @@ def report(
         if failed:
             lines += ["Runs without a result:", "", *failed, ""]
     lines.append(sweep_report.explanation("the primary metric (first column)"))
+    prediction = sweep_report.prediction_explanation([r for runs in results.values() for r in runs], log_every_n_steps)
+    if prediction:
+        lines += ["", prediction]
     return "\n".join(lines)
 
 
@@ -188,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="XGrad s values (default: 1 2)")
     parser.add_argument("--sweep", action="store_true", help="s = 0 1 2 3 and report the best s per task")
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=DEFAULT_LOG_EVERY_N_STEPS,
+        metavar="N",
+        help="XGradCallback logs its prediction metrics every N optimizer steps; 0: not at all (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="the run folder (default: a new folder under benchmarks/runs/)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out: skip finished runs")
     parser.add_argument(
@@ -198,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("extra", nargs="*", help="more LightningCLI arguments for every run, after --")
     args = parser.parse_args(argv)
     steps_list = [1, 2, 3] if args.sweep else sorted({s for s in args.steps if s > 0})
-    if args.seeds < 1 or any(s < 0 for s in args.steps):
-        parser.error("--seeds must be >= 1 and --steps >= 0")
+    if args.seeds < 1 or any(s < 0 for s in args.steps) or args.log_every_n_steps < 0:
+        parser.error("--seeds must be >= 1, --steps and --log-every-n-steps >= 0")
     if args.resume and args.out is None:
         parser.error("--resume needs --out DIR, the folder of the run to continue")
     out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -222,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             task = TASKS[name]
             config = SweepConfig(
                 tuple(task_command(task, args.extra)), (0, *steps_list), tuple(seeds), task.metrics[0], task.mode,
-                out / name,
+                out / name, args.log_every_n_steps or None,
             )  # fmt: skip
             results[name] = run_sweep(config, resume=args.resume, check=False, desc=name)
     except SweepError as error:
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": curves,
         "runs": {name: [r.as_json() for r in runs] for name, runs in results.items()},
     }
-    markdown = report(results, seeds, steps_list, command, wall)
+    markdown = report(results, seeds, steps_list, command, wall, args.log_every_n_steps or None)
     for folder in targets:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")

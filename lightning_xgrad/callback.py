@@ -11,8 +11,9 @@ real weights; code inside ``training_step`` reads and edits them in :meth:`XGrad
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
 from ._validation import argument_error, check_int
+from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
 from .protocols import DirectionScaleProvider, DirectionScales
 from .shift import relative_shift
@@ -62,9 +64,13 @@ class XGradCallback(Callback):
         rule: ``"auto"`` uses the optimizer's state where a rule is registered, else the trajectory rule;
             ``"trajectory"`` uses the trajectory rule for every optimizer.
         start_step: no prediction before this global step.
-        log_every_n_steps: log ``xgrad/relative_shift`` (``||W_hat - W|| / ||W||``) every n optimizer steps, to the
-            Trainer's loggers at the step it was computed (whatever the Trainer's own ``log_every_n_steps``);
-            ``None`` logs nothing.
+        log_every_n_steps: every n optimizer steps, log per optimizer ``xgrad/relative_shift``
+            (``||W_hat - W|| / ||W||``), ``xgrad/prediction_cosine`` (the cosine between the prediction ``W_hat - W``
+            and the update the optimizer then applies, ``W_next - W``) and ``xgrad/prediction_error``
+            (``||(W_hat - W) - steps * (W_next - W)|| / ||steps * (W_next - W)||``), to the Trainer's loggers at the
+            step they belong to (whatever the Trainer's own ``log_every_n_steps``); with several optimizers each name
+            ends in ``/optimizer_<index>``. On those steps only, a copy of the predicted weights (at most
+            ``metrics_max_bytes``) is held from the restore to the update. ``None`` logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
             passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
             first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
@@ -74,6 +80,16 @@ class XGradCallback(Callback):
             ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less
             transient memory for smaller ones. ``None``: 32 MiB, which fits the many small tensors of most models
             in one call per op; ``0``: chunks as small as the largest tensor.
+        metrics_max_bytes: the most memory, in bytes per rank and optimizer, that the prediction metrics hold on a
+            logging step. They compare W_hat with the update applied after it, so W_hat is kept aside from the
+            restore to the update: all of it when the predicted parameters fit in the budget (exact values), else a
+            systematic sample that fits (tensors smaller than an equal share of the budget whole, every m-th element
+            of the larger ones), and the cosine and error are estimates from it. Default 32 MiB, as ``chunk_bytes``;
+            ``None``: always exact (one full copy of the predicted parameters). A budget below one element per
+            predicted tensor raises a ValueError at the first logging step.
+
+    The rule each optimizer got is logged once at INFO and as logger hyperparameters (``xgrad/rule``, or
+    ``xgrad/rule/optimizer_<index>``, and ``xgrad/steps``).
 
     Add it once: two instances would predict on top of each other, so a second one is refused at the start of fit.
     Its checkpoint state (what the trajectory rule needs after a resume) is written from ``on_save_checkpoint`` under
@@ -94,16 +110,19 @@ class XGradCallback(Callback):
         log_every_n_steps: int | None = None,
         compile: bool = False,
         chunk_bytes: int | None = None,
+        metrics_max_bytes: int | None = DEFAULT_METRICS_MAX_BYTES,
     ) -> None:
         check_prediction_args("XGradCallback", steps, rule, compile, chunk_bytes)  # the predictor's checks, messages
         check_int("XGradCallback", "start_step", start_step, minimum=0)
         check_int("XGradCallback", "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
+        check_int("XGradCallback", "metrics_max_bytes", metrics_max_bytes, minimum=1, allow_none=True)
         self.steps = steps
         self.rule: RuleChoice = rule
         self.start_step = start_step
         self.log_every_n_steps = log_every_n_steps
         self.compile = compile
         self.chunk_bytes = chunk_bytes
+        self.metrics_max_bytes = metrics_max_bytes
         self._snapshot = ParameterSnapshot()
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
@@ -112,6 +131,8 @@ class XGradCallback(Callback):
         self._window_open = False  # between an optimizer step's first micro-batch and its update
         self._window_enabled = True  # whether this window predicts (start_step, a step-less batch)
         self._holding_real_weights = False  # inside real_weights()
+        self._logging: _LoggingWindow | None = None  # a window whose metrics are logged, until it ends
+        self._logged_hyperparams: set[str] = set()  # each key once per fit (some loggers refuse a changed value)
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -147,6 +168,7 @@ class XGradCallback(Callback):
             predictor.invalidate()
         if not any(optimizer.param_groups for optimizer in trainer.optimizers):
             rank_zero_warn("XGradCallback: the model has no optimizer, so XGrad has nothing to predict.")
+        self._logged_hyperparams = set()
         self._announce(trainer, range(len(trainer.optimizers)))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -205,7 +227,10 @@ class XGradCallback(Callback):
         self._announce(trainer, self._attach_optimizers(trainer))
 
     def _announce(self, trainer: pl.Trainer, indices: Any) -> None:
-        """Log, once per optimizer, which rule it predicts with."""
+        """Log, once per optimizer, which rule it predicts with: a line at INFO, and the loggers' hyperparameters
+        ``xgrad/rule`` (``xgrad/rule/optimizer_<i>`` with several optimizers) and ``xgrad/steps``."""
+        count = len(trainer.optimizers)
+        hyperparams: dict[str, Any] = {}
         for index in indices:
             optimizer = trainer.optimizers[index]
             if not optimizer.param_groups:  # Lightning's stand-in when configure_optimizers returns None
@@ -215,6 +240,16 @@ class XGradCallback(Callback):
                 f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rule} rule, "
                 f"steps={self.steps}"
             )
+            hyperparams[_per_optimizer("xgrad/rule", index, count)] = rule
+        if hyperparams:
+            hyperparams["xgrad/steps"] = self.steps
+        # A key is logged once per fit: an optimizer replaced later at the same index is announced by the line above
+        # only (MLflow, for one, refuses a parameter whose value changes).
+        hyperparams = {key: value for key, value in hyperparams.items() if key not in self._logged_hyperparams}
+        if hyperparams:
+            self._logged_hyperparams.update(hyperparams)
+            for logger in trainer.loggers:
+                logger.log_hyperparams(hyperparams)
 
     # ------------------------------------------------------------------ the step
     def on_train_batch_start(
@@ -229,11 +264,11 @@ class XGradCallback(Callback):
         # No prediction where no gradient will be taken: StochasticWeightAveraging's last epoch only recomputes
         # BatchNorm statistics (at the averaged weights), with backward skipped.
         self._window_enabled = trainer.global_step >= self.start_step and not backward_is_skipped(trainer)
-        predicted = False
-        for predictor in self._predictors.values():
-            predicted |= predictor.predict(self._window_enabled)
+        enabled = self._window_enabled
+        # every predictor predicts; the indices of those that moved a parameter
+        predicted = [i for i, predictor in enumerate(self._predictors.values()) if predictor.predict(enabled)]
         if predicted and self._should_log(trainer):
-            self._log_relative_shift(trainer)
+            self._start_logging_window(trainer, predicted)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -253,6 +288,8 @@ class XGradCallback(Callback):
         # others keep their prediction until they step or the batch ends.
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
+            if self._logging is not None:  # a logging window: keep W_hat aside until the update is applied
+                self._logging.hold(optimizer, predictor, self._measure_update)
             predictor.restore(stepped=True)
         else:  # an optimizer that appeared mid-window (predicted from the next window on): no update on W_hat
             _restore_each(self._predictors.values(), stepped=False)
@@ -402,22 +439,106 @@ class XGradCallback(Callback):
     # ------------------------------------------------------------------ helpers
     def _restore_all(self, stepped: bool) -> None:
         self._window_open = False
-        _restore_each(self._predictors.values(), stepped)
+        try:
+            _restore_each(self._predictors.values(), stepped)
+        finally:
+            self._end_logging_window()  # a step the GradScaler skipped, or that never came, measured nothing
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         return self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0
 
-    def _log_relative_shift(self, trainer: pl.Trainer) -> None:
-        """To the loggers directly, at the step Lightning labels this batch's own metrics with (as
-        LearningRateMonitor does): ``self.log`` from a batch-start hook would reach them only at the Trainer's
-        cadence, repeated until overwritten."""
+    def _start_logging_window(self, trainer: pl.Trainer, predicted: Sequence[int]) -> None:
+        """Log the relative shift of every optimizer that predicted (``predicted``: their indices), and measure each
+        one's prediction against the update it applies in this window.
+
+        To the loggers directly, at the step Lightning labels this batch's own metrics with (as LearningRateMonitor
+        does): ``self.log`` from a batch-start hook would reach them only at the Trainer's cadence, repeated until
+        overwritten."""
+        self._end_logging_window()
         if not trainer.loggers:
             return
-        predicted = [t for predictor in self._predictors.values() for t in predictor.predicted_params()]
-        metrics = {"xgrad/relative_shift": relative_shift(predicted)}
+        predictors = list(self._predictors.values())
+        count = len(predictors)
         step = batches_that_stepped(trainer)
+        shifts = {
+            _per_optimizer("xgrad/relative_shift", i, count): relative_shift(
+                predictors[i].predicted_params(), predictors[i].chunk_bytes
+            )
+            for i in predicted
+        }
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(shifts, step=step)
+        pending = {id(predictors[i].optimizer): i for i in predicted}
+        self._logging = _LoggingWindow(step, list(trainer.loggers), count, pending, self.metrics_max_bytes)
+
+    def _measure_update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """A step post-hook, registered in logging windows only: compare the held W_hat with the applied update."""
+        window = self._logging
+        entry = None if window is None else window.held.pop(id(optimizer), None)
+        if window is None or entry is None:  # measured already (a second step of the same optimizer)
+            return
+        index, held = entry
+        quality = held.compare(self.steps)
+        if quality is None:  # no update was applied (the GradScaler skipped the step) or nothing was predicted
+            return
+        metrics = {
+            _per_optimizer("xgrad/prediction_cosine", index, window.optimizer_count): quality.cosine,
+            _per_optimizer("xgrad/prediction_error", index, window.optimizer_count): quality.error,
+        }
+        for logger in window.loggers:
+            logger.log_metrics(metrics, step=window.step)
+
+    def _end_logging_window(self) -> None:
+        if self._logging is not None:
+            self._logging.close()
+            self._logging = None
+
+
+def _per_optimizer(name: str, index: int, count: int) -> str:
+    """A logged name for optimizer ``index`` of ``count``: ``name`` itself with one optimizer, else
+    ``name/optimizer_<index>`` (the index in ``trainer.optimizers``)."""
+    return name if count == 1 else f"{name}/optimizer_{index}"
+
+
+@dataclass
+class _LoggingWindow:
+    """An optimizer step whose metrics are logged: where they go, and W_hat held per optimizer until its update."""
+
+    step: int
+    loggers: list[Any]
+    optimizer_count: int
+    #: id(optimizer) -> its index, for the optimizers that predicted in this window and have not restored yet
+    pending: dict[int, int]
+    #: the budget of each held W_hat (``XGradCallback.metrics_max_bytes``)
+    max_bytes: int | None
+    #: id(optimizer) -> (its index, its W_hat), from its restore until its step post-hook measures the update
+    held: dict[int, tuple[int, HeldPrediction]] = field(default_factory=dict)
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+    def hold(
+        self, optimizer: torch.optim.Optimizer, predictor: OptimizerPredictor, measure: Callable[..., None]
+    ) -> None:
+        """Just before ``predictor`` restores for ``optimizer``'s update: copy W_hat aside and have ``measure`` run
+        after the update. The hook is registered now, so it runs after every step post-hook registered before it
+        (CPropCallback's, which rescales the update: the update measured is the one really applied)."""
+        index = self.pending.pop(id(optimizer), None)
+        if index is None:
+            return
+        predictor.resume()  # after a validation mid-window: W_hat back in the parameters (the restore would too)
+        predicted = predictor.predicted_params()
+        if not predicted:
+            return
+        self.held[id(optimizer)] = (
+            index,
+            HeldPrediction(predicted, self.max_bytes, predictor.chunk_bytes, "XGradCallback", "metrics_max_bytes"),
+        )
+        self.handles.append(optimizer.register_step_post_hook(measure))
+
+    def close(self) -> None:
+        """The window is over: hooks removed (not from inside one: torch iterates over them), W_hat freed."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.held, self.pending = [], {}, {}
 
 
 def _direction_scales(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> DirectionScales | None:

@@ -7,6 +7,7 @@ Pure torch, no Lightning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -45,3 +46,19 @@ def ranks_holding(param: Tensor) -> int:
         if placement.is_shard():
             sharding *= param.device_mesh.size(dim)
     return world // sharding
+
+
+def sum_over_ranks(owners: Sequence[Tensor], sums: Tensor) -> Tensor:
+    """The column sums of ``sums`` over every element of the model, once each, on every rank.
+
+    ``sums`` has one row per parameter in ``owners``: partial sums over that rank's local tensor of it. With DTensor
+    parameters (FSDP2, tensor parallel) in a process group, each row is weighted by one over the ranks holding it and
+    the totals are summed over the ranks (one ``all_reduce``), so sharded elements count once and replicated ones
+    too. Otherwise every rank holds whole tensors (one process, DDP's identical replicas): the local column sums.
+    """
+    if any(isinstance(p, DTensor) for p in owners) and torch.distributed.is_initialized():
+        weights = torch.tensor([1.0 / ranks_holding(p) for p in owners], dtype=sums.dtype, device=sums.device)
+        totals = (sums * weights.unsqueeze(1)).sum(0)
+        torch.distributed.all_reduce(totals)
+        return totals
+    return sums.sum(0)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ._foreach import chunk_slices
-from .sharding import DTensor, ranks_holding
+from .sharding import sum_over_ranks
 
 __all__ = ["relative_shift"]
 
@@ -26,15 +26,9 @@ def relative_shift(predicted: Sequence[tuple[Tensor, Tensor, Tensor]], chunk_byt
     real = [value for _, _, value in predicted]
     shift = torch.stack([d.float().square().sum() for d in _differences(predicted_values, real, chunk_bytes)])
     norm = torch.stack([r.float().square().sum() for r in real])
-    if any(isinstance(p, DTensor) for p, _, _ in predicted) and torch.distributed.is_initialized():
-        # Sum the local shards over ranks (logging steps only), counting replicated elements once.
-        weights = torch.tensor([1.0 / ranks_holding(p) for p, _, _ in predicted], device=shift.device)
-        squares = torch.stack([(shift * weights).sum(), (norm * weights).sum()])
-        torch.distributed.all_reduce(squares)
-    else:
-        squares = torch.stack([shift.sum(), norm.sum()])
-    shift_norm, real_norm = squares[0].sqrt(), squares[1].sqrt()
-    return float(shift_norm / real_norm.clamp_min(1e-30))
+    # logging steps only: with sharded parameters, one all_reduce of the two sums (replicated elements counted once)
+    shift_squares, real_squares = sum_over_ranks([p for p, _, _ in predicted], torch.stack([shift, norm], dim=1))
+    return float(shift_squares.sqrt() / real_squares.sqrt().clamp_min(1e-30))
 
 
 def _differences(values: list[Tensor], real: list[Tensor], chunk_bytes: int | None) -> Iterator[Tensor]:

@@ -8,7 +8,8 @@ pytest)::
 Each rank reads its own shard through an explicit ``DistributedSampler(shuffle=False)``, so rank r gets samples
 r, r+2, r+4, ...: step i of the two ranks together covers samples [2*b*i, 2*b*(i+1)), which a single process
 replays with a non-shuffling loader of batch size 2*b. Each rank saves ``{name}_rank{r}.pt``: its final parameters
-(flat) and the inputs of every batch it trained on.
+(flat), the inputs of every batch it trained on, and the callback's metrics as every rank computed them (logged every
+``LOG_EVERY`` steps: ``logged_shift``, ``logged_cosine``, ``logged_error``, NaN at other steps).
 
 The fits run one after the other in the same processes: after the first launch LOCAL_RANK is set on every rank, so
 later Trainers neither relaunch nor re-initialise the process group.
@@ -28,12 +29,14 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_xgrad import XGradCallback
-from tests.toolkit import OPTIMIZERS, TinyModule, flat, make_data, trainer
+from tests.toolkit import OPTIMIZERS, TinyModule, XGradMetricsRecorder, flat, make_data, trainer
 
 WORLD_SIZE = 2
 N = 80
 PER_RANK_BATCH = 4
 EPOCHS = 2  # N / (WORLD_SIZE * PER_RANK_BATCH) = 10 steps per epoch
+#: XGradCallback's logging cadence (logging reads the weights only: the training is the same without it)
+LOG_EVERY = 3
 
 
 class ShardedModule(TinyModule):
@@ -63,18 +66,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # two processes on two cores
     for name in args.optimizers:
-        recorder = InputRecorder()
+        recorder, metrics = InputRecorder(), XGradMetricsRecorder()
         run = trainer(
             devices=WORLD_SIZE,
             strategy="ddp",
             use_distributed_sampler=False,
             max_epochs=EPOCHS,
-            callbacks=[XGradCallback(), recorder],
+            callbacks=[XGradCallback(log_every_n_steps=LOG_EVERY), recorder, metrics],
         )
         module = ShardedModule(OPTIMIZERS[name])
         run.fit(module)
         assert run.world_size == WORLD_SIZE
-        result = {"params": flat(module), "inputs": torch.stack(recorder.inputs), "global_step": run.global_step}
+        result = {
+            "params": flat(module),
+            "inputs": torch.stack(recorder.inputs),
+            "global_step": run.global_step,
+            **metrics.tensors(),
+        }
         torch.save(result, args.out / f"{name}_rank{run.global_rank}.pt")
 
 

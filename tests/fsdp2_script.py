@@ -14,7 +14,8 @@ For each run ``NAME:MODE`` (NAME a key of ``tests.toolkit.OPTIMIZERS``; MODE ``b
 ``XGradCallback()``, ``xgrad_logged``: ``XGradCallback(log_every_n_steps=1)``) each rank saves
 ``{name}_{mode}_rank{r}.pt``: the final full parameters (``full_tensor()`` of every DTensor, flat, in
 ``named_parameters`` order), its local shard sizes, the inputs of every batch it trained on, the logged
-``xgrad/relative_shift`` after every batch (``logged_shift``), and ``probe``, one row per batch taken in
+``xgrad/relative_shift``, ``xgrad/prediction_cosine`` and ``xgrad/prediction_error`` after every batch
+(``logged_shift``, ``logged_cosine``, ``logged_error``), and ``probe``, one row per batch taken in
 ``on_train_batch_start`` after the callback predicted, with columns
 
 - ``sd_gap``: max |full(state_dict()[name]) - W|, W the real weights recorded before the callback ran (must be 0);
@@ -40,14 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `tests.*` when r
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from lightning_xgrad import XGradCallback
 from tests.ddp_script import EPOCHS, WORLD_SIZE, InputRecorder, ShardedModule
-from tests.toolkit import OPTIMIZERS, OptimizerFactory, TinyModule
+from tests.toolkit import OPTIMIZERS, OptimizerFactory, TinyModule, XGradMetricsRecorder
 
 MODES = ("baseline", "xgrad", "xgrad_logged")
 
@@ -154,47 +154,8 @@ class MidWindowStateDictProbe(Callback):
         self.rows.append([sd_gap, dcp_gap, shift, 1.0])
 
 
-class _ShiftLogger(Logger):
-    """A logger that keeps every ``xgrad/relative_shift`` it receives, by step (on every rank)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.by_step: dict[int, float] = {}
-
-    @property
-    def name(self) -> str:
-        return "shift"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if "xgrad/relative_shift" in metrics and step is not None:
-            self.by_step[step] = float(metrics["xgrad/relative_shift"])
-
-
-class ShiftRecorder(Callback):
-    """``xgrad/relative_shift`` as the Trainer's loggers received it for every batch (NaN where nothing was logged for
-    that batch's step); it adds its own logger to the Trainer at the start of fit."""
-
-    def __init__(self) -> None:
-        self.values: list[float] = []
-        self._logger = _ShiftLogger()
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        trainer.loggers = [*trainer.loggers, self._logger]
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step this batch's metrics are logged at
-        self.values.append(self._logger.by_step.get(step, float("nan")))
-
-
 def xgrad_callback(mode: str) -> XGradCallback:
-    """The callback of a mode: ``xgrad`` the defaults, ``xgrad_logged`` also logging the relative shift every step."""
+    """The callback of a mode: ``xgrad`` the defaults, ``xgrad_logged`` also logging its metrics every step."""
     return XGradCallback(log_every_n_steps=1) if mode == "xgrad_logged" else XGradCallback()
 
 
@@ -218,10 +179,10 @@ def sharded_trainer(callbacks: list[Callback], epochs: int = EPOCHS) -> pl.Train
 
 def fit(name: str, mode: str) -> dict[str, Any]:
     """One sharded fit; returns what this rank saves."""
-    recorder, inputs, shifts = RealWeightRecorder(), InputRecorder(), ShiftRecorder()
+    recorder, inputs, metrics = RealWeightRecorder(), InputRecorder(), XGradMetricsRecorder()
     probe = MidWindowStateDictProbe(recorder)
     xgrad = [] if mode == "baseline" else [xgrad_callback(mode)]
-    trainer = sharded_trainer([recorder, *xgrad, probe, inputs, shifts])
+    trainer = sharded_trainer([recorder, *xgrad, probe, inputs, metrics])
     module = FullyShardedModule(OPTIMIZERS[name])
     trainer.fit(module)
     assert trainer.world_size == WORLD_SIZE
@@ -234,7 +195,7 @@ def fit(name: str, mode: str) -> dict[str, Any]:
         "inputs": torch.stack(inputs.inputs),
         "global_step": trainer.global_step,
         "probe": torch.tensor(probe.rows, dtype=torch.float64),
-        "logged_shift": torch.tensor(shifts.values, dtype=torch.float64),
+        **metrics.tensors(),
     }
 
 

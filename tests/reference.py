@@ -123,6 +123,7 @@ def xgrad_reference(
     epochs: int = 1,
     scaler: torch.amp.GradScaler | None = None,
     on_window_start: Callable[[int], None] | None = None,
+    on_update: Callable[[int, dict[Tensor, Tensor], dict[Tensor, Tensor]], None] | None = None,
 ) -> None:
     """Train ``net`` in place for ``epochs`` passes over ``batches`` with XGrad weight prediction.
 
@@ -139,6 +140,8 @@ def xgrad_reference(
         epochs: passes over ``batches``.
         scaler: a GradScaler for fp16 autocast (``loss_fn`` runs the autocast); ``None`` steps plainly.
         on_window_start: called with the optimizer step index t before each prediction (real weights in place).
+        on_update: called after each optimizer step t (numbered from 1) with ``W_t`` and ``W_hat`` of every predicted
+            parameter (two dicts keyed by the parameter, whose value is now the updated ``W_{t+1}``).
     """
     if rule not in ("auto", "trajectory"):
         raise ValueError(f"unknown rule {rule!r}")
@@ -159,6 +162,7 @@ def xgrad_reference(
             t += 1
             # 1. predict
             real: dict[Tensor, Tensor] = {}
+            predicted: dict[Tensor, Tensor] = {}
             if steps is not None:
                 with torch.no_grad():
                     for group in optimizer.param_groups:
@@ -177,6 +181,7 @@ def xgrad_reference(
                                 w_hat = p - steps * lr_now * direction(group_rule, group, state)
                             real[p] = p.detach().clone()
                             p.copy_(w_hat)
+                            predicted[p] = p.detach().clone()
 
             # 2. forward and backward at W_hat
             for index in window:
@@ -198,6 +203,8 @@ def xgrad_reference(
             else:
                 scaler.step(optimizer)
                 scaler.update()
+            if on_update is not None:
+                on_update(t, real, predicted)
             optimizer.zero_grad()
             if scheduler is not None:
                 scheduler.step()

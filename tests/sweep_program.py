@@ -2,10 +2,11 @@
 
 A linear model fits a fixed noisy linear target with SGD momentum for ``--trainer.max_epochs`` epochs of 4 batches
 and logs ``train_loss`` every step and ``val_loss`` every epoch. Each fit appends one JSON line to
-``--model.record``: what the run really was (its seed, ``data_seed``, the steps of every XGradCallback in the
-Trainer, its loggers) and the final ``val_loss`` as the Trainer saw it, so the tests check the sweep against the
-runs themselves rather than against the sweep's own reading of the logs. ``--model.fail_flag=PATH`` makes a run
-with XGradCallback fail at the start of fit while PATH exists (a run that crashes).
+``--model.record``: what the run really was (its seed, ``data_seed``, the steps and ``log_every_n_steps`` of every
+XGradCallback in the Trainer, its loggers) and the final ``val_loss`` as the Trainer saw it, so the tests check the
+sweep against the runs themselves rather than against the sweep's own reading of the logs.
+``--model.fail_flag=PATH`` makes a run with XGradCallback fail at the start of fit while PATH exists (a run that
+crashes).
 
     python tests/sweep_program.py fit --model.record=runs.jsonl --trainer.max_epochs=3
 """
@@ -52,6 +53,9 @@ class SweepModule(pl.LightningModule):
     def _xgrad_steps(self) -> list[int]:
         return [c.steps for c in self.trainer.callbacks if type(c).__name__ == "XGradCallback"]
 
+    def _xgrad_log_every(self) -> list[int | None]:
+        return [c.log_every_n_steps for c in self.trainer.callbacks if type(c).__name__ == "XGradCallback"]
+
     def on_fit_start(self) -> None:
         if self.fail_flag and Path(self.fail_flag).exists() and self._xgrad_steps():
             raise RuntimeError(f"failing on purpose: {self.fail_flag} exists")
@@ -61,6 +65,7 @@ class SweepModule(pl.LightningModule):
             "seed": int(os.environ["PL_GLOBAL_SEED"]),
             "data_seed": self.data_seed,
             "xgrad_steps": self._xgrad_steps(),
+            "xgrad_log_every": self._xgrad_log_every(),
             "loggers": [[type(lg).__name__, str(lg.save_dir)] for lg in self.trainer.loggers],
             "epochs": self.trainer.current_epoch,
             "val_loss": float(self.trainer.callback_metrics["val_loss"]),

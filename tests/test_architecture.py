@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
         {
             "conformity": {"conformity"},
             "optimizer_state": {"optimizer_state"},
+            "prediction_quality": {"prediction_quality"},
             "shift": {"shift"},
             "snapshot": {"snapshot"},
             "state_dict_hook": {"state_dict_hook"},

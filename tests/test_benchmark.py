@@ -69,6 +69,34 @@ def test_report_names_no_best_s_from_one_seed(convergence) -> None:
     assert "**digits_sgd**: too few seeds for a verdict" in text and "best s" not in text
 
 
+def test_report_puts_the_prediction_metrics_next_to_the_delta(convergence) -> None:
+    """Per s, mean ± std over seeds of each run's mean; with two optimizers (the GAN) one column per optimizer."""
+    runs = []
+    for s, seed, loss in [(0, 0, 0.5), (0, 1, 0.6), (1, 0, 0.45), (1, 1, 0.62)]:
+        run = _run(s, seed, loss, 0.9)
+        if s:
+            cosine = {0: 0.80, 1: 0.90}[seed]  # mean 0.85, std 0.07071
+            run.xgrad_means = {
+                "xgrad/prediction_cosine/optimizer_0": cosine,
+                "xgrad/prediction_cosine/optimizer_1": -cosine / 2,  # mean -0.425, std 0.03536
+                "xgrad/prediction_error/optimizer_0": 2 * cosine,  # mean 1.7, std 0.1414
+                "xgrad/prediction_error/optimizer_1": 1.0,
+                "xgrad/relative_shift/optimizer_0": 0.01,  # not a column
+            }
+        runs.append(run)
+    text = convergence.report({"digits_gan": runs}, [0, 1], [1], "cmd", 1.0, log_every_n_steps=10)
+    header = next(line for line in text.splitlines() if line.startswith("| method "))
+    assert [c.strip() for c in header.strip("|").split("|")][7:] == [
+        "prediction cosine, optimizer 0",
+        "prediction cosine, optimizer 1",
+        "prediction error, optimizer 0",
+        "prediction error, optimizer 1",
+    ]
+    assert _row(text, "XGrad s=1")[7:] == ["0.85 ± 0.07071", "−0.425 ± 0.03536", "1.7 ± 0.1414", "1 ± 0"]
+    assert _row(text, "baseline")[7:] == ["", "", "", ""]
+    assert "logged every 10 optimizer steps" in text and "not whether the gradient taken at W_hat" in text
+
+
 def test_companion_tasks_label_their_baseline_as_the_method_alone(convergence) -> None:
     assert [convergence.TASKS["digits_cprop"].label(s) for s in (0, 1)] == ["CProp alone", "CProp + XGrad s=1"]
     assert convergence.TASKS["digits_ahb"].label(0) == "heavy-ball alone"
@@ -114,6 +142,15 @@ def test_a_narrowed_run_writes_to_an_ignored_folder_not_the_published_results(
     with (out / "digits_sgd" / "runs" / "s1-seed0" / "csv" / "metrics.csv").open() as file:
         logged = [float(row["val_loss"]) for row in csv.DictReader(file) if row["val_loss"]]
     assert [point["val_loss"] for point in curves["1"][0]] == logged
+    # XGradCallback's prediction metrics, logged every 10 steps (46 steps), next to the delta: the CSV's mean
+    with (out / "digits_sgd" / "runs" / "s1-seed0" / "csv" / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row["xgrad/prediction_cosine"]]
+    assert [int(row["step"]) for row in rows] == [10, 20, 30, 40]
+    (run,) = [r for r in data["runs"]["digits_sgd"] if r["s"] == 1]
+    cosine = sum(float(row["xgrad/prediction_cosine"]) for row in rows) / 4
+    assert run["xgrad_means"]["xgrad/prediction_cosine"] == pytest.approx(cosine, rel=1e-12)
+    assert 0 < cosine < 1
+    assert _row((out / "convergence.md").read_text(), "XGrad s=1")[7] == f"{cosine:.4g}"
     assert (out / "convergence.png").stat().st_size > 10_000
     assert "too few seeds" in (out / "convergence.md").read_text()  # one seed: no verdict
     for scratch in ("xgrad-sweeps/x", "benchmarks/runs/x"):  # the sweep's and the benchmarks' default folders

@@ -59,6 +59,17 @@ def test_flags_append_the_callback() -> None:
     assert callback.steps == 2 and callback.rule == "auto"
 
 
+def test_metrics_max_bytes_is_set_from_the_command_line() -> None:
+    """The metrics' byte budget: an integer, or null for always exact; 32 MiB when not given."""
+    flags = ["--trainer.callbacks+=lightning_xgrad.XGradCallback"]
+    budgets = []
+    for extra in ([], ["1048576"], ["null"]):
+        given = [f"--trainer.callbacks.metrics_max_bytes={value}" for value in extra]
+        (callback,) = [c for c in _cli(flags + given).trainer.callbacks if isinstance(c, XGradCallback)]
+        budgets.append(callback.metrics_max_bytes)
+    assert budgets == [32 * 2**20, 1048576, None]
+
+
 def test_unknown_rule_is_rejected_by_the_parser() -> None:
     with pytest.raises(SystemExit):
         _cli(["--trainer.callbacks+=lightning_xgrad.XGradCallback", "--trainer.callbacks.rule=adam"])

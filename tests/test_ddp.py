@@ -20,8 +20,8 @@ import torch
 
 from lightning_xgrad import XGradCallback
 from tests.agreement import ATOL, RTOL
-from tests.ddp_script import EPOCHS, PER_RANK_BATCH, WORLD_SIZE, N
-from tests.toolkit import OPTIMIZERS, TinyModule, flat, loader, make_data, trainer
+from tests.ddp_script import EPOCHS, LOG_EVERY, PER_RANK_BATCH, WORLD_SIZE, N
+from tests.toolkit import OPTIMIZERS, TinyModule, XGradMetricsRecorder, flat, loader, make_data, trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: a state rule (Adam) and an optimizer that gets the trajectory rule (RMSprop without momentum)
@@ -46,11 +46,13 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict
     }
 
 
-def single_process(name: str, xgrad: bool) -> torch.Tensor:
-    """One process, the same global batches: batch size WORLD_SIZE * PER_RANK_BATCH, no shuffling."""
+def single_process(name: str, xgrad: bool, metrics: XGradMetricsRecorder | None = None) -> torch.Tensor:
+    """One process, the same global batches: batch size WORLD_SIZE * PER_RANK_BATCH, no shuffling; ``metrics``
+    records what the callback logs."""
     x, y = make_data(N)
     module = TinyModule(OPTIMIZERS[name])
-    run = trainer(max_epochs=EPOCHS, callbacks=[XGradCallback()] if xgrad else [])
+    callbacks = [XGradCallback(log_every_n_steps=LOG_EVERY)] if xgrad else []
+    run = trainer(max_epochs=EPOCHS, callbacks=[*callbacks, *([metrics] if metrics else [])])
     run.fit(module, loader(x, y, WORLD_SIZE * PER_RANK_BATCH))
     assert run.global_step == STEPS
     return flat(module)
@@ -80,3 +82,20 @@ def test_ddp_matches_single_process(ddp_results: dict[str, list[dict[str, Any]]]
     effect = float((ddp - baseline).abs().max())
     assert effect > 1e-3, f"XGrad changed the weights by only {effect:.3g}"
     assert effect > 100 * gap, f"XGrad's effect {effect:.3g} is not well above the DDP gap {gap:.3g}"
+
+
+@pytest.mark.parametrize("name", DDP_OPTIMIZERS)
+def test_ddp_ranks_compute_the_same_metrics_as_one_process(
+    ddp_results: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """The replicas are identical, so every rank computes the same relative shift and prediction metrics, with no
+    communication (Lightning's loggers write rank 0's), and they are those of the single process."""
+    ranks = ddp_results[name]
+    metrics = XGradMetricsRecorder()
+    single_process(name, xgrad=True, metrics=metrics)
+    expected = metrics.tensors()
+    logged_steps = [step for step in range(STEPS) if step % LOG_EVERY == 0 and step > 0]  # step 0 predicts nothing
+    for key, values in expected.items():
+        assert torch.nonzero(~values.isnan()).flatten().tolist() == logged_steps, key
+        assert torch.equal(ranks[0][key].nan_to_num(), ranks[1][key].nan_to_num()), key  # bit for bit
+        torch.testing.assert_close(ranks[0][key], values, rtol=1e-3, atol=0, equal_nan=True)

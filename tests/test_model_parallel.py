@@ -25,8 +25,8 @@ import torch
 
 from tests.agreement import ATOL, RTOL
 from tests.ddp_script import EPOCHS, PER_RANK_BATCH, WORLD_SIZE, N
-from tests.fsdp2_script import ShiftRecorder, UnevenModule, xgrad_callback
-from tests.toolkit import OPTIMIZERS, TinyModule, flat, loader, make_data, trainer
+from tests.fsdp2_script import UnevenModule, xgrad_callback
+from tests.toolkit import OPTIMIZERS, TinyModule, XGradMetricsRecorder, flat, loader, make_data, trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the Adam rule (DTensor exp_avg, exp_avg_sq), the momentum-buffer rule (SGD), the trajectory rule (RMSprop)
@@ -39,6 +39,9 @@ RUNS.append("adam:xgrad_logged")
 STEPS = EPOCHS * N // (WORLD_SIZE * PER_RANK_BATCH)
 #: dim-0 sharding of (15, 6), (15,), (2, 15), (2,), (1, 2) over two ranks: uneven, and empty for `scale` on rank 1
 LOCAL_NUMELS = [[48, 8, 15, 1, 2], [42, 7, 15, 1, 0]]
+
+#: the prediction metrics compare differences of weights (W_hat - W, W_next - W) that agree to the tolerance above
+QUALITY_RTOL = 1e-3
 
 Results = dict[str, list[dict[str, Any]]]
 
@@ -70,15 +73,16 @@ def ranks_of(sharded: tuple[Results, str], name: str, mode: str) -> list[dict[st
 
 
 @functools.cache
-def single_process(name: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One unsharded process, the same global batches: final parameters and the logged relative shift per batch."""
+def single_process(name: str, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One unsharded process, the same global batches: final parameters and the logged metrics per batch
+    (``logged_shift``, ``logged_cosine``, ``logged_error``)."""
     x, y = make_data(N)
     module = UnevenModule(OPTIMIZERS[name])
-    shifts = ShiftRecorder()
-    run = trainer(max_epochs=EPOCHS, callbacks=[*([] if mode == "baseline" else [xgrad_callback(mode)]), shifts])
+    metrics = XGradMetricsRecorder()
+    run = trainer(max_epochs=EPOCHS, callbacks=[*([] if mode == "baseline" else [xgrad_callback(mode)]), metrics])
     run.fit(module, loader(x, y, WORLD_SIZE * PER_RANK_BATCH))
     assert run.global_step == STEPS
-    return flat(module), torch.tensor(shifts.values, dtype=torch.float64)
+    return flat(module), metrics.tensors()
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -140,15 +144,27 @@ def test_state_dict_mid_window_reports_real_weights(sharded: tuple[Results, str]
 def test_logged_relative_shift_is_global(sharded: tuple[Results, str]) -> None:
     """``xgrad/relative_shift`` is ``||W_hat - W|| / ||W||`` over the whole model on every rank, not one shard's."""
     ranks = ranks_of(sharded, "adam", "xgrad_logged")
-    _, expected = single_process("adam", "xgrad_logged")
+    expected = single_process("adam", "xgrad_logged")[1]["logged_shift"]
     assert math.isnan(expected[0]) and not torch.isnan(expected[1:]).any()
     # every rank logs the same value (sums of squares all-reduced), and that is the unsharded model's
     torch.testing.assert_close(ranks[1]["logged_shift"], ranks[0]["logged_shift"], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(ranks[0]["logged_shift"], expected, rtol=RTOL, atol=0, equal_nan=True)
 
 
+def test_logged_prediction_quality_is_global(sharded: tuple[Results, str]) -> None:
+    """``xgrad/prediction_cosine`` and ``xgrad/prediction_error`` are the whole model's on every rank, not one
+    shard's: the same on both ranks (partial sums all-reduced, the empty shard included) and the unsharded run's."""
+    ranks = ranks_of(sharded, "adam", "xgrad_logged")
+    expected = single_process("adam", "xgrad_logged")[1]
+    for key in ("logged_cosine", "logged_error"):
+        assert math.isnan(expected[key][0]) and not torch.isnan(expected[key][1:]).any()  # step 0 predicts nothing
+        torch.testing.assert_close(ranks[1][key], ranks[0][key], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(ranks[0][key], expected[key], rtol=QUALITY_RTOL, atol=0, equal_nan=True)
+
+
 def test_tensor_parallel_equals_one_process_and_logs_the_same_shift(tmp_path) -> None:
-    """Column- and row-wise sharded weights and a replicated bias (counted once in the logged shift)."""
+    """Column- and row-wise sharded weights and a replicated bias (counted once in the logged shift and the
+    prediction metrics)."""
     from tests.tp_script import BATCH, EPOCHS, N
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
@@ -164,9 +180,9 @@ def test_tensor_parallel_equals_one_process_and_logs_the_same_shift(tmp_path) ->
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"tp_rank{r}.pt", weights_only=True) for r in range(2)]
 
-    shifts = ShiftRecorder()
+    metrics = XGradMetricsRecorder()
     single = TinyModule(OPTIMIZERS["adam"])
-    trainer(max_epochs=EPOCHS, callbacks=[xgrad_callback("xgrad_logged"), shifts]).fit(
+    trainer(max_epochs=EPOCHS, callbacks=[xgrad_callback("xgrad_logged"), metrics]).fit(
         single, loader(*make_data(N), batch_size=BATCH)
     )
     baseline = TinyModule(OPTIMIZERS["adam"])
@@ -174,6 +190,9 @@ def test_tensor_parallel_equals_one_process_and_logs_the_same_shift(tmp_path) ->
 
     for rank in ranks:
         torch.testing.assert_close(rank["params"], flat(single), rtol=RTOL, atol=ATOL)
-        logged, expected = rank["logged_shift"][1:], torch.tensor(shifts.values)[1:]  # step 0 predicts nothing
-        torch.testing.assert_close(logged, expected, rtol=1e-5, atol=0)
+        expected = metrics.tensors()
+        # step 0 predicts nothing
+        torch.testing.assert_close(rank["logged_shift"][1:], expected["logged_shift"][1:], rtol=1e-5, atol=0)
+        for key in ("logged_cosine", "logged_error"):
+            torch.testing.assert_close(rank[key][1:], expected[key][1:], rtol=QUALITY_RTOL, atol=0)
     assert (flat(single) - flat(baseline)).abs().max() > 100 * ATOL

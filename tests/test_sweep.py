@@ -21,10 +21,14 @@ import pytest
 
 from lightning_xgrad.sweep import main, stats
 
+XGRAD_METRICS = ("xgrad/relative_shift", "xgrad/prediction_cosine", "xgrad/prediction_error")
+
 REPO = Path(__file__).resolve().parents[1]
 PROGRAM = [sys.executable, str(REPO / "tests" / "sweep_program.py"), "fit"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1"]
 EPOCHS = 3
+#: XGradCallback's logging cadence in the sweep's runs (4 steps per epoch: steps 2, 4, ..., 10 are logged)
+LOG_EVERY = 2
 
 
 # ---------------------------------------------------------------------- statistics, by hand
@@ -203,7 +207,8 @@ def sweep(tmp_path_factory) -> dict:
         f"--trainer.max_epochs={EPOCHS}",
         *QUIET,
     ]
-    argv = ["--steps", "1", "--seeds", "0", "1", "2", "--out", str(out), "--", *command]
+    argv = ["--steps", "1", "--seeds", "0", "1", "2", "--log-every-n-steps", str(LOG_EVERY), "--out", str(out)]
+    argv += ["--", *command]
     sweep_cmd = [sys.executable, "-m", "lightning_xgrad.sweep", *argv]
     first = subprocess.run(sweep_cmd, capture_output=True, text=True, env={**os.environ, **env})
     first_json = json.loads((out / "results.json").read_text())
@@ -255,6 +260,7 @@ def test_every_run_gets_its_seed_xgrad_and_both_loggers(sweep) -> None:
     for r in records:
         assert r["data_seed"] == r["seed"]  # {seed} in the command
         s = 1 if r["xgrad_steps"] else 0
+        assert r["xgrad_log_every"] == ([LOG_EVERY] if s else [])
         # the user's logger first, as configured; the sweep's CSVLogger added into the run's folder
         assert r["loggers"] == [
             ["CSVLogger", str(sweep["tmp"] / "userlogs")],
@@ -289,9 +295,24 @@ def test_table_matches_the_runs_and_the_paired_deltas_by_hand(sweep) -> None:
     assert s1["verdict"] == expected
     row = next(line for line in sweep["markdown"].splitlines() if line.startswith("| 1 "))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:2] == ["1", "3/3"] and cells[4:] == [f"{improved}/3", expected]
+    assert cells[:2] == ["1", "3/3"] and cells[4:6] == [f"{improved}/3", expected]
     assert cells[3] == f"{mean:+.4g} ± {se:.4g}".replace("-", "−")
     assert cells[2].startswith(f"{sum(xgrad) / 3:.4g} ± ")
+    # next to them, the prediction's cosine and error: per run the mean of what its CSV log holds, then over seeds
+    header = next(line for line in sweep["markdown"].splitlines() if line.startswith("| s "))
+    assert [c.strip() for c in header.strip("|").split("|")][6:] == ["prediction cosine", "prediction error"]
+    for cell, metric in zip(cells[6:], ("xgrad/prediction_cosine", "xgrad/prediction_error"), strict=True):
+        means = [statistics.fmean(_logged(sweep, 1, seed, metric)) for seed in (0, 1, 2)]
+        assert cell == f"{statistics.fmean(means):.4g} ± {statistics.stdev(means):.4g}".replace("-", "−")
+        assert s1["prediction"][metric] == pytest.approx(statistics.fmean(means), rel=1e-12)
+    baseline_row = next(line for line in sweep["markdown"].splitlines() if line.startswith("| 0 (no XGrad) "))
+    assert [c.strip() for c in baseline_row.strip("|").split("|")][6:] == ["", ""] and s0["prediction"] == {}
+    assert "not whether the gradient taken at W_hat was a better one" in sweep["markdown"]
+
+
+def _logged(sweep: dict, s: int, seed: int, metric: str) -> list[float]:
+    rows = _csv_rows(sweep["out"] / "runs" / f"s{s}-seed{seed}" / "csv" / "metrics.csv")
+    return [float(row[metric]) for row in rows if row.get(metric)]
 
 
 def test_curves_and_finals_are_what_the_csv_logs_hold(sweep) -> None:
@@ -305,6 +326,11 @@ def test_curves_and_finals_are_what_the_csv_logs_hold(sweep) -> None:
         assert [p["epoch"] for p in run["curve"]] == [float(row["epoch"]) for row in val]
         assert run["final"] == float(val[-1]["val_loss"])
         assert run["finals"]["train_loss"] == float([row for row in rows if row["train_loss"]][-1]["train_loss"])
+        # XGradCallback's metrics at its logging steps, in the runs with XGrad only: their means over the run
+        steps = [int(row["step"]) for row in rows if row.get("xgrad/prediction_cosine")]
+        assert steps == ([2, 4, 6, 8, 10] if run["s"] else [])
+        expected = {m: statistics.fmean(_logged(sweep, 1, run["seed"], m)) for m in XGRAD_METRICS} if run["s"] else {}
+        assert run["xgrad_means"] == pytest.approx(expected, rel=1e-12)
     assert (sweep["out"] / "curves.png").stat().st_size > 10_000
     assert "**Verdict**:" in sweep["markdown"] and "| 0 (no XGrad) | 3/3 " in sweep["markdown"]
 

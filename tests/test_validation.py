@@ -122,6 +122,21 @@ def test_chunk_bytes_is_refused_alike_by_the_predictor_and_both_callbacks(value:
         OptimizerPredictor(adam(), chunk_bytes=good)
 
 
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), ("32MiB", TypeError), (True, TypeError)],
+    ids=repr,
+)
+def test_metrics_max_bytes_is_refused_when_not_a_positive_integer_or_none(value: Any, error: type) -> None:
+    """``metrics_max_bytes``: a byte budget (an integer >= 1) or None (always exact)."""
+    with pytest.raises(error) as info:
+        XGradCallback(metrics_max_bytes=value)
+    assert str(info.value) == f"XGradCallback: `metrics_max_bytes` must be an integer >= 1 or None, got {value!r}"
+    for good in (1, 2**20, None):
+        assert XGradCallback(metrics_max_bytes=good).metrics_max_bytes == good
+    assert XGradCallback().metrics_max_bytes == 32 * 2**20
+
+
 # ----------------------------------------------------------------------------------- learning rates, everywhere
 @pytest.mark.parametrize("lr", [math.inf, -math.inf, math.nan, torch.tensor(math.inf)], ids=repr)
 @pytest.mark.parametrize("cls", OPTIMIZER_CLASSES, ids=lambda cls: cls.__name__)

@@ -14,6 +14,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -112,6 +114,67 @@ def trainer(**kwargs: Any) -> pl.Trainer:
 def flat(module: nn.Module) -> Tensor:
     """All parameters as one detached vector."""
     return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+#: the metrics XGradCallback logs (with one optimizer)
+XGRAD_METRICS = ("xgrad/relative_shift", "xgrad/prediction_cosine", "xgrad/prediction_error")
+
+
+class _XGradMetricsLogger(Logger):
+    """A logger that keeps every ``xgrad/...`` metric it receives, by name and step, on every rank (Lightning's own
+    loggers write from rank 0 only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_name: dict[str, dict[int, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "xgrad-metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is None:
+            return
+        for key, value in metrics.items():
+            if key.startswith("xgrad/"):
+                self.by_name.setdefault(key, {})[step] = float(value)
+
+
+class XGradMetricsRecorder(Callback):
+    """The ``XGRAD_METRICS`` as the Trainer's loggers received them, one value per batch (NaN where a metric was not
+    logged for that batch's step), on every rank; it adds its own logger to the Trainer at the start of fit."""
+
+    def __init__(self) -> None:
+        self.logged: dict[str, list[float]] = {name: [] for name in XGRAD_METRICS}
+        self._logger = _XGradMetricsLogger()
+
+    @property
+    def values(self) -> list[float]:
+        """``xgrad/relative_shift`` per batch."""
+        return self.logged["xgrad/relative_shift"]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        trainer.loggers = [*trainer.loggers, self._logger]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step this batch's metrics are logged at
+        for name, values in self.logged.items():
+            values.append(self._logger.by_name.get(name, {}).get(step, float("nan")))
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Each metric per batch, as float64 tensors keyed ``logged_shift``, ``logged_cosine``, ``logged_error``."""
+        keys = ("logged_shift", "logged_cosine", "logged_error")
+        return {
+            key: torch.tensor(self.logged[name], dtype=torch.float64)
+            for key, name in zip(keys, XGRAD_METRICS, strict=True)
+        }
 
 
 def make_dry_run(*arguments: str, cwd: Any) -> str:

@@ -37,16 +37,19 @@ from .runs import (
 )
 
 DEFAULT_ROOT = Path("xgrad-sweeps")
+#: how often the runs with XGrad log XGradCallback's prediction metrics, by default (every n optimizer steps)
+DEFAULT_LOG_EVERY_N_STEPS = 10
 STATE_FILE = "sweep.json"
 USAGE = (
     "python -m lightning_xgrad.sweep [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] "
-    "[--out DIR] [--resume] -- python my_cli.py fit --config my.yaml [more args]"
+    "[--log-every-n-steps N] [--out DIR] [--resume] -- python my_cli.py fit --config my.yaml [more args]"
 )
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """What to run: the user's command for every s in ``steps`` (0 first) and seed in ``seeds``, into ``out``."""
+    """What to run: the user's command for every s in ``steps`` (0 first) and seed in ``seeds``, into ``out``; the
+    runs with XGrad log its prediction metrics every ``log_every_n_steps`` optimizer steps (``None``: not at all)."""
 
     command: tuple[str, ...]
     steps: tuple[int, ...]
@@ -54,18 +57,25 @@ class SweepConfig:
     monitor: str
     mode: stats.Mode
     out: Path
+    log_every_n_steps: int | None = DEFAULT_LOG_EVERY_N_STEPS
 
     def __post_init__(self) -> None:
-        validate(self.steps, self.seeds, self.command, self.mode)
+        validate(self.steps, self.seeds, self.command, self.mode, self.log_every_n_steps)
         if 0 not in self.steps:
             raise ValueError(f"steps must include 0, the baseline the others are compared with, got {self.steps}")
 
     def plan(self) -> list[RunSpec]:
         """Seed by seed, every s for a seed before the next seed: paired results arrive early."""
-        return [run_folder(self.out, s, seed) for seed in self.seeds for s in self.steps]
+        return [run_folder(self.out, s, seed, self.log_every_n_steps) for seed in self.seeds for s in self.steps]
 
 
-def validate(steps: Sequence[int], seeds: Sequence[int], command: Sequence[str], mode: str = "min") -> None:
+def validate(
+    steps: Sequence[int],
+    seeds: Sequence[int],
+    command: Sequence[str],
+    mode: str = "min",
+    log_every_n_steps: int | None = None,
+) -> None:
     """Refuse bad input before any run starts (ValueError, naming the argument)."""
     if not command:
         raise ValueError(f"no command after `--`: give the LightningCLI command to sweep, e.g. {USAGE}")
@@ -81,6 +91,10 @@ def validate(steps: Sequence[int], seeds: Sequence[int], command: Sequence[str],
         raise ValueError(f"--seeds has duplicates: {list(seeds)}")
     if mode not in stats.MODES:
         raise ValueError(f"--mode must be one of {stats.MODES}, got {mode!r}")
+    if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or log_every_n_steps < 1):
+        raise ValueError(
+            f"--log-every-n-steps must be >= 1 (0 on the command line: no logging), got {log_every_n_steps}"
+        )
 
 
 def run_sweep(
@@ -112,7 +126,7 @@ def run_sweep(
         monitor_checked = True
     if check and todo:
         with tempfile.TemporaryDirectory(prefix="xgrad-sweep-check-") as scratch:
-            check_command(config.command, max(config.steps), config.seeds[0], Path(scratch))
+            check_command(config.command, max(config.steps), config.seeds[0], Path(scratch), config.log_every_n_steps)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / STATE_FILE).write_text(json.dumps({"command": list(config.command)}, indent=1) + "\n")
     with tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True) as bar:
@@ -168,9 +182,12 @@ def labels(steps: Sequence[int]) -> dict[int, str]:
 def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float) -> dict[str, Any]:
     finals = report.finals_by_steps(results)
     summary = []
+    prediction = {metric: report.run_means(results, metric) for metric, _ in report.prediction_columns(results)}
     for s in config.steps:
         spread = stats.Spread.of(list(finals.get(s, {}).values()))
         delta = None if s == 0 else stats.paired_delta(finals.get(s, {}), finals.get(0, {}), config.mode)
+        # the mean over seeds of each run's mean of XGradCallback's prediction metrics
+        means = {metric: stats.Spread.of(per_s.get(s, [])) for metric, per_s in prediction.items()}
         summary.append(
             {
                 "s": s,
@@ -182,12 +199,14 @@ def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float)
                 "paired_seeds": list(delta.seeds) if delta else [],
                 "seeds_improved": delta and delta.improved,
                 "verdict": stats.BASELINE if s == 0 else (delta.verdict if delta else "no paired seeds"),
+                "prediction": {metric: spread.mean for metric, spread in means.items() if spread is not None},
             }
         )
     return {
         "command": list(config.command),
         "monitor": config.monitor,
         "mode": config.mode,
+        "log_every_n_steps": config.log_every_n_steps,
         "steps": list(config.steps),
         "seeds": list(config.seeds),
         "machine": machine(),
@@ -228,6 +247,8 @@ def markdown(config: SweepConfig, results: Sequence[RunResult], wall: float) -> 
         "",
         report.explanation(config.monitor, config.mode),
     ]
+    if report.prediction_columns(results):
+        lines += ["", report.prediction_explanation(results, config.log_every_n_steps)]
     failed = report.failures(results, config.monitor)
     if failed:
         lines += ["", "Runs without a result:", "", *failed]
@@ -278,6 +299,14 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--monitor", default="val_loss", help="the logged metric to compare (default: val_loss)")
     parser.add_argument("--mode", choices=stats.MODES, default="min", help="min: lower is better (default); max")
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=DEFAULT_LOG_EVERY_N_STEPS,
+        metavar="N",
+        help="in the runs with XGrad, log its prediction metrics every N optimizer steps; 0: not at all "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="the sweep's folder (default: a new folder under xgrad-sweeps/)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out: skip finished runs")
     argv = list(argv)
@@ -289,15 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns 0 when every run finished with the metric, 1 when some did not, 2 on bad input."""
     args, command, parser = parse(sys.argv[1:] if argv is None else argv)
     steps = list(args.steps)
+    log_every = args.log_every_n_steps or None  # 0: no logging
     try:
-        validate(steps, args.seeds, command, args.mode)
+        validate(steps, args.seeds, command, args.mode, log_every)
     except ValueError as error:
         parser.error(str(error))
     if args.resume and args.out is None:
         parser.error("--resume needs --out DIR, the folder of the sweep to continue")
     steps = sorted({0, *steps})
     out = args.out if args.out is not None else new_folder(DEFAULT_ROOT)
-    config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out)
+    config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out, log_every)
     start = time.perf_counter()
     try:
         results = run_sweep(config, resume=args.resume)

@@ -1,11 +1,12 @@
 """One sweep run: the user's command with what the sweep appends, run as a subprocess, and its metrics read back.
 
 A run is the user's LightningCLI command with ``--seed_everything=SEED``, for s > 0
-``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=S``, and a CSVLogger appended to
-``trainer.logger`` (``+=``, so a logger the user configured keeps logging) that writes ``csv/metrics.csv`` into the
-run's folder. ``{seed}`` anywhere in the command is replaced by the run's seed (for a data module or model that
-takes a seed of its own). The run's output goes to ``log.txt`` and its outcome to ``status.json`` in its folder;
-a finished run is never run again by ``--resume``. Nothing here imports Lightning.
+``--trainer.callbacks+=lightning_xgrad.XGradCallback --trainer.callbacks.steps=S`` (and
+``--trainer.callbacks.log_every_n_steps=N`` when the sweep asks for XGradCallback's metrics), and a CSVLogger
+appended to ``trainer.logger`` (``+=``, so a logger the user configured keeps logging) that writes
+``csv/metrics.csv`` into the run's folder. ``{seed}`` anywhere in the command is replaced by the run's seed (for a
+data module or model that takes a seed of its own). The run's output goes to ``log.txt`` and its outcome to
+``status.json`` in its folder; a finished run is never run again by ``--resume``. Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import math
 import shlex
 import shutil
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -29,6 +31,8 @@ SEED_PLACEHOLDER = "{seed}"
 FINISHED, FAILED, NO_METRIC, NOT_RUN = "finished", "failed", "metric not logged", "not run"
 #: CSVLogger's bookkeeping columns, not metrics
 INDEX_COLUMNS = ("epoch", "step")
+#: what the metrics XGradCallback logs are named like (``xgrad/prediction_cosine``, ``xgrad/relative_shift``, ...)
+XGRAD_METRIC_PREFIX = "xgrad/"
 
 
 class SweepError(Exception):
@@ -37,11 +41,13 @@ class SweepError(Exception):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One (s, seed) of a sweep, and where its files go."""
+    """One (s, seed) of a sweep, where its files go, and how often XGradCallback logs its metrics in it (every n
+    optimizer steps; ``None``: not at all)."""
 
     steps: int
     seed: int
     folder: Path
+    log_every_n_steps: int | None = None
 
     @property
     def name(self) -> str:
@@ -60,15 +66,17 @@ class RunSpec:
         return self.folder / "csv" / "metrics.csv"
 
 
-def run_folder(out: Path, steps: int, seed: int) -> RunSpec:
-    return RunSpec(steps, seed, out / "runs" / f"s{steps}-seed{seed}")
+def run_folder(out: Path, steps: int, seed: int, log_every_n_steps: int | None = None) -> RunSpec:
+    return RunSpec(steps, seed, out / "runs" / f"s{steps}-seed{seed}", log_every_n_steps)
 
 
-def appended_args(steps: int, seed: int, folder: Path) -> list[str]:
+def appended_args(steps: int, seed: int, folder: Path, log_every_n_steps: int | None = None) -> list[str]:
     """What the sweep adds to the user's command for one run."""
     args = [f"--seed_everything={seed}"]
     if steps > 0:
         args += [f"--trainer.callbacks+={XGRAD_CLASS_PATH}", f"--trainer.callbacks.steps={steps}"]
+        if log_every_n_steps is not None:
+            args.append(f"--trainer.callbacks.log_every_n_steps={log_every_n_steps}")
     # name "csv" and an empty version: the metrics land in <folder>/csv/metrics.csv, with no version_N folder
     return [
         *args,
@@ -82,7 +90,7 @@ def appended_args(steps: int, seed: int, folder: Path) -> list[str]:
 def run_command(command: Sequence[str], spec: RunSpec) -> list[str]:
     """The full command line of one run."""
     user = [arg.replace(SEED_PLACEHOLDER, str(spec.seed)) for arg in command]
-    return [*user, *appended_args(spec.steps, spec.seed, spec.folder)]
+    return [*user, *appended_args(spec.steps, spec.seed, spec.folder, spec.log_every_n_steps)]
 
 
 @dataclass
@@ -97,6 +105,8 @@ class RunResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     #: the last value of every metric the run logged
     finals: dict[str, float] = field(default_factory=dict)
+    #: the mean over the whole run of every metric XGradCallback logged (``xgrad/...``, at its logging steps)
+    xgrad_means: dict[str, float] = field(default_factory=dict)
     returncode: int | None = None
     seconds: float | None = None
     log: str | None = None
@@ -145,12 +155,18 @@ def collect(spec: RunSpec, monitor: str) -> RunResult:
     for row in rows:
         finals.update({key: value for key, value in row.items() if key not in INDEX_COLUMNS})
     curve = [row for row in rows if monitor in row]
+    xgrad_values: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(XGRAD_METRIC_PREFIX):
+                xgrad_values.setdefault(key, []).append(value)
     result = RunResult(
         spec.steps,
         spec.seed,
         status["status"],
         curve=curve,
         finals=finals,
+        xgrad_means={key: statistics.fmean(values) for key, values in xgrad_values.items()},
         returncode=status.get("returncode"),
         seconds=status.get("seconds"),
         log=str(spec.log),
@@ -189,13 +205,15 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def check_command(command: Sequence[str], steps: int, seed: int, scratch: Path) -> None:
+def check_command(
+    command: Sequence[str], steps: int, seed: int, scratch: Path, log_every_n_steps: int | None = None
+) -> None:
     """Run the command once with the sweep's arguments for ``steps`` and ``--print_config`` appended: it parses
     them without training, and the printed config shows whether XGradCallback is already there (the sweep adds it
     itself for s > 0 and must leave it out for s = 0). Raises SweepError with what went wrong."""
     import yaml
 
-    spec = RunSpec(steps, seed, scratch)
+    spec = RunSpec(steps, seed, scratch, log_every_n_steps)
     argv = [*run_command(command, spec), "--print_config"]
     process = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if process.returncode != 0:
@@ -230,3 +248,9 @@ def check_command(command: Sequence[str], steps: int, seed: int, scratch: Path) 
         raise SweepError(f"the sweep's CSVLogger did not reach trainer.logger: {loggers!r}")
     if steps > 0 and xgrad[-1].get("init_args", {}).get("steps") != steps:
         raise SweepError(f"the sweep's --trainer.callbacks.steps={steps} did not reach XGradCallback: {xgrad[-1]!r}")
+    logged = xgrad[-1].get("init_args", {}).get("log_every_n_steps") if steps > 0 else log_every_n_steps
+    if log_every_n_steps is not None and logged != log_every_n_steps:
+        raise SweepError(
+            f"the sweep's --trainer.callbacks.log_every_n_steps={log_every_n_steps} did not reach XGradCallback: "
+            f"{xgrad[-1]!r}"
+        )
