@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lightning_xgrad import XGradCallback
+from lightning_xgrad._foreach import DEFAULT_CHUNK_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -341,12 +342,6 @@ def blocks(tensors: int) -> nn.Module:
     return nn.Sequential(*(layer for _ in range(tensors // 4) for layer in (nn.Linear(64, 64), nn.LayerNorm(64))))
 
 
-def temporary_budget() -> int | None:
-    """The byte budget the hooks chunk their temporaries by (issue 14, item 1). The package has none yet: return it
-    here once it exists (from the public API), and the table's ``transient / max(largest, budget)`` column fills."""
-    return None
-
-
 @dataclass
 class CallCount:
     """What one predict() + restore() dispatches, from the profiler."""
@@ -406,13 +401,14 @@ class PredictionBench:
         used: list[nn.Parameter],
         device: torch.device,
         unused: Sequence[nn.Parameter] = (),
+        chunk_bytes: int | None = None,
     ) -> None:
         from lightning_xgrad import OptimizerPredictor
 
         self.device = device
         self.used = used
         self.optimizer = factory([*used, *unused])
-        self.predictor = OptimizerPredictor(self.optimizer, steps=1)
+        self.predictor = OptimizerPredictor(self.optimizer, steps=1, chunk_bytes=chunk_bytes)
         generator = torch.Generator(device=device).manual_seed(0)
         for _ in range(CALL_WARMUP_STEPS):
             self.predictor.predict()
@@ -461,16 +457,24 @@ def _on(device: torch.device, module: nn.Module) -> list[nn.Parameter]:
 
 
 def measure_calls(
-    families: list[str], sizes: list[int], repeats: int, device: torch.device, unused_tensors: int = UNUSED_TENSORS
+    families: list[str],
+    sizes: list[int],
+    repeats: int,
+    device: torch.device,
+    unused_tensors: int = UNUSED_TENSORS,
+    chunk_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Calls, transient bytes and hook time per rule family and model size, and the unused-module case."""
+    """Calls, transient bytes and hook time per rule family and model size, and the unused-module case, with the
+    predictor's ``chunk_bytes`` (None: its default budget)."""
     factories = rule_families(device)
     rows: dict[str, Any] = {}
     plan = [(family, size) for family in families for size in sizes]
+    budget = 0
     for family, size in tqdm(plan, desc="calls", unit="case"):
         torch.manual_seed(0)
         params = _on(device, blocks(size))
-        bench = PredictionBench(factories[family], params, device)
+        bench = PredictionBench(factories[family], params, device, chunk_bytes=chunk_bytes)
+        budget = bench.predictor.chunk_bytes  # the budget the temporaries were chunked by
         count = bench.measured(lambda work: count_calls(work, device))
         transient = bench.transient()
         seconds = [bench.time_hooks() for _ in range(repeats)]
@@ -480,7 +484,6 @@ def measure_calls(
             "hooks_ms": 1e3 * median(seconds),
         }
     largest = max(p.numel() * p.element_size() for p in blocks(4).parameters())
-    budget = temporary_budget()
     summary: dict[str, Any] = {"sizes": sizes, "largest_bytes": largest, "budget_bytes": budget, "rules": {}}
     for family, per_size in rows.items():
         first, last = per_size[str(sizes[0])], per_size[str(sizes[-1])]
@@ -491,24 +494,25 @@ def measure_calls(
             "launch_growth": None if first["launches"] is None else last["launches"] / max(first["launches"], 1),
             "transient_bytes": transient,
             "transient_over_largest": transient / largest,
-            "transient_over_max_largest_budget": None if budget is None else transient / max(largest, budget),
+            "transient_over_max_largest_budget": transient / max(largest, budget),
         }
     summary["unused_module"] = {
-        family: measure_unused_module(factories[family], unused_tensors, repeats, device)
+        family: measure_unused_module(factories[family], unused_tensors, repeats, device, chunk_bytes)
         for family in tqdm([f for f in UNUSED_FAMILIES if f in families], desc="unused module", unit="rule")
     }
     return summary
 
 
 def measure_unused_module(
-    factory: OptimizerFactory, tensors: int, repeats: int, device: torch.device
+    factory: OptimizerFactory, tensors: int, repeats: int, device: torch.device, chunk_bytes: int | None = None
 ) -> dict[str, Any]:
     """predict() + restore() with one unused trainable Linear(64, 64) in the optimizer next to ``tensors`` used
     tensors, over the same without it; runs alternate so the machine's drift cancels."""
     torch.manual_seed(0)
-    with_unused = PredictionBench(factory, _on(device, blocks(tensors)), device, unused=_on(device, nn.Linear(64, 64)))
+    unused = _on(device, nn.Linear(64, 64))
+    with_unused = PredictionBench(factory, _on(device, blocks(tensors)), device, unused, chunk_bytes)
     torch.manual_seed(0)
-    without = PredictionBench(factory, _on(device, blocks(tensors)), device)
+    without = PredictionBench(factory, _on(device, blocks(tensors)), device, chunk_bytes=chunk_bytes)
     times: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(max(repeats, 5)):
         times["with"].append(with_unused.time_hooks())
@@ -566,8 +570,7 @@ def calls_report(calls: dict[str, Any], command: str, device: str) -> str:
     for family, rule in calls["rules"].items():
         per = rule["per_size"]
         growth = rule["aten_growth"]
-        over_budget = rule["transient_over_max_largest_budget"]
-        budget_cell = "no budget yet" if over_budget is None else _check(over_budget, 1.0, True)
+        budget_cell = _check(rule["transient_over_max_largest_budget"], 1.0, True)
         lines.append(
             f"| {family} | {_per_size(per, 'aten', str)} | {_check(growth, CALL_GROWTH_TARGET, True)} | "
             f"{_per_size(per, 'scalar_reads', str)} | {_per_size(per, 'transient_bytes', _kib)} | "
@@ -611,13 +614,9 @@ def calls_report(calls: dict[str, Any], command: str, device: str) -> str:
             )
     lines.append("")
     lines.append(
-        "Budget: "
-        + (
-            "the package has no byte budget for temporaries yet (issue 14, item 1): `temporary_budget()` in "
-            "benchmarks/overhead.py returns None and the budget column stays empty until it does."
-            if budget is None
-            else f"{_mib(budget)}."
-        )
+        f"Budget: `chunk_bytes` = {budget} ({_mib(budget) if budget >= 2**20 else _kib(budget)}): each out-of-place foreach call covers as many tensors as "
+        "fit in max(largest tensor, budget), so the calls grow with the bytes over the budget, not with the number "
+        "of tensors."
     )
     return "\n".join(lines)
 
@@ -761,10 +760,11 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
         "## Targets",
         "",
         "✓/✗ where the target applies: hooks / update and hooks / naive on the optimizer-bound mlp, step overhead on "
-        "the compute-bound cnn, memory everywhere.",
+        "the compute-bound cnn, memory everywhere. *budget*: the callback's default `chunk_bytes`, "
+        f"{_mib(DEFAULT_CHUNK_BYTES)}: its temporaries are chunked to at most max(largest tensor, budget).",
         "",
         "| case | variant | tensors | params | largest tensor | hooks / update (≤ 0.5) | hooks / naive (≤ 0.5) | "
-        "step overhead (≤ 2%) | held / params (≤ 1.0) | transient / largest (≤ 1.0) |",
+        "step overhead (≤ 2%) | held / params (≤ 1.0) | transient / max(largest, budget) (≤ 1.0) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, row in summary.items():
@@ -779,7 +779,7 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
                 f"{_mib(row['largest_bytes'])} | {_check(v['hooks_over_update'], 0.5, optimizer_bound)} | "
                 f"{_check(v['hooks_over_naive'], 0.5, optimizer_bound)} | {overhead} | "
                 f"{_check(v['persistent_bytes'] / row['param_bytes'], 1.0, True)} | "
-                f"{_check(v['transient_bytes'] / row['largest_bytes'], 1.0, True)} |"
+                f"{_check(v['transient_bytes'] / max(row['largest_bytes'], DEFAULT_CHUNK_BYTES), 1.0, True)} |"
             )
     return "\n".join(lines)
 
@@ -865,6 +865,11 @@ def main(argv: list[str] | None = None) -> None:
         default=UNUSED_TENSORS,
         help="used tensors next to the unused module, a multiple of 4 (default: %(default)s)",
     )
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        help="the predictor's chunk_bytes in the calls measurement (default: the package's default budget)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="output folder (default: a new folder under benchmarks/runs/)")
     parser.add_argument(
@@ -908,6 +913,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--calls-sizes and --calls-unused-tensors must be positive multiples of 4 (4 tensors a block)")
         if args.calls_repeats < 1:
             parser.error("--calls-repeats must be >= 1")
+        if args.chunk_bytes is not None and args.chunk_bytes < 0:
+            parser.error(f"--chunk-bytes must be >= 0, got {args.chunk_bytes}")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*max_steps.*")
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the CPU memory measurement uses the profiler: keep it quiet
@@ -934,7 +941,12 @@ def main(argv: list[str] | None = None) -> None:
         sections.append(report(data["summary"], command, device, wall, args))
     if calls:
         data["calls"] = measure_calls(
-            rules, args.calls_sizes, args.calls_repeats, torch.device(args.device), args.calls_unused_tensors
+            rules,
+            args.calls_sizes,
+            args.calls_repeats,
+            torch.device(args.device),
+            args.calls_unused_tensors,
+            args.chunk_bytes,
         )
         sections.append(calls_report(data["calls"], command, device))
     markdown = "\n\n".join(sections)
