@@ -22,7 +22,8 @@ A second measurement (``--only calls`` alone) counts what one ``predict()`` + ``
 ``OptimizerPredictor`` dispatches, with torch.profiler, for every rule family on models of 40, 400 and 4000 tensors
 (n blocks of Linear(64) + LayerNorm(64)): ATen calls and their growth with the number of tensors (issue 14's target:
 at most 2x from 40 to 4000), host reads of tensor values, kernel launches on CUDA, the hooks' transient memory over
-the largest tensor, and the time cost of one unused trainable module (a parameter without optimizer state).
+the largest tensor and over max(largest tensor, chunk_bytes), and the time cost of one unused trainable module (a
+parameter without optimizer state).
 
 A third (``--only double_buffer``) times predict() + restore() of the package (copy-in/copy-out) against an
 experimental double-buffer restore (:class:`DoubleBufferPrediction`: parameters pointed at W_hat's storage and back)
