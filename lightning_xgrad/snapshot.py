@@ -62,7 +62,8 @@ class ParameterSnapshot:
     @staticmethod
     @torch.no_grad()
     def swap(params: list[Tensor], buffers: list[Tensor]) -> None:
-        """Exchange the values of params and buffers, with temporaries no larger than the largest tensor."""
+        """Exchange the values of params and buffers, with temporaries of at most ``max(largest tensor,
+        chunk_bytes)`` (the budget ``params`` was planned with, else the default: :mod:`lightning_xgrad._foreach`)."""
         for part in chunk_slices(params):
             held = [torch.empty_like(p) for p in params[part]]
             torch._foreach_copy_(held, params[part])

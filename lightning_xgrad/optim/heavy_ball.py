@@ -169,8 +169,8 @@ def _sum_of_squared_differences(owners: list[Tensor], values: list[Tensor], prev
     if not values:
         return None
     dtype = torch.float32  # at least: half-precision parameters sum their squares in float32
-    for value in values:
-        dtype = torch.promote_types(dtype, value.dtype)
+    for other in {value.dtype for value in values}:  # per dtype, not per tensor: each promotion is an ATen call
+        dtype = torch.promote_types(dtype, other)
     norms: list[Tensor] = []
     for part in chunk_slices(values):  # the differences of one chunk alive at a time
         norms.extend(torch._foreach_norm(torch._foreach_sub(values[part], previous[part]), 2, dtype=dtype))
