@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad._foreach import DEFAULT_CHUNK_BYTES
+from lightning_xgrad._foreach import default_chunk_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -480,7 +480,7 @@ def measure_calls(
         torch.manual_seed(0)
         params = _on(device, blocks(size))
         bench = PredictionBench(factories[family], params, device, chunk_bytes=chunk_bytes)
-        budget = bench.predictor.chunk_bytes  # the budget the temporaries were chunked by
+        budget = default_chunk_bytes(device) if chunk_bytes is None else chunk_bytes  # what the chunks were cut by
         count = bench.measured(lambda work: count_calls(work, device))
         transient = bench.transient()
         seconds = [bench.time_hooks() for _ in range(repeats)]
@@ -964,6 +964,7 @@ def _variants(row: dict[str, Any], variants: tuple[str, ...]) -> list[str]:
 
 
 def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: float, args: Any) -> str:
+    budget = default_chunk_bytes(args.device)
     lines = [
         "# Overhead: XGradCallback per training step",
         "",
@@ -1004,8 +1005,8 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
         f"{HOOKS_OVER_UPDATE_TARGETS['adamw', 'xgrad']:g} for AdamW eager, "
         f"≤ {HOOKS_OVER_UPDATE_TARGETS['adamw', 'xgrad-compiled']:g} with `compile=True`, "
         f"≤ {HOOKS_OVER_UPDATE_TARGETS['sgd', 'xgrad']:g} for SGD momentum (its pass-count floor is 0.75-0.9). "
-        "*budget*: the callback's default `chunk_bytes`, "
-        f"{_mib(DEFAULT_CHUNK_BYTES)}: its temporaries are chunked to at most max(largest tensor, budget).",
+        f"*budget*: the callback's default `chunk_bytes` on {args.device}, "
+        f"{_mib(budget)}: its temporaries are chunked to at most max(largest tensor, budget).",
         "",
         "| case | variant | tensors | params | largest tensor | hooks / update | hooks / naive (≤ 0.5) | "
         f"step overhead (≤ {100 * STEP_OVERHEAD_TARGET:g}%) | held / params (≤ 1.0) | "
@@ -1026,7 +1027,7 @@ def report(summary: dict[str, dict[str, Any]], command: str, device: str, wall: 
                 f"{_mib(row['largest_bytes'])} | {_check(v['hooks_over_update'], target, optimizer_bound)}{limit} | "
                 f"{_check(v['hooks_over_naive'], 0.5, optimizer_bound)} | {overhead} | "
                 f"{_check(v['persistent_bytes'] / row['param_bytes'], 1.0, True)} | "
-                f"{_check(v['transient_bytes'] / max(row['largest_bytes'], DEFAULT_CHUNK_BYTES), 1.0, True)} |"
+                f"{_check(v['transient_bytes'] / max(row['largest_bytes'], budget), 1.0, True)} |"
             )
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import DEFAULT_CHUNK_BYTES, ChunkedList
+from ._foreach import ChunkedList
 from ._scalars import ScalarColumn, as_float
 from .rules import PredictionRule, extrapolate_, rewind_
 from .rules.compiled import CompiledPrediction
@@ -196,7 +196,7 @@ class Plan:
 
     snapshot: ParameterSnapshot
     #: out-of-place temporaries of one foreach call stay within ``max(largest tensor, chunk_bytes)``
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: int | None = None  # None: the default of the parameters' device
     buckets: list[Bucket] = field(default_factory=list)
     #: the state-rule parameters, and the state dict each had when planned (for a state mapping that cannot be
     #: watched, the predictor compares them every step)

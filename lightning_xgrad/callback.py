@@ -78,13 +78,14 @@ class XGradCallback(Callback):
         chunk_bytes: the memory budget of the prediction's temporaries, in bytes. Out-of-place foreach ops (Adam's
             denominators, the trajectory rule's differences) walk the parameters in chunks of at most
             ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less
-            transient memory for smaller ones. ``None``: 32 MiB, which fits the many small tensors of most models
-            in one call per op; ``0``: chunks as small as the largest tensor.
+            transient memory for smaller ones. ``None``: 32 MiB on an accelerator, which fits the many small tensors
+            of most models in one call per op, and 1 MiB on the CPU, where cache-sized chunks are faster and calls
+            cost no launch; ``0``: chunks as small as the largest tensor.
         metrics_max_bytes: the most memory, in bytes per rank and optimizer, that the prediction metrics hold on a
             logging step. They compare W_hat with the update applied after it, so W_hat is kept aside from the
             restore to the update: all of it when the predicted parameters fit in the budget (exact values), else a
             systematic sample that fits (tensors smaller than an equal share of the budget whole, every m-th element
-            of the larger ones), and the cosine and error are estimates from it. Default 32 MiB, as ``chunk_bytes``;
+            of the larger ones), and the cosine and error are estimates from it. Default 32 MiB;
             ``None``: always exact (one full copy of the predicted parameters). A budget below one element per
             predicted tensor raises a ValueError at the first logging step.
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import DEFAULT_CHUNK_BYTES, ChunkedList
+from ._foreach import ChunkedList
 from ._scalars import ScalarColumn, step_counts_as_floats
 from .conformity import (
     ConformityCDF,
@@ -51,7 +51,8 @@ class OptimizerConformity:
         scales: the live mapping filled here, parameter -> scale of its last update (what XGrad's predictor reads).
         beta, c, eps, cdf: CProp's settings (:func:`~lightning_xgrad.conformity.conformity_scale_`).
         owner: the name errors start with.
-        chunk_bytes: the temporaries of the foreach ops stay within ``max(largest tensor, chunk_bytes)`` bytes.
+        chunk_bytes: the temporaries of the foreach ops stay within ``max(largest tensor, chunk_bytes)`` bytes
+            (``None``: the default of the parameters' device).
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class OptimizerConformity:
         eps: float,
         cdf: ConformityCDF,
         owner: str = "CPropCallback",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.scales = scales

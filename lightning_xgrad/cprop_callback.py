@@ -47,7 +47,6 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._compat import trainer_callbacks
-from ._foreach import DEFAULT_CHUNK_BYTES
 from ._validation import check_int
 from .conformity import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
 from .conformity_tracker import OptimizerConformity
@@ -80,8 +79,8 @@ class CPropCallback(Callback):
         cdf: ``"bft"``, a logistic fit of the normal CDF (Bowling et al. 2009, the official default), or
             ``"normal"``, the exact one.
         chunk_bytes: the memory budget of the statistics' temporaries, in bytes: the foreach ops walk the
-            parameters in chunks of at most ``max(largest tensor, chunk_bytes)``; ``None``: 32 MiB, as
-            :class:`~lightning_xgrad.XGradCallback`'s ``chunk_bytes``.
+            parameters in chunks of at most ``max(largest tensor, chunk_bytes)``; ``None``: the default of the
+            parameters' device, as for :class:`~lightning_xgrad.XGradCallback`'s ``chunk_bytes``.
 
     Example::
 
@@ -123,8 +122,7 @@ class CPropCallback(Callback):
         settings = (self.beta, self.c, self.eps, self.cdf)
         for optimizer in trainer.optimizers:
             scales = self.xgrad_direction_scales(optimizer)
-            budget = DEFAULT_CHUNK_BYTES if self.chunk_bytes is None else self.chunk_bytes
-            tracker = OptimizerConformity(optimizer, scales, *settings, chunk_bytes=budget)
+            tracker = OptimizerConformity(optimizer, scales, *settings, chunk_bytes=self.chunk_bytes)
             self._trackers[id(optimizer)] = tracker
             self._hook_handles.append(optimizer.register_step_pre_hook(self._pre_step_hook(tracker)))
             self._hook_handles.append(optimizer.register_step_post_hook(lambda *_, t=tracker: t.scale_update()))

@@ -74,7 +74,8 @@ class HeldPrediction:
     Build it from :meth:`~lightning_xgrad.OptimizerPredictor.predicted_params` while the prediction is in place (just
     before the restore); call :meth:`compare` after the optimizer's step, while the snapshot buffers still hold W, and
     :meth:`release` (or drop it) when done. ``max_bytes=None`` always holds all of W_hat; ``chunk_bytes`` is the
-    budget of :meth:`compare`'s temporaries (by default :data:`~lightning_xgrad._foreach.DEFAULT_CHUNK_BYTES`);
+    budget of :meth:`compare`'s temporaries (by default that of the parameters' device,
+    :func:`~lightning_xgrad._foreach.default_chunk_bytes`);
     ``owner`` and ``name`` say whose argument ``max_bytes`` is in the error raised when it cannot hold one element of
     each tensor.
     """

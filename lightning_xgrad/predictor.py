@@ -30,7 +30,6 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from ._foreach import DEFAULT_CHUNK_BYTES
 from ._validation import argument_error, check_choice, check_flag, check_int
 from ._wrappers import unwrap_optimizer
 from .buckets import Bucket, Plan
@@ -95,8 +94,9 @@ class OptimizerPredictor:
             needs none, since the update it extrapolates was already scaled.
         chunk_bytes: the memory budget of the temporaries, in bytes: out-of-place foreach ops (Adam's denominators,
             the trajectory rule's differences) walk the parameters in chunks of at most ``max(largest tensor,
-            chunk_bytes)``, one call per op and chunk. ``None``: 32 MiB
-            (:data:`~lightning_xgrad._foreach.DEFAULT_CHUNK_BYTES`); 0: chunks as small as the largest tensor.
+            chunk_bytes)``, one call per op and chunk. ``None``: the default of the parameters' device
+            (:func:`~lightning_xgrad._foreach.default_chunk_bytes`: 32 MiB on an accelerator, 1 MiB on the CPU);
+            0: chunks as small as the largest tensor.
 
     An optimizer that needs the point where its gradients were taken (a
     :class:`~lightning_xgrad.protocols.GradientPointObserver`, the adaptive heavy-ball secant) gets a call to its
@@ -123,7 +123,8 @@ class OptimizerPredictor:
             )
         self.optimizer = check_optimizer(owner, optimizer)
         self.compile = compile
-        self.chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        #: the budget given (``None``: the default of the parameters' device, 32 MiB, 1 MiB on the CPU)
+        self.chunk_bytes = chunk_bytes
         self.steps = steps
         self.rule = rule
         self.snapshot = snapshot if snapshot is not None else ParameterSnapshot()

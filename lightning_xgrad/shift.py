@@ -21,7 +21,8 @@ __all__ = ["relative_shift"]
 def relative_shift(predicted: Sequence[tuple[Tensor, Tensor, Tensor]], chunk_bytes: int | None = None) -> float:
     """``||W_hat - W|| / ||W||`` from ``(parameter, predicted local tensor, real local value)`` triples (what
     :meth:`~lightning_xgrad.OptimizerPredictor.predicted_params` returns); needs at least one triple. The differences
-    are formed one chunk of at most ``max(largest tensor, chunk_bytes)`` bytes at a time (default 32 MiB)."""
+    are formed one chunk of at most ``max(largest tensor, chunk_bytes)`` bytes at a time (by default the
+    budget of the tensors' device)."""
     predicted_values = [local for _, local, _ in predicted]
     real = [value for _, _, value in predicted]
     shift = torch.stack([d.float().square().sum() for d in _differences(predicted_values, real, chunk_bytes)])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_xgrad import OptimizerPredictor
-from lightning_xgrad._foreach import DEFAULT_CHUNK_BYTES, ChunkedList, chunk_slices
+from lightning_xgrad._foreach import ChunkedList, chunk_slices, default_chunk_bytes
 from lightning_xgrad.conformity_tracker import OptimizerConformity
 from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam, CPropSGD
 
@@ -119,7 +119,7 @@ def test_chunks_hold_as_many_tensors_as_fit_in_the_budget() -> None:
         # greedy: no chunk could also have taken the first tensor of the next one
         for s, t in itertools.pairwise(slices):
             assert sum(4 * x.numel() for x in tensors[s]) + 4 * tensors[t.start].numel() > limit
-    assert len(list(chunk_slices(tensors))) == 1  # the default budget (32 MiB) takes them all
+    assert len(list(chunk_slices(tensors))) == 1  # the default budget (1 MiB on the CPU) takes them all
     assert list(chunk_slices([])) == [] and list(chunk_slices([], 0)) == []
 
 
@@ -129,7 +129,7 @@ def test_a_chunked_list_computes_its_chunks_once_and_keeps_its_budget() -> None:
     assert planned == tensors and planned.chunk_bytes == 40
     assert list(chunk_slices(planned)) == list(chunk_slices(tensors, 40)) == planned.slices
     assert list(chunk_slices(planned, 0)) == list(chunk_slices(tensors, 0))  # another budget asked for explicitly
-    assert ChunkedList(tensors).chunk_bytes == DEFAULT_CHUNK_BYTES
+    assert ChunkedList(tensors).chunk_bytes == 2**20  # the CPU's default
     assert type(planned[1:3]) is list  # slices of it are plain lists
 
 
@@ -202,7 +202,19 @@ def test_the_chunk_budget_is_checked() -> None:
         OptimizerPredictor(optimizer, chunk_bytes=-1)
     with pytest.raises(TypeError, match=r"`chunk_bytes` must be an integer >= 0 or None, got 1.5"):
         OptimizerPredictor(optimizer, chunk_bytes=1.5)
-    assert OptimizerPredictor(optimizer).chunk_bytes == DEFAULT_CHUNK_BYTES == 32 * 2**20
+    assert OptimizerPredictor(optimizer).chunk_bytes is None  # the default of the parameters' device
+
+
+def test_the_default_budget_is_32_mib_on_an_accelerator_and_1_mib_on_the_cpu() -> None:
+    """Cache-sized chunks on the CPU (where a call costs no launch); few calls on an accelerator. A list's budget
+    is its first tensor's device's: meta tensors stand in for an accelerator's here."""
+    assert default_chunk_bytes(torch.device("cpu")) == default_chunk_bytes("cpu") == 2**20
+    assert default_chunk_bytes(torch.device("cuda", 1)) == default_chunk_bytes("mps") == 32 * 2**20
+    cpu = [torch.empty(2**17) for _ in range(4)]  # 512 KiB each: two per chunk on the CPU
+    meta = [t.to("meta") for t in cpu]
+    assert len(list(chunk_slices(cpu))) == 2 and len(list(chunk_slices(meta))) == 1
+    assert ChunkedList(meta).chunk_bytes == 32 * 2**20 and ChunkedList(cpu).chunk_bytes == 2**20
+    assert ChunkedList([]).chunk_bytes == 2**20
 
 
 # ---------------------------------------------------------------- the plan

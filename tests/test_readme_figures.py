@@ -1,0 +1,209 @@
+"""The README's benchmark figures are the published results' figures: every cell of its convergence and overhead
+tables, and the numbers its first screen quotes, read back from ``benchmarks/results/*.md``.
+
+A republished benchmark whose README was not updated (or a README edited by hand) fails here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+RESULTS = REPO / "benchmarks" / "results"
+
+#: README convergence-table label -> (task, metric)
+CONVERGENCE_ROWS = {
+    "digits, SGD momentum: val_loss": ("digits_sgd", "val_loss"),
+    "digits, AdamW: val_loss": ("digits_adamw", "val_loss"),
+    "char GPT, AdamW: val_loss": ("char_gpt", "val_loss"),
+    "char GPT: val_ppl": ("char_gpt", "val_ppl"),
+    "digits GAN, Adam x 2: val_fd": ("digits_gan", "val_fd"),
+}
+#: README overhead-table label -> case
+OVERHEAD_ROWS = {"CNN, AdamW": "cnn-adamw", "CNN, SGD momentum": "cnn-sgd", "MLP, AdamW": "mlp-adamw"}
+OVERHEAD_ROWS["MLP, SGD momentum"] = "mlp-sgd"
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
+    """The first table under each ``## heading``, as rows keyed by the header's cells; the key is the heading's first
+    word."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    heading, header = "", None
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            heading, header = line[3:].split()[0], None
+        elif line.startswith("|") and heading and heading not in tables:
+            header = _cells(line)
+            tables[heading] = []
+        elif line.startswith("|") and header is not None:
+            if not set(line) <= set("|-: "):
+                tables[heading].append(dict(zip(header, _cells(line), strict=True)))
+        else:
+            header = None
+    return tables
+
+
+def _readme_table(first_header_cell: str) -> dict[str, list[str]]:
+    """The README table whose header starts with ``first_header_cell``: label -> the other cells."""
+    lines = README.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = _cells(line)
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _by_method(name: str) -> dict[str, dict[str, dict[str, str]]]:
+    """task -> method ("baseline", "XGrad s=1", ...) -> column -> cell, from a published convergence report."""
+    tables = _tables((RESULTS / f"{name}.md").read_text())
+    return {task: {row["method"]: row for row in rows} for task, rows in tables.items() if rows}
+
+
+def _column(row: dict[str, str], prefix: str) -> str:
+    """The cell of the column named ``prefix`` or starting with it ("val_loss (mean ± std)", "Δ val_loss vs ...")."""
+    return next(cell for name, cell in row.items() if name == prefix or name.startswith(f"{prefix} "))
+
+
+def _delta(row: dict[str, str]) -> str:
+    """How the README quotes a paired difference: "Δ (seeds better, verdict)"."""
+    return f"{_column(row, 'Δ')} ({row['seeds improved']}, {row['verdict']})"
+
+
+@pytest.fixture(scope="module")
+def convergence() -> dict[str, dict[str, dict[str, str]]]:
+    return _by_method("convergence")
+
+
+@pytest.fixture(scope="module")
+def companions() -> dict[str, dict[str, dict[str, str]]]:
+    return _by_method("companions")
+
+
+@pytest.fixture(scope="module")
+def overhead() -> dict[tuple[str, str], dict[str, str]]:
+    """(case, variant) -> column -> cell, from the first table of the published overhead.md."""
+    text = (RESULTS / "overhead.md").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    header = _cells(lines[0])
+    rows = {}
+    for line in lines[1:]:
+        cells = _cells(line)
+        if cells[0] == "case":  # the next table
+            break
+        row = dict(zip(header, cells, strict=True))
+        rows[row["case"], row["variant"]] = row
+    return rows
+
+
+def test_the_convergence_table_is_the_published_one(convergence) -> None:
+    readme = _readme_table("task | baseline")
+    assert set(readme) == set(CONVERGENCE_ROWS)
+    for label, (task, metric) in CONVERGENCE_ROWS.items():
+        published = convergence[task]
+        runs = [published[method] for method in ("baseline", "XGrad s=1", "XGrad s=2")]
+        expected = [_column(row, metric) for row in runs]
+        expected += ["", ""] if metric == "val_ppl" else [_delta(row) for row in runs[1:]]
+        assert readme[label] == expected, label
+
+
+def test_the_prediction_metrics_table_is_the_published_one(convergence, companions) -> None:
+    readme = _readme_table("task | s | prediction cosine")
+    tasks = {
+        "digits, SGD momentum": (convergence["digits_sgd"], "XGrad"),
+        "digits, AdamW": (convergence["digits_adamw"], "XGrad"),
+        "char GPT, AdamW": (convergence["char_gpt"], "XGrad"),
+        "digits, adaptive heavy-ball SGD": (companions["digits_ahb"], "heavy-ball + XGrad"),
+    }
+    lines = [line for line in README.splitlines() if line.startswith(tuple(f"| {label} | " for label in tasks))]
+    assert len(lines) == 2 * len(tasks) and len(readme) == len(tasks)  # one row per task and s
+    for line in lines:
+        label, s, cosine, error, delta = _cells(line)
+        published, prefix = tasks[label]
+        row = published[f"{prefix} s={s}"]
+        assert [cosine, error, delta] == [row["prediction cosine"], row["prediction error"], _delta(row)], line
+
+
+def test_the_companion_tables_are_the_published_ones(convergence, companions) -> None:
+    """Each companion table's rows: the main benchmark's baseline, the method alone, the method with XGrad s = 1, 2."""
+    for header, (task, method, baseline_task, names) in {
+        "digits, AdamW (`digits_cprop.yaml`)": ("digits_cprop", "CProp", "digits_adamw", ["AdamW + CProp"]),
+        "digits (`digits_ahb.yaml`, lr 0.05)": ("digits_ahb", "heavy-ball", "digits_sgd", ["adaptive heavy-ball SGD"]),
+    }.items():
+        readme = list(_readme_table(header).values())
+        published = companions[task]
+        runs = [convergence[baseline_task]["baseline"], published[f"{method} alone"]]
+        runs += [published[f"{method} + XGrad s={s}"] for s in (1, 2)]
+        assert len(names) == 1 and len(readme) == len(runs), header
+        for cells, row in zip(readme, runs, strict=True):
+            metrics = [name.split()[0] for name in row if name.startswith("val_")]
+            assert cells == [_column(row, metric) for metric in metrics], header
+
+
+def test_the_overhead_table_is_the_published_one(overhead) -> None:
+    readme = _readme_table("model, optimizer")
+    assert set(readme) == set(OVERHEAD_ROWS)
+    for label, case in OVERHEAD_ROWS.items():
+        xgrad, compiled = overhead[case, "xgrad"], overhead[case, "xgrad-compiled"]
+        without, hooks, ratio, step, with_compile = readme[label]
+        assert without == f"{float(xgrad['step without ms']):.1f} ms", label
+        assert hooks == f"{float(xgrad['hooks ms']):.2f} ms", label
+        assert ratio == f"{float(xgrad['hooks ms']) / float(xgrad['update ms']):.2f}", label
+        assert step == xgrad["step overhead"].replace("-", "−"), label
+        compiled_step = compiled["step overhead"].split()[0]
+        assert with_compile.startswith(f"hooks {float(compiled['hooks ms']):.2f} ms"), label
+        assert with_compile.endswith(f", {compiled_step}"), label
+
+
+def _first_screen() -> str:
+    return README[: README.index("\n## ")]
+
+
+def _number(cell: str) -> float:
+    """The first number of a cell ("−0.0134 ± 0.0050" -> -0.0134)."""
+    return float(cell.split()[0].replace("−", "-"))
+
+
+def _signed(value: float, digits: int) -> str:
+    return f"{value:+.{digits}f}".replace("-", "−")
+
+
+def _percent(cell: str) -> float:
+    return float(cell.split("%")[0])
+
+
+def test_the_first_screen_quotes_the_published_figures(convergence, overhead) -> None:
+    first = " ".join(_first_screen().split())
+    adamw_delta = _number(_column(convergence["digits_adamw"]["XGrad s=1"], "Δ"))
+    gpt_delta = _number(_column(convergence["char_gpt"]["XGrad s=1"], "Δ"))
+    ppl = [_number(_column(convergence["char_gpt"][m], "val_ppl")) for m in ("baseline", "XGrad s=1")]
+    assert f"({_signed(adamw_delta, 3)} at s = 1)" in first
+    assert f"({_signed(gpt_delta, 3)}, perplexity {ppl[0]:.2f} → {ppl[1]:.2f})" in first
+    for case in ("cnn-adamw", "cnn-sgd"):
+        assert round(_percent(overhead[case, "xgrad"]["step overhead"])) == 1
+    assert "about +1% of the training step on a compute-bound CNN" in first
+    sgd, adamw = (round(_percent(overhead[case, "xgrad"]["step overhead"])) for case in ("mlp-sgd", "mlp-adamw"))
+    assert f"+{sgd}% (SGD momentum) to +{adamw}% (AdamW)" in first
+
+
+def test_the_first_screen_states_where_xgrad_did_not_help(convergence) -> None:
+    """The verdicts it quotes: SGD momentum nothing at s = 1 and a margin at s = 2, the GAN worse at s = 2."""
+    first = " ".join(_first_screen().split())
+    sgd1, sgd2 = convergence["digits_sgd"]["XGrad s=1"], convergence["digits_sgd"]["XGrad s=2"]
+    assert sgd1["verdict"] == "no difference detected" and "s = 1 made no difference" in first
+    mean, error = _column(sgd2, "Δ").split(" ± ")
+    assert sgd2["verdict"] == "better"
+    quoted = f"({_signed(_number(mean), 4)} ± {float(error):.4f}, {sgd2['seeds improved'].replace('/', ' of ')} seeds)"
+    assert f"s = 2 helped by a margin just past seed noise {quoted}" in first
+    gan1, gan2 = convergence["digits_gan"]["XGrad s=1"], convergence["digits_gan"]["XGrad s=2"]
+    assert gan1["verdict"] == "no difference detected" and gan2["verdict"] == "worse"
+    assert gan2["seeds improved"] == "0/3" and "did not help at s = 1 and was worse on every seed at s = 2" in first
