@@ -272,7 +272,7 @@ class OptimizerPredictor:
         errors: list[BaseException] = []
         if stepped and self._observer is not None and any(bucket.modified for bucket in self._buckets):
             try:
-                self._observer.observe_gradient_point()
+                self._observer.observe_gradient_point(self.chunk_bytes)  # the secant's temporaries: our budget
             except Exception as error:  # the real weights go back first
                 errors.append(error)
         groups = self.optimizer.param_groups

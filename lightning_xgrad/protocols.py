@@ -34,9 +34,10 @@ DirectionScales = Mapping[Tensor, Tensor]
 class GradientPointObserver(Protocol):
     """An optimizer that records where its gradients were taken (``AdaptiveHeavyBallSGD`` and ``...Adam``)."""
 
-    def observe_gradient_point(self) -> None:
+    def observe_gradient_point(self, chunk_bytes: int | None = None) -> None:
         """Record the parameters' current values as the point of this step's gradients; called before ``step``,
-        while the parameters hold the predicted weights (a step then does not record them again)."""
+        while the parameters hold the predicted weights (a step then does not record them again). ``chunk_bytes``:
+        the caller's budget for the temporaries (``None``: the default of the parameters' device)."""
 
 
 @runtime_checkable

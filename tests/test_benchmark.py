@@ -286,6 +286,14 @@ def test_heavy_ball_calls_stay_the_same_from_4_to_40_tensors(overhead, family: s
     assert _calls(overhead, family, 40) == _calls(overhead, family, 4)
 
 
+@pytest.mark.parametrize("family", ["AdaptiveHeavyBallSGD", "AdaptiveHeavyBallAdam"])
+def test_the_heavy_ball_secant_is_chunked_by_the_predictors_budget(overhead, family: str) -> None:
+    """The secant the predictor triggers (the optimizer's distance between gradient points) walks the points with the
+    predictor's ``chunk_bytes``, not the CPU's 1 MiB default: 400 tensors (1.7 MB) are one chunk of 32 MiB."""
+    budget = 32 * 2**20
+    assert _calls(overhead, family, 400, chunk_bytes=budget) == _calls(overhead, family, 4, chunk_bytes=budget)
+
+
 def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(overhead, tmp_path) -> None:
     sizes = ["--calls-sizes", "4", "8", "--calls-unused-tensors", "8", "--calls-repeats", "1"]
     rules = ["--calls-rules", "SGD momentum", "AdamW", "--chunk-bytes", "4096"]

@@ -105,13 +105,15 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         return owners, current, previous
 
     @torch.no_grad()
-    def observe_gradient_point(self) -> None:
+    def observe_gradient_point(self, chunk_bytes: int | None = None) -> None:
         """Record the current parameter values as the point where this step's gradients were taken.
 
         Stores, per group, ``||x_k - x_{k-1}||^2`` against the previously recorded point and makes the current values
         the new previous point. XGrad's predictor calls this while the parameters still hold the predicted W_hat;
         :meth:`step` calls it itself when nobody did. Further calls before the step are ignored: the first one saw
-        the point (after a step skipped by AMP's scaler, the next prediction is the same point).
+        the point (after a step skipped by AMP's scaler, the next prediction is the same point). The differences
+        are formed in chunks of at most ``max(largest tensor, chunk_bytes)`` bytes (``None``: the default of the
+        parameters' device; XGrad's predictor passes its own ``chunk_bytes``).
         """
         if self._observed:
             return
@@ -119,7 +121,7 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         for index, group in enumerate(self.param_groups):
             params = self._params_with_grad(group)
             owners, known, previous = self._against_previous(params, params, "prev_point")
-            self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous)
+            self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous, chunk_bytes)
             if previous:
                 torch._foreach_copy_(previous, known)
 
@@ -160,8 +162,11 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         return betas
 
 
-def _sum_of_squared_differences(owners: list[Tensor], values: list[Tensor], previous: list[Tensor]) -> Tensor | None:
-    """``sum_i ||values[i] - previous[i]||^2`` as a 0-dim tensor (float32 or wider), ``None`` for empty lists.
+def _sum_of_squared_differences(
+    owners: list[Tensor], values: list[Tensor], previous: list[Tensor], chunk_bytes: int | None = None
+) -> Tensor | None:
+    """``sum_i ||values[i] - previous[i]||^2`` as a 0-dim tensor (float32 or wider), ``None`` for empty lists; the
+    differences one chunk of at most ``max(largest tensor, chunk_bytes)`` bytes at a time.
 
     For DTensor parameters (``owners``) the sum is this rank's share of the global one: each local shard's squares
     divided by the number of ranks holding the same elements, so that the all-reduce counts replicated elements once.
@@ -172,7 +177,7 @@ def _sum_of_squared_differences(owners: list[Tensor], values: list[Tensor], prev
     for other in {value.dtype for value in values}:  # per dtype, not per tensor: each promotion is an ATen call
         dtype = torch.promote_types(dtype, other)
     norms: list[Tensor] = []
-    for part in chunk_slices(values):  # the differences of one chunk alive at a time
+    for part in chunk_slices(values, chunk_bytes):  # the differences of one chunk alive at a time
         norms.extend(torch._foreach_norm(torch._foreach_sub(values[part], previous[part]), 2, dtype=dtype))
     device = norms[0].device
     if any(n.device != device for n in norms):  # a group spread over devices
