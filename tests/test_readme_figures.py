@@ -188,11 +188,14 @@ def test_the_first_screen_quotes_the_published_figures(convergence, overhead) ->
     ppl = [_number(_column(convergence["char_gpt"][m], "val_ppl")) for m in ("baseline", "XGrad s=1")]
     assert f"({_signed(adamw_delta, 3)} at s = 1)" in first
     assert f"({_signed(gpt_delta, 3)}, perplexity {ppl[0]:.2f} → {ppl[1]:.2f})" in first
-    for case in ("cnn-adamw", "cnn-sgd"):
-        assert round(_percent(overhead[case, "xgrad"]["step overhead"])) == 1
-    assert "about +1% of the training step on a compute-bound CNN" in first
-    sgd, adamw = (round(_percent(overhead[case, "xgrad"]["step overhead"])) for case in ("mlp-sgd", "mlp-adamw"))
-    assert f"+{sgd}% (SGD momentum) to +{adamw}% (AdamW)" in first
+    cnn_sgd, cnn_adamw, mlp_sgd, mlp_adamw = (
+        _percent(overhead[case, "xgrad"]["step overhead"]) for case in ("cnn-sgd", "cnn-adamw", "mlp-sgd", "mlp-adamw")
+    )
+    assert (
+        f"+{cnn_sgd:.1f}% (SGD momentum) to +{cnn_adamw:.1f}% (AdamW) of the training step on a compute-bound CNN"
+        in first
+    )
+    assert f"+{mlp_sgd:.1f}% (SGD momentum) to +{mlp_adamw:.1f}% (AdamW) on an MLP" in first
 
 
 def test_the_first_screen_states_where_xgrad_did_not_help(convergence) -> None:
