@@ -1,5 +1,6 @@
-"""The README's benchmark figures are the published results' figures: every cell of its convergence and overhead
-tables, and the numbers its first screen quotes, read back from ``benchmarks/results/*.md``.
+"""The README's benchmark figures are the published results' figures: every cell of its convergence, prediction
+metrics, companion and overhead tables, and the numbers its first screen quotes, read back from
+``benchmarks/results/*.md``.
 
 A republished benchmark whose README was not updated (or a README edited by hand) fails here.
 """
@@ -23,8 +24,12 @@ CONVERGENCE_ROWS = {
     "digits GAN, Adam x 2: val_fd": ("digits_gan", "val_fd"),
 }
 #: README overhead-table label -> case
-OVERHEAD_ROWS = {"CNN, AdamW": "cnn-adamw", "CNN, SGD momentum": "cnn-sgd", "MLP, AdamW": "mlp-adamw"}
-OVERHEAD_ROWS["MLP, SGD momentum"] = "mlp-sgd"
+OVERHEAD_ROWS = {
+    "CNN, AdamW": "cnn-adamw",
+    "CNN, SGD momentum": "cnn-sgd",
+    "MLP, AdamW": "mlp-adamw",
+    "MLP, SGD momentum": "mlp-sgd",
+}
 
 
 def _cells(line: str) -> list[str]:
