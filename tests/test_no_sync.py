@@ -107,16 +107,21 @@ def _train_step(net: nn.Module, predictor: OptimizerPredictor, x: Tensor, y: Ten
     return predicted
 
 
+def _trained(name: str) -> tuple[nn.Module, OptimizerPredictor, Tensor, Tensor]:
+    """The test net with optimizer ``name`` under a predictor, after three predicted steps (its state exists)."""
+    net = make_net()
+    x, y = make_data(8)
+    predictor = OptimizerPredictor(OPTIMIZERS[name](net.parameters()))
+    for _ in range(3):
+        _train_step(net, predictor, x, y)
+    return net, predictor, x, y
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_predicted_step_reads_nothing_on_the_host(name: str) -> None:
     """Prediction, forward, backward, restore and the update of every optimizer family, in a plain loop."""
-    net = make_net()
-    x, y = make_data(8)
-    optimizer = OPTIMIZERS[name](net.parameters())
-    predictor = OptimizerPredictor(optimizer)
-    for _ in range(3):
-        _train_step(net, predictor, x, y)
-    recorder = HostReads(lambda: cpu_step_counters([optimizer]))
+    net, predictor, x, y = _trained(name)
+    recorder = HostReads(lambda: cpu_step_counters([predictor.optimizer]))
     with recorder:
         for _ in range(2):
             assert _train_step(net, predictor, x, y)  # really predicted: not a trivially empty step
@@ -134,12 +139,7 @@ def test_step_counters_kept_on_an_accelerator_are_never_read(monkeypatch: pytest
     for rule_module in (adam, adamax, radam):
         monkeypatch.setattr(rule_module, "on_accelerator", lambda step_counts: True)
     for name in ("adam", "adam_amsgrad", "adamax", "radam"):
-        net = make_net()
-        x, y = make_data(8)
-        optimizer = OPTIMIZERS[name](net.parameters())
-        predictor = OptimizerPredictor(optimizer)
-        for _ in range(3):
-            _train_step(net, predictor, x, y)
+        predictor = _trained(name)[1]
         recorder = HostReads()
         with recorder:
             assert predictor.predict()
