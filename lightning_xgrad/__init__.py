@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .callback import XGradCallback
     from .cprop_callback import CPropCallback
-    from .predictor import OptimizerPredictor
+    from .predictor import OptimizerPredictor, PredictedWeightsEditedWarning
     from .rules import PredictionRule, register_rule
 
 __version__ = "0.1.0.dev0"
@@ -22,11 +22,20 @@ _PUBLIC = {
     "XGradCallback": ".callback",
     "CPropCallback": ".cprop_callback",
     "OptimizerPredictor": ".predictor",
+    "PredictedWeightsEditedWarning": ".predictor",
     "PredictionRule": ".rules",
     "register_rule": ".rules",
 }
 
-__all__ = ["CPropCallback", "OptimizerPredictor", "PredictionRule", "XGradCallback", "__version__", "register_rule"]
+__all__ = [
+    "CPropCallback",
+    "OptimizerPredictor",
+    "PredictedWeightsEditedWarning",
+    "PredictionRule",
+    "XGradCallback",
+    "__version__",
+    "register_rule",
+]
 
 
 def __getattr__(name: str) -> Any:

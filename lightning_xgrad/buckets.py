@@ -15,6 +15,7 @@ it needs in a checkpoint:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from .snapshot import ParameterSnapshot
 
 __all__ = ["Bucket", "Plan", "StateBucket", "TrajectoryBucket"]
 
+_VERSION = operator.attrgetter("_version")
+
 
 @dataclass(eq=False)
 class Bucket:
@@ -46,6 +49,8 @@ class Bucket:
     buffers: list[Tensor]
     #: the parameters hold W_hat and the buffers the real W
     modified: bool = field(default=False, init=False)
+    #: the parameters' version counters when W_hat was last written, while an edit check is on
+    versions: list[int] | None = field(default=None, init=False)
 
     @property
     def in_step(self) -> bool:
@@ -73,6 +78,20 @@ class Bucket:
         """Exchange predicted and real weights (validation or a checkpoint mid-step, and back)."""
         if self.modified:
             ParameterSnapshot.swap(self.params, self.buffers)
+
+    def record_versions(self) -> None:
+        """Remember the version counters of the parameters holding W_hat now (every in-place write bumps one)."""
+        self.versions = list(map(_VERSION, self.params)) if self.modified else None
+
+    def edited_since_recorded(self) -> list[int]:
+        """The positions of the parameters changed in place since :meth:`record_versions`, which is then forgotten."""
+        recorded, self.versions = self.versions, None
+        if recorded is None or not self.modified:
+            return []
+        now = list(map(_VERSION, self.params))
+        if now == recorded:
+            return []
+        return [i for i, (a, b) in enumerate(zip(now, recorded, strict=True)) if a != b]
 
     def predicted(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """``(parameter, predicted local tensor, real local value)`` while a prediction is in place."""
@@ -185,25 +204,42 @@ class TrajectoryBucket(Bucket):
 
 @dataclass
 class Plan:
-    """The buckets of one optimizer, built param group by param group, and what deciding them read.
+    """The buckets of one optimizer, built param group by param group, and the optimizer state they were read from.
 
-    A parameter whose state does not yet hold what its rule needs (a module in the optimizer but unused in forward
-    gets no state at all) is left out, and the plan stays valid until that changes: a new state entry is a change of
-    the optimizer's state mapping, which the predictor's plan key notices in O(1) (:mod:`~lightning_xgrad.
-    optimizer_state`); an entry that exists but lacks the rule's tensors (rare: no torch optimizer leaves one) is
-    watched by its size in :attr:`partial`. So a parameter that never gets state costs nothing per step.
+    The plan holds the state tensors the rules read, so it is valid only while the optimizer holds the same state:
+    :meth:`state_unchanged` compares the optimizer's state mapping, entry by entry, with the one planned from, by
+    identity (a reset ``state[p] = {}``, a deletion, a ``clear()`` or a load all replace entries or the mapping), in
+    C loops that hash nothing. The mapping is only read: the optimizer's objects stay as they are, also when a
+    wrapper shares its ``state`` with an inner optimizer. A parameter whose state does not yet hold what its rule
+    needs (a module in the optimizer but unused in forward gets no state at all) is left out, and the plan stays
+    valid until that changes: a new state entry changes the mapping; an entry that exists but lacks the rule's tensors
+    (rare: no torch optimizer leaves one) is watched by its size in :attr:`partial`.
     """
 
     snapshot: ParameterSnapshot
+    #: the optimizer's per-parameter state the plan is read from
+    state: Mapping[Tensor, Any]
     #: out-of-place temporaries of one foreach call stay within ``max(largest tensor, chunk_bytes)``
     chunk_bytes: int | None = None  # None: the default of the parameters' device
     buckets: list[Bucket] = field(default_factory=list)
-    #: the state-rule parameters, and the state dict each had when planned (for a state mapping that cannot be
-    #: watched, the predictor compares them every step)
-    owners: list[Tensor] = field(default_factory=list)
-    state_dicts: list[Any] = field(default_factory=list)
     #: state entries that exist but lack what the rule needs, with their size when planned
     partial: list[tuple[Any, int]] = field(default_factory=list)
+    #: the state mapping's keys and entries when planned
+    state_keys: list[Any] = field(init=False)
+    state_entries: list[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state_keys = list(self.state.keys())
+        self.state_entries = list(self.state.values())
+
+    def state_unchanged(self, state: Mapping[Tensor, Any]) -> bool:
+        """Whether ``state`` is the mapping planned from and holds the same entries, for the same keys, in order."""
+        return (
+            state is self.state
+            and len(state) == len(self.state_entries)
+            and all(map(operator.is_, state.values(), self.state_entries))
+            and all(map(operator.is_, state.keys(), self.state_keys))
+        )
 
     def partial_entries_unchanged(self) -> bool:
         """Whether every state entry left out as incomplete still has the size it had (O(those entries))."""
@@ -214,16 +250,13 @@ class Plan:
         index: int,
         params: list[Tensor],
         rule: PredictionRule,
-        state: Mapping[Tensor, Any],
         kernels: dict[tuple[Any, ...], CompiledPrediction | None] | None,
     ) -> None:
         """Buckets for param group ``index`` predicted by ``rule``; parameters without the state the rule needs are
         left out. ``kernels`` caches compiled predictions by bucket (``None``: no compiling)."""
         grouped: dict[tuple[Any, ...], tuple[list[Tensor], list[tuple[Any, ...]]]] = {}
         for p in params:
-            entry = state.get(p)
-            self.owners.append(p)
-            self.state_dicts.append(entry)
+            entry = self.state.get(p)
             row = rule.state_tensors(entry if entry is not None else {})
             if row is None:
                 if entry is not None:

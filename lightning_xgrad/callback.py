@@ -11,9 +11,9 @@ real weights; code inside ``training_step`` reads and edits them in :meth:`XGrad
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
-from ._validation import argument_error, check_int
-from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction
+from ._validation import argument_error, check_flag, check_int
+from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, PredictionQuality
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
 from .protocols import DirectionScaleProvider, DirectionScales
 from .shift import relative_shift
@@ -70,7 +70,9 @@ class XGradCallback(Callback):
             (``||(W_hat - W) - steps * (W_next - W)|| / ||steps * (W_next - W)||``), to the Trainer's loggers at the
             step they belong to (whatever the Trainer's own ``log_every_n_steps``); with several optimizers each name
             ends in ``/optimizer_<index>``. On those steps only, a copy of the predicted weights (at most
-            ``metrics_max_bytes``) is held from the restore to the update. ``None`` logs nothing.
+            ``metrics_max_bytes``) is held from the restore to the update. The values are also put in
+            ``trainer.callback_metrics`` (``self.log(..., logger=False)`` from ``on_train_batch_end``), so that
+            ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them. ``None`` measures and logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
             passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
             first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
@@ -88,6 +90,7 @@ class XGradCallback(Callback):
             of the larger ones), and the cosine and error are estimates from it. Default 32 MiB;
             ``None``: always exact (one full copy of the predicted parameters). A budget below one element per
             predicted tensor raises a ValueError at the first logging step.
+        prog_bar: show the ``xgrad/*`` metrics in the progress bar too (as ``self.log(..., prog_bar=True)``).
 
     The rule each optimizer got is logged once at INFO and as logger hyperparameters (``xgrad/rule``, or
     ``xgrad/rule/optimizer_<index>``, and ``xgrad/steps``).
@@ -112,11 +115,13 @@ class XGradCallback(Callback):
         compile: bool = False,
         chunk_bytes: int | None = None,
         metrics_max_bytes: int | None = DEFAULT_METRICS_MAX_BYTES,
+        prog_bar: bool = False,
     ) -> None:
         check_prediction_args("XGradCallback", steps, rule, compile, chunk_bytes)  # the predictor's checks, messages
         check_int("XGradCallback", "start_step", start_step, minimum=0)
         check_int("XGradCallback", "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         check_int("XGradCallback", "metrics_max_bytes", metrics_max_bytes, minimum=1, allow_none=True)
+        check_flag("XGradCallback", "prog_bar", prog_bar)
         self.steps = steps
         self.rule: RuleChoice = rule
         self.start_step = start_step
@@ -124,15 +129,17 @@ class XGradCallback(Callback):
         self.compile = compile
         self.chunk_bytes = chunk_bytes
         self.metrics_max_bytes = metrics_max_bytes
+        self.prog_bar = prog_bar
         self._snapshot = ParameterSnapshot()
         self._predictors: dict[int, OptimizerPredictor] = {}
         self._loaded_state: dict[str, Any] | None = None
         self._module_hooks: list[RemovableHandle] = []
-        self._optimizer_hooks: list[RemovableHandle] = []
         self._window_open = False  # between an optimizer step's first micro-batch and its update
         self._window_enabled = True  # whether this window predicts (start_step, a step-less batch)
         self._holding_real_weights = False  # inside real_weights()
-        self._logging: _LoggingWindow | None = None  # a window whose metrics are logged, until it ends
+        self._logging_step: int | None = None  # in a window whose metrics are logged: the step they are logged at
+        self._trainer_loggers: list[Any] = []  # where the logging window's metrics go
+        self._unpublished: dict[str, float] = {}  # metrics measured, not yet in trainer.callback_metrics
         self._logged_hyperparams: set[str] = set()  # each key once per fit (some loggers refuse a changed value)
 
     # ------------------------------------------------------------------ setup and teardown
@@ -171,6 +178,13 @@ class XGradCallback(Callback):
             rank_zero_warn("XGradCallback: the model has no optimizer, so XGrad has nothing to predict.")
         self._logged_hyperparams = set()
         self._announce(trainer, range(len(trainer.optimizers)))
+        if self.log_every_n_steps is not None and not trainer.loggers:  # after every callback's on_fit_start
+            rank_zero_warn(
+                f"XGradCallback(log_every_n_steps={self.log_every_n_steps}): the Trainer has no logger "
+                "(logger=False), so the xgrad/* metrics reach trainer.callback_metrics only (ModelCheckpoint and "
+                "EarlyStopping can monitor them there). Give the Trainer a logger to record them, or set "
+                "log_every_n_steps=None to measure nothing."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -178,9 +192,10 @@ class XGradCallback(Callback):
         try:
             self._restore_all(stepped=False)
         finally:
-            for handle in self._module_hooks + self._optimizer_hooks:
+            for handle in self._module_hooks:
                 handle.remove()
-            self._module_hooks, self._optimizer_hooks = [], []
+            self._module_hooks = []
+            self._unpublished = {}
             for predictor in self._predictors.values():
                 predictor.close()
             self._predictors = {}
@@ -200,21 +215,22 @@ class XGradCallback(Callback):
                 predictor.close()
         self._predictors = {}
         new: list[int] = []
+        names: dict[Tensor, str] = {p: name for name, p in trainer.lightning_module.named_parameters()}
         for index, optimizer in enumerate(optimizers):
             kept = known.get(id(optimizer))
             if kept is None:
-                scales = _direction_scales(trainer, optimizer)
                 kept = OptimizerPredictor(
-                    optimizer, self.steps, self.rule, self._snapshot, self.compile, scales, self.chunk_bytes
+                    optimizer,
+                    self.steps,
+                    self.rule,
+                    self._snapshot,
+                    self.compile,
+                    _direction_scales(trainer, optimizer),
+                    self.chunk_bytes,
+                    names,
                 )
                 new.append(index)
             self._predictors[id(optimizer)] = kept
-        for handle in self._optimizer_hooks:
-            handle.remove()
-        self._optimizer_hooks = []
-        for index, optimizer in enumerate(optimizers):
-            self._optimizer_hooks.append(optimizer.register_step_pre_hook(self._restore_before_raw_step))
-            self._optimizer_hooks.append(optimizer.register_step_post_hook(self._check_stepped_real_weights(index)))
         return new
 
     def _follow_optimizer_changes(self, trainer: pl.Trainer) -> None:
@@ -229,14 +245,18 @@ class XGradCallback(Callback):
 
     def _announce(self, trainer: pl.Trainer, indices: Any) -> None:
         """Log, once per optimizer, which rule it predicts with: a line at INFO, and the loggers' hyperparameters
-        ``xgrad/rule`` (``xgrad/rule/optimizer_<i>`` with several optimizers) and ``xgrad/steps``."""
+        ``xgrad/rule`` (``xgrad/rule/optimizer_<i>`` with several optimizers) and ``xgrad/steps``; and warn about
+        what an optimizer without step hooks cannot do."""
         count = len(trainer.optimizers)
         hyperparams: dict[str, Any] = {}
         for index in indices:
             optimizer = trainer.optimizers[index]
             if not optimizer.param_groups:  # Lightning's stand-in when configure_optimizers returns None
                 continue
-            rule = self._predictors[id(optimizer)].describe()
+            predictor = self._predictors[id(optimizer)]
+            if not predictor.guards_step:
+                self._warn_no_step_hooks(index, predictor, trainer.lightning_module.automatic_optimization)
+            rule = predictor.describe()
             rank_zero_info(
                 f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rule} rule, "
                 f"steps={self.steps}"
@@ -289,32 +309,10 @@ class XGradCallback(Callback):
         # others keep their prediction until they step or the batch ends.
         predictor = self._predictors.get(id(optimizer))
         if predictor is not None:
-            if self._logging is not None:  # a logging window: keep W_hat aside until the update is applied
-                self._logging.hold(optimizer, predictor, self._measure_update)
             predictor.restore(stepped=True)
         else:  # an optimizer that appeared mid-window (predicted from the next window on): no update on W_hat
             _restore_each(self._predictors.values(), stepped=False)
         self._window_open = any(p.phase != "idle" for p in self._predictors.values())
-
-    def _restore_before_raw_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """A step with no closure has its gradients already (a raw ``optimizer.step()`` in manual optimization, or
-        AMP's ``scaler.step`` after on_before_optimizer_step): the real weights go back first. Lightning's own steps
-        carry a closure that runs the forward pass, so those wait for on_before_optimizer_step."""
-        if kwargs.get("closure", args[1] if len(args) > 1 else None) is None:  # args[0] is the optimizer
-            self._restore_for_step(optimizer)
-
-    def _check_stepped_real_weights(self, index: int) -> Callable[..., None]:
-        def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            predictor = self._predictors.get(id(optimizer))
-            if predictor is not None and predictor.phase != "idle":
-                raise RuntimeError(
-                    f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) stepped while its parameters "
-                    "held predicted weights, so its update would be lost at the restore. Step it through the "
-                    "LightningOptimizer that `self.optimizers()` returns, or call `optimizer.step()` without a "
-                    "closure after the backward pass."
-                )
-
-        return hook
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -323,6 +321,7 @@ class XGradCallback(Callback):
         # an overridden optimizer_step that skips): the window is over, so the prediction must not outlive it.
         if not should_accumulate(trainer):
             self._restore_all(stepped=False)
+        self._publish_callback_metrics(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_all(stepped=False)
@@ -397,8 +396,13 @@ class XGradCallback(Callback):
         finally:
             self._holding_real_weights = False
         # only on a normal exit: after an exception the real weights stay and the window is over
-        for predictor in predicted:
-            predictor.predict(self._window_enabled)
+        remade = [
+            index
+            for index, predictor in enumerate(self._predictors.values())
+            if predictor in predicted and predictor.predict(self._window_enabled)
+        ]
+        if self._logging_step is not None:  # the window's metrics measure the prediction made now
+            self._measure_updates(remade)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(
@@ -440,10 +444,8 @@ class XGradCallback(Callback):
     # ------------------------------------------------------------------ helpers
     def _restore_all(self, stepped: bool) -> None:
         self._window_open = False
-        try:
-            _restore_each(self._predictors.values(), stepped)
-        finally:
-            self._end_logging_window()  # a step the GradScaler skipped, or that never came, measured nothing
+        self._logging_step = None
+        _restore_each(self._predictors.values(), stepped)
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         return self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0
@@ -454,92 +456,71 @@ class XGradCallback(Callback):
 
         To the loggers directly, at the step Lightning labels this batch's own metrics with (as LearningRateMonitor
         does): ``self.log`` from a batch-start hook would reach them only at the Trainer's cadence, repeated until
-        overwritten."""
-        self._end_logging_window()
-        if not trainer.loggers:
-            return
+        overwritten. ``trainer.callback_metrics`` gets them through ``self.log(..., logger=False)`` at batch end."""
+        self._logging_step = batches_that_stepped(trainer)
+        self._trainer_loggers = list(trainer.loggers)
         predictors = list(self._predictors.values())
-        count = len(predictors)
-        step = batches_that_stepped(trainer)
-        shifts = {
-            _per_optimizer("xgrad/relative_shift", i, count): relative_shift(
-                predictors[i].predicted_params(), predictors[i].chunk_bytes
+        self._publish(
+            {
+                _per_optimizer("xgrad/relative_shift", i, len(predictors)): relative_shift(
+                    predictors[i].predicted_params(), predictors[i].chunk_bytes
+                )
+                for i in predicted
+            }
+        )
+        self._measure_updates(predicted)
+
+    def _measure_updates(self, indices: Sequence[int]) -> None:
+        """Have the predictors at ``indices`` measure their prediction against the update they apply next."""
+        predictors = list(self._predictors.values())
+        for index in indices:
+            predictor = predictors[index]
+            report = partial(self._report_quality, index, len(predictors))
+            predictor.measure_next_update(report, self.metrics_max_bytes, "XGradCallback", "metrics_max_bytes")
+
+    def _warn_no_step_hooks(self, index: int, predictor: OptimizerPredictor, automatic: bool) -> None:
+        """What cannot work for an optimizer whose steps nothing sees (training itself is exact: Lightning restores
+        in on_before_optimizer_step), if the run needs it: raw steps in manual optimization, the update metrics."""
+        lost = []
+        if not automatic:
+            lost.append(
+                "a raw `optimizer.step()` can neither put the real weights back first nor be seen by the trajectory "
+                "rule: in manual optimization, step it through the LightningOptimizer that `self.optimizers()` "
+                "returns"
             )
-            for i in predicted
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(shifts, step=step)
-        pending = {id(predictors[i].optimizer): i for i in predicted}
-        self._logging = _LoggingWindow(step, list(trainer.loggers), count, pending, self.metrics_max_bytes)
+        if self.log_every_n_steps is not None:
+            lost.append("xgrad/prediction_cosine and xgrad/prediction_error cannot be measured for it")
+        if lost:
+            rank_zero_warn(
+                f"XGradCallback: optimizer {index} ({type(predictor.optimizer).__name__}) runs no step hooks (it does "
+                f"not call torch.optim.Optimizer.__init__, and wraps no optimizer that does), so {'; and '.join(lost)}."
+            )
 
-    def _measure_update(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """A step post-hook, registered in logging windows only: compare the held W_hat with the applied update."""
-        window = self._logging
-        entry = None if window is None else window.held.pop(id(optimizer), None)
-        if window is None or entry is None:  # measured already (a second step of the same optimizer)
-            return
-        index, held = entry
-        quality = held.compare(self.steps)
-        if quality is None:  # no update was applied (the GradScaler skipped the step) or nothing was predicted
-            return
-        metrics = {
-            _per_optimizer("xgrad/prediction_cosine", index, window.optimizer_count): quality.cosine,
-            _per_optimizer("xgrad/prediction_error", index, window.optimizer_count): quality.error,
-        }
-        for logger in window.loggers:
-            logger.log_metrics(metrics, step=window.step)
+    def _report_quality(self, index: int, count: int, quality: PredictionQuality) -> None:
+        """A predictor measured the update after its prediction: log the cosine and the error."""
+        self._publish(
+            {
+                _per_optimizer("xgrad/prediction_cosine", index, count): quality.cosine,
+                _per_optimizer("xgrad/prediction_error", index, count): quality.error,
+            }
+        )
 
-    def _end_logging_window(self) -> None:
-        if self._logging is not None:
-            self._logging.close()
-            self._logging = None
+    def _publish(self, metrics: dict[str, float]) -> None:
+        """To the loggers now, at the logging window's step; to ``trainer.callback_metrics`` at batch end."""
+        for logger in self._trainer_loggers:
+            logger.log_metrics(metrics, step=self._logging_step)
+        self._unpublished.update(metrics)
+
+    def _publish_callback_metrics(self, pl_module: pl.LightningModule) -> None:
+        metrics, self._unpublished = self._unpublished, {}
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, prog_bar=self.prog_bar)
 
 
 def _per_optimizer(name: str, index: int, count: int) -> str:
     """A logged name for optimizer ``index`` of ``count``: ``name`` itself with one optimizer, else
     ``name/optimizer_<index>`` (the index in ``trainer.optimizers``)."""
     return name if count == 1 else f"{name}/optimizer_{index}"
-
-
-@dataclass
-class _LoggingWindow:
-    """An optimizer step whose metrics are logged: where they go, and W_hat held per optimizer until its update."""
-
-    step: int
-    loggers: list[Any]
-    optimizer_count: int
-    #: id(optimizer) -> its index, for the optimizers that predicted in this window and have not restored yet
-    pending: dict[int, int]
-    #: the budget of each held W_hat (``XGradCallback.metrics_max_bytes``)
-    max_bytes: int | None
-    #: id(optimizer) -> (its index, its W_hat), from its restore until its step post-hook measures the update
-    held: dict[int, tuple[int, HeldPrediction]] = field(default_factory=dict)
-    handles: list[RemovableHandle] = field(default_factory=list)
-
-    def hold(
-        self, optimizer: torch.optim.Optimizer, predictor: OptimizerPredictor, measure: Callable[..., None]
-    ) -> None:
-        """Just before ``predictor`` restores for ``optimizer``'s update: copy W_hat aside and have ``measure`` run
-        after the update. The hook is registered now, so it runs after every step post-hook registered before it
-        (CPropCallback's, which rescales the update: the update measured is the one really applied)."""
-        index = self.pending.pop(id(optimizer), None)
-        if index is None:
-            return
-        predictor.resume()  # after a validation mid-window: W_hat back in the parameters (the restore would too)
-        predicted = predictor.predicted_params()
-        if not predicted:
-            return
-        self.held[id(optimizer)] = (
-            index,
-            HeldPrediction(predicted, self.max_bytes, predictor.chunk_bytes, "XGradCallback", "metrics_max_bytes"),
-        )
-        self.handles.append(optimizer.register_step_post_hook(measure))
-
-    def close(self) -> None:
-        """The window is over: hooks removed (not from inside one: torch iterates over them), W_hat freed."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.held, self.pending = [], {}, {}
 
 
 def _direction_scales(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> DirectionScales | None:

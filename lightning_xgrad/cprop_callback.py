@@ -41,12 +41,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ._compat import trainer_callbacks
+from ._step_hooks import register_step_hooks, step_closure, with_closure
 from ._validation import check_int
 from .conformity import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
 from .conformity_tracker import OptimizerConformity
@@ -124,8 +126,16 @@ class CPropCallback(Callback):
             scales = self.xgrad_direction_scales(optimizer)
             tracker = OptimizerConformity(optimizer, scales, *settings, chunk_bytes=self.chunk_bytes)
             self._trackers[id(optimizer)] = tracker
-            self._hook_handles.append(optimizer.register_step_pre_hook(self._pre_step_hook(tracker)))
-            self._hook_handles.append(optimizer.register_step_post_hook(lambda *_, t=tracker: t.scale_update()))
+            handles = register_step_hooks(
+                optimizer, pre=self._pre_step_hook(tracker), post=lambda *_, t=tracker: t.scale_update()
+            )
+            if handles is None:
+                raise MisconfigurationException(
+                    f"CPropCallback cannot scale the updates of {type(optimizer).__name__}: it runs no step hooks "
+                    "(it does not call torch.optim.Optimizer.__init__, and wraps no optimizer that does and shares "
+                    "its param groups), so its update cannot be seen before and after it is applied."
+                )
+            self._hook_handles += handles
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed callback's state is loaded after on_fit_start: apply it now, before the first step.
@@ -171,7 +181,7 @@ class CPropCallback(Callback):
 
         def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             tracker.in_step = True
-            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+            closure = step_closure(args, kwargs)
             if closure is None:
                 if not tracker.snapshot_taken:
                     self._snapshot(tracker)
@@ -184,9 +194,7 @@ class CPropCallback(Callback):
                     self._snapshot(tracker)
                 return result
 
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": closure_then_snapshot}
-            return (args[0], closure_then_snapshot, *args[2:]), kwargs
+            return with_closure(args, kwargs, closure_then_snapshot)
 
         return hook
 

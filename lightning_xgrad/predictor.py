@@ -11,10 +11,17 @@
 The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
 buckets (one param group, one device and dtype, one rule; :mod:`lightning_xgrad.buckets`), so predicting and restoring
 are loops over the buckets, and the plan is rebuilt only when the optimizer's state,
-param groups or frozen parameters change; per step the Python work per parameter is one ``requires_grad`` read, in a
-C loop (changes to the state are noticed in O(1), see :mod:`lightning_xgrad.optimizer_state`). A parameter that has
-no optimizer state yet (a module unused in forward) is left out of the plan until its state appears, at no cost per
-step. Foreach temporaries are bounded by ``chunk_bytes`` (:mod:`lightning_xgrad._foreach`).
+param groups or frozen parameters change; per step the Python work per parameter is a ``requires_grad`` read and an
+identity comparison of the optimizer's state entries with the planned ones, in C loops (no hashing, and nothing of the
+optimizer is replaced). A parameter that has no optimizer state yet (a module unused in forward) is left out of the
+plan until its state appears. Foreach temporaries are bounded by ``chunk_bytes`` (:mod:`lightning_xgrad._foreach`).
+
+The predictor guards the optimizer's step (through its step hooks, :mod:`lightning_xgrad._step_hooks`): a step
+taken while the parameters hold W_hat restores the real weights first (a step with a closure: right after the
+closure ran), so the update always lands on W. And it watches W_hat: a change made in place to a predicted
+parameter between the prediction and the restore (which the restore would silently discard) is noticed through the
+tensors' version counters, on the first windows and then periodically, and warned about once
+(:class:`PredictedWeightsEditedWarning`).
 
 Restoring is exception-safe: every bucket is restored even if one fails, and the first failure is raised after.
 """
@@ -22,18 +29,21 @@ Restoring is exception-safe: every bucket is restored even if one fails, and the
 from __future__ import annotations
 
 import operator
+import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import chain
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
+from ._step_hooks import register_step_hooks, step_closure, with_closure
 from ._validation import argument_error, check_choice, check_flag, check_int
 from ._wrappers import unwrap_optimizer
 from .buckets import Bucket, Plan
-from .optimizer_state import WatchedState, watch_state
+from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction, PredictionQuality
 from .protocols import DirectionScales, GradientPointObserver
 from .rules import PredictionRule, rule_for
 from .rules.compiled import CompiledPrediction
@@ -47,6 +57,16 @@ Phase = Literal["idle", "predicted", "suspended"]
 #: optimizers whose step evaluates the closure several times: after the first evaluation the gradients would be
 #: taken at the real weights, so XGrad cannot work with them
 CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
+#: W_hat is checked for in-place edits at every one of the first predictions, then at every this-many-th (a prime:
+#: an edit made every p steps is caught for any p that is not a multiple of it); a check reads every predicted
+#: tensor's version counter twice
+EDIT_CHECKS_FIRST = 16
+EDIT_CHECK_PERIOD = 17
+
+
+class PredictedWeightsEditedWarning(UserWarning):
+    """A predicted parameter was changed in place between the prediction and the restore, which puts the real weights
+    back and so discards the change (an edit meant for the real weights, such as a WGAN clamp, made on W_hat)."""
 
 
 def check_prediction_args(owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any = None) -> None:
@@ -97,10 +117,19 @@ class OptimizerPredictor:
             chunk_bytes)``, one call per op and chunk. ``None``: the default of the parameters' device
             (:func:`~lightning_xgrad._foreach.default_chunk_bytes`: 32 MiB on an accelerator, 1 MiB on the CPU);
             0: chunks as small as the largest tensor.
+        parameter_names: names of the parameters (``dict(model.named_parameters())`` inverted), for the warning
+            about edits of W_hat; without a name a parameter is named by its param group, position and shape.
 
     An optimizer that needs the point where its gradients were taken (a
     :class:`~lightning_xgrad.protocols.GradientPointObserver`, the adaptive heavy-ball secant) gets a call to its
     ``observe_gradient_point()`` at every restore before an update, while the parameters still hold that point.
+
+    The optimizer's step is guarded through its step hooks: a ``step()`` while the parameters hold the prediction
+    restores the real weights first (with a closure: once the closure has run), exactly as :meth:`restore` before
+    the step would, and a later :meth:`restore` does nothing. An optimizer that subclasses
+    ``torch.optim.Optimizer`` without calling its ``__init__`` has no step hooks; the guard then uses those of an
+    inner optimizer it wraps and shares its param groups with, and where there is none, a step before
+    :meth:`restore` is noticed afterwards, as an edit of W_hat, and warned about.
     """
 
     def __init__(
@@ -112,6 +141,7 @@ class OptimizerPredictor:
         compile: bool = False,
         direction_scales: DirectionScales | None = None,
         chunk_bytes: int | None = None,
+        parameter_names: Mapping[Tensor, str] | None = None,
     ) -> None:
         owner = type(self).__name__
         check_prediction_args(owner, steps, rule, compile, chunk_bytes)
@@ -120,6 +150,10 @@ class OptimizerPredictor:
         if direction_scales is not None and not isinstance(direction_scales, Mapping):
             raise argument_error(
                 owner, "direction_scales", "a mapping from parameters to scales, or None", direction_scales, TypeError
+            )
+        if parameter_names is not None and not isinstance(parameter_names, Mapping):
+            raise argument_error(
+                owner, "parameter_names", "a mapping from parameters to names, or None", parameter_names, TypeError
             )
         self.optimizer = check_optimizer(owner, optimizer)
         self.compile = compile
@@ -130,18 +164,26 @@ class OptimizerPredictor:
         self.snapshot = snapshot if snapshot is not None else ParameterSnapshot()
         self.phase: Phase = "idle"
         self._direction_scales: DirectionScales = direction_scales if direction_scales is not None else {}
+        self._parameter_names: Mapping[Tensor, str] = parameter_names if parameter_names is not None else {}
         self._observer = self.optimizer if isinstance(self.optimizer, GradientPointObserver) else None
         self._kernels: dict[tuple[Any, ...], CompiledPrediction | None] = {}  # kept across plans: compiled once
         self._buckets: list[Bucket] = []
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: Plan | None = None
-        self._plan_state: Any = None
-        self._watched_state: WatchedState | None = None
-        self._load_hook = optimizer.register_load_state_dict_post_hook(_invalidate_after_load(self))
         #: trajectory memory loaded from a checkpoint, for the next plan: parameter -> lr of the update before it
         self._loaded_lr: dict[Tensor, float] = {}
         registered = None if rule == "trajectory" else rule_for(self.optimizer)
         self._state_rule = None if registered is None else registered.bind(self.optimizer)
+        #: predictions made, for the schedule of the edit checks; whether this one is checked; warned once
+        self._predictions = 0
+        self._checking_edits = False
+        self._warned_edit = False
+        #: a measurement of the next update asked for (:meth:`measure_next_update`), and W_hat held for it
+        self._measurement: _Measurement | None = None
+        guard = register_step_hooks(self.optimizer, pre=_restore_before_step(self), post=_check_after_step(self))
+        #: whether the optimizer's step is guarded (it or an optimizer it wraps runs step hooks)
+        self.guards_step = guard is not None
+        self._guard_handles: list[RemovableHandle] = guard or []
 
     @property
     def direction_scales(self) -> DirectionScales:
@@ -172,63 +214,53 @@ class OptimizerPredictor:
         return ", ".join(f"group {i}: {name}" for i, name in enumerate(names))
 
     # ------------------------------------------------------------------ plan
+    def _state(self) -> Mapping[Tensor, Any]:
+        """The optimizer's per-parameter state: any mapping it keeps in ``state`` (an optimizer with none, or with
+        something that is not a mapping, has no state a rule could read)."""
+        state = getattr(self.optimizer, "state", None)
+        return state if isinstance(state, Mapping) else {}
+
     def _current_key(self) -> tuple[Any, ...]:
         groups = self.optimizer.param_groups
-        state = self.optimizer.state
         return (
-            # every change to the state mapping's entries, when it is watched (the usual case: O(1) per step) ...
-            self._watched_state.version if state is self._watched_state else None,
-            len(state),
+            len(self._state()),
             tuple(len(g["params"]) for g in groups),
             tuple(map(_REQUIRES_GRAD, chain.from_iterable(g["params"] for g in groups))),
         )
 
     def _plan_is_current(self, key: tuple[Any, ...]) -> bool:
         plan = self._plan
-        if plan is None or key != self._plan_key or self.optimizer.state is not self._plan_state:
+        if plan is None or key != self._plan_key or not plan.state_unchanged(self._state()):
             return False
-        # parameters left out for lack of state: a new entry changed the key; an incomplete one is watched by size
-        if plan.partial and not plan.partial_entries_unchanged():
-            return False
-        if self._watched_state is self._plan_state:
-            return True
-        # ... otherwise (a mapping that cannot be watched) compare each planned parameter's state dict, in C loops
-        state = self._plan_state
-        return all(map(operator.is_, map(state.get, plan.owners), plan.state_dicts))
+        # parameters left out for lack of state: a new entry changed the state; an incomplete one is watched by size
+        return not plan.partial or plan.partial_entries_unchanged()
 
     def _ensure_plan(self) -> None:
         key = self._current_key()
         if not self._plan_is_current(key):
-            self._build_plan(self._current_key() if self._watch() else key)
-
-    def _watch(self) -> bool:
-        """Watch the optimizer's current state mapping for changes; whether it was newly swapped in."""
-        if self._watched_state is self.optimizer.state:
-            return False
-        self._watched_state = watch_state(self.optimizer)
-        return self._watched_state is not None
+            self._build_plan(key)
 
     def invalidate(self) -> None:
-        """Force a new plan at the next prediction (after the optimizer's state was loaded or moved)."""
+        """Force a new plan at the next prediction (after an in-place edit of one parameter's own state dict, which
+        the predictor does not see: ``optimizer.state[p].clear()``)."""
         self._plan_key = None
 
     def _build_plan(self, key: tuple[Any, ...]) -> None:
         known_lr = {p: lr for bucket in self._buckets for p, _, lr in bucket.checkpoint()}
         known_lr.update(self._loaded_lr)
         self._loaded_lr = {}
-        state = self.optimizer.state
-        plan = Plan(self.snapshot, self.chunk_bytes)
+        state = self._state()
+        plan = Plan(self.snapshot, state, self.chunk_bytes)
         for index, group in enumerate(self.optimizer.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
             rule = self.group_rule(group)
             if rule is None:
                 plan.add_trajectory_group(index, params, known_lr)
             else:
-                plan.add_state_group(index, params, rule, state, self._kernels if self.compile else None)
+                plan.add_state_group(index, params, rule, self._kernels if self.compile else None)
         self._buckets = plan.buckets
         self._plan = plan
         self._plan_key = key
-        self._plan_state = state
 
     # ------------------------------------------------------------------ window
     @torch.no_grad()
@@ -241,6 +273,7 @@ class OptimizerPredictor:
         """
         if self.phase != "idle":
             raise RuntimeError(f"predict() called while the parameters are {self.phase}")
+        self._end_measurement()
         self._ensure_plan()
         groups = self.optimizer.param_groups
         try:
@@ -251,7 +284,13 @@ class OptimizerPredictor:
             self.restore(stepped=False)
             raise
         self.phase = "predicted" if any(bucket.in_step for bucket in self._buckets) else "idle"
-        return any(bucket.modified for bucket in self._buckets)
+        predicted = any(bucket.modified for bucket in self._buckets)
+        if predicted and not self._warned_edit:
+            count = self._predictions
+            self._predictions += 1
+            self._checking_edits = count < EDIT_CHECKS_FIRST or count % EDIT_CHECK_PERIOD == 0
+            self._record_versions()
+        return predicted
 
     @torch.no_grad()
     def restore(self, stepped: bool = True) -> None:
@@ -260,20 +299,30 @@ class OptimizerPredictor:
         ``stepped`` says whether the optimizer is about to apply an update (the trajectory rule then records it);
         with ``False`` the step was abandoned, and the trajectory rule keeps extrapolating along the last update it
         knows. A :class:`~lightning_xgrad.protocols.GradientPointObserver` optimizer is told the gradient point
-        first, while the parameters still hold it.
+        first, while the parameters still hold it. Does nothing when no prediction is in place (after the guarded
+        step restored already).
 
         Every bucket is restored even if one fails (or the observer does); the first error is raised afterwards and
         the predictor is idle either way.
         """
+        if not stepped:
+            self._end_measurement()
         if self.phase == "suspended":
             self.resume()
         if self.phase != "predicted":
             return
+        self._warn_about_edits()
         errors: list[BaseException] = []
-        if stepped and self._observer is not None and any(bucket.modified for bucket in self._buckets):
+        modified = any(bucket.modified for bucket in self._buckets)
+        if stepped and modified:
+            try:
+                self._hold_for_measurement()
+            except Exception as error:  # the real weights go back first
+                errors.append(error)
+        if stepped and self._observer is not None and modified:
             try:
                 self._observer.observe_gradient_point(self.chunk_bytes)  # the secant's temporaries: our budget
-            except Exception as error:  # the real weights go back first
+            except Exception as error:
                 errors.append(error)
         groups = self.optimizer.param_groups
         for bucket in self._buckets:
@@ -289,6 +338,7 @@ class OptimizerPredictor:
     def suspend(self) -> None:
         """Put the real weights in place for a while (validation, a checkpoint), keeping the prediction."""
         if self.phase == "predicted":
+            self._warn_about_edits()
             self._swap()
             self.phase = "suspended"
 
@@ -298,6 +348,7 @@ class OptimizerPredictor:
         if self.phase == "suspended":
             self._swap()
             self.phase = "predicted"
+            self._record_versions()
 
     def _swap(self) -> None:
         for bucket in self._buckets:
@@ -310,11 +361,108 @@ class OptimizerPredictor:
         return [triple for bucket in self._buckets for triple in bucket.predicted()]
 
     def close(self) -> None:
-        """Remove the hook this predictor put on the optimizer (the end of training); restores first."""
+        """Remove the hooks this predictor put on the optimizer (the end of training); restores first."""
         try:
             self.restore(stepped=False)
         finally:
-            self._load_hook.remove()
+            for handle in self._guard_handles:
+                handle.remove()
+            self._guard_handles = []
+            self._end_measurement()
+
+    # ------------------------------------------------------------------ edits of W_hat
+    def _record_versions(self) -> None:
+        if self._checking_edits:
+            for bucket in self._buckets:
+                bucket.record_versions()
+
+    def _warn_about_edits(self) -> None:
+        """Warn (once) if a predicted parameter changed since its prediction was written or resumed."""
+        if not self._checking_edits:
+            return
+        self._checking_edits = False
+        edited = [(bucket.group_index, index) for bucket in self._buckets for index in bucket.edited_since_recorded()]
+        if edited and not self._warned_edit:
+            self._warned_edit = True
+            warnings.warn(self._edit_message(edited), PredictedWeightsEditedWarning, stacklevel=4)
+
+    def _edit_message(self, edited: list[tuple[int, int]]) -> str:
+        groups = self.optimizer.param_groups
+        owners = {(b.group_index, i): p for b in self._buckets for i, p in enumerate(b.owners)}
+        names = []
+        for group_index, index in edited[:3]:
+            p = owners[(group_index, index)]
+            name = self._parameter_names.get(p)
+            if name is None:
+                position = next(i for i, q in enumerate(groups[group_index]["params"]) if q is p)
+                name = f"parameter {position} of param group {group_index} (shape {tuple(p.shape)})"
+            names.append(f"`{name}`")
+        listed = ", ".join(names) + (f" and {len(edited) - 3} more" if len(edited) > 3 else "")
+        message = (
+            f"{listed} changed in place while holding the predicted weights W_hat (after the prediction, before the "
+            "restore), so the restore of the real weights discarded the change. To change the real weights during a "
+            "step (a weight clamp, a re-normalisation), do it inside `with XGradCallback.real_weights(self): ...` in "
+            "training_step, or, with OptimizerPredictor in your own loop, before predict() or after restore()."
+        )
+        if not self.guards_step:
+            message += (
+                f" If it was the optimizer's own step: {type(self.optimizer).__name__} runs no step hooks (it does "
+                "not call torch.optim.Optimizer.__init__), so its step cannot restore the real weights first; call "
+                "restore() before every step() (under Lightning, step through the LightningOptimizer)."
+            )
+        return message
+
+    # ------------------------------------------------------------------ prediction quality
+    def measure_next_update(
+        self,
+        report: Callable[[PredictionQuality], None],
+        max_bytes: int | None = DEFAULT_METRICS_MAX_BYTES,
+        owner: str = "OptimizerPredictor.measure_next_update",
+        name: str = "max_bytes",
+    ) -> bool:
+        """Measure how well the prediction in place tracks the update the optimizer applies next.
+
+        At the next restore before an update, W_hat is kept aside (all of it within ``max_bytes``, else a systematic
+        sample: :class:`~lightning_xgrad.prediction_quality.HeldPrediction`, whose budget error names ``owner`` and
+        ``name``); once the optimizer has stepped, ``report`` gets the
+        :class:`~lightning_xgrad.prediction_quality.PredictionQuality` (not called when the step applied no update
+        or never came). A restore without an update, or the next prediction, cancels it. Returns ``False``, and
+        measures nothing, when no prediction is in place or the optimizer runs no step hooks.
+        """
+        self._end_measurement()
+        if self.phase != "predicted" or not self.guards_step:
+            return False
+        self._measurement = _Measurement(report, max_bytes, owner, name)
+        return True
+
+    def _hold_for_measurement(self) -> None:
+        """Just before a restore for an update: copy W_hat aside and measure the update after the step. The hook is
+        registered now, so it runs after every step post-hook registered before it (CPropCallback's, which rescales
+        the update: the update measured is the one really applied)."""
+        measurement = self._measurement
+        if measurement is None or measurement.held is not None:
+            return
+        measurement.held = HeldPrediction(
+            self.predicted_params(), measurement.max_bytes, self.chunk_bytes, measurement.owner, measurement.name
+        )
+        measurement.handles = register_step_hooks(self.optimizer, post=_measure_after_step(self)) or []
+
+    def _measure(self) -> None:
+        measurement = self._measurement
+        if measurement is None or measurement.held is None or measurement.done:
+            return
+        measurement.done = True
+        held, measurement.held = measurement.held, None
+        quality = held.compare(self.steps)
+        if quality is not None:
+            measurement.report(quality)
+
+    def _end_measurement(self) -> None:
+        """Drop a measurement and its hook (never from inside a step hook: torch iterates over them)."""
+        measurement, self._measurement = self._measurement, None
+        if measurement is not None:
+            for handle in measurement.handles:
+                handle.remove()
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -347,14 +495,70 @@ class OptimizerPredictor:
         self.invalidate()
 
 
-def _invalidate_after_load(predictor: OptimizerPredictor) -> Any:
-    """A load_state_dict post-hook that marks the predictor's plan stale (held weakly: the optimizer must not keep
-    a finished predictor alive)."""
+class _Measurement:
+    """A measurement of the next update asked for: where the result goes, the budget of the copy, the copy."""
+
+    def __init__(self, report: Callable[[PredictionQuality], None], max_bytes: int | None, owner: str, name: str):
+        self.report = report
+        self.max_bytes = max_bytes
+        self.owner = owner
+        self.name = name
+        self.held: HeldPrediction | None = None
+        self.handles: list[RemovableHandle] = []
+        self.done = False
+
+
+# The optimizer's step hooks hold the predictor weakly: the optimizer must not keep a finished predictor alive.
+def _restore_before_step(predictor: OptimizerPredictor) -> Callable[..., Any]:
+    """A step pre-hook: the real weights go back before the update. A step without a closure has its gradients
+    already (a raw ``step()``, AMP's ``scaler.step``): restore now. A step with one computes them in the closure
+    (Lightning's closure restores from ``on_before_optimizer_step`` inside it): restore once the closure returns."""
     reference = weakref.ref(predictor)
 
-    def hook(optimizer: torch.optim.Optimizer) -> None:
+    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        live = reference()
+        if live is None or live.phase == "idle":
+            return None
+        closure = step_closure(args, kwargs)
+        if closure is None:
+            live.restore(stepped=True)
+            return None
+
+        def closure_then_restore() -> Any:
+            result = closure()
+            again = reference()
+            if again is not None:
+                again.restore(stepped=True)
+            return result
+
+        return with_closure(args, kwargs, closure_then_restore)
+
+    return hook
+
+
+def _check_after_step(predictor: OptimizerPredictor) -> Callable[..., None]:
+    """A step post-hook: an update applied while the parameters still hold W_hat (an optimizer step that did not
+    call its closure) would be discarded by the restore: an error rather than a silent loss."""
+    reference = weakref.ref(predictor)
+
+    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        live = reference()
+        if live is not None and live.phase != "idle":
+            raise RuntimeError(
+                f"OptimizerPredictor: {type(live.optimizer).__name__} stepped while its parameters held predicted "
+                "weights (its step did not call the closure it was given, after which the real weights go back), so "
+                "its update was applied to W_hat and would be lost at the restore. Call restore() before the step."
+            )
+
+    return hook
+
+
+def _measure_after_step(predictor: OptimizerPredictor) -> Callable[..., None]:
+    reference = weakref.ref(predictor)
+
+    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         live = reference()
         if live is not None:
-            live.invalidate()
+            live._measure()
 
     return hook

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
                 "_directions",
                 "_foreach",
                 "_scalars",
+                "_step_hooks",
                 "_validation",
                 "_wrappers",
                 "protocols",
@@ -42,7 +43,6 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
         "building blocks",
         {
             "conformity": {"conformity"},
-            "optimizer_state": {"optimizer_state"},
             "prediction_quality": {"prediction_quality"},
             "shift": {"shift"},
             "snapshot": {"snapshot"},

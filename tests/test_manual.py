@@ -124,15 +124,47 @@ class RawOptimizers(TwoOptimizers):
             opt_b.step()
 
 
-def test_raw_optimizer_steps_restore_first_and_train_like_lightning_optimizers() -> None:
-    lightning_steps, raw_steps = TwoOptimizers(), RawOptimizers()
+@pytest.mark.parametrize("with_closure", [False, True], ids=["no_closure", "closure"])
+def test_raw_optimizer_steps_restore_first_and_train_like_lightning_optimizers(with_closure: bool) -> None:
+    """A raw step restores the real weights first; one with a closure does so once the closure has run."""
+    lightning_steps, raw_steps = TwoOptimizers(), RawOptimizers(with_closure)
     for module in (lightning_steps, raw_steps):
         trainer(callbacks=[XGradCallback()], max_epochs=3).fit(module, loader(*make_data(64), batch_size=8))
     assert torch.equal(flat(raw_steps), flat(lightning_steps))
 
 
-def test_a_raw_step_with_a_closure_on_predicted_weights_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match=r"optimizer 0 \(Adam\) stepped while its parameters held predicted weights"):
+class IgnoresItsClosure(torch.optim.Optimizer):
+    """Plain SGD whose step never calls the closure it is given (so nothing runs between the closure and the
+    update). It does not call ``super().step()``: once torch has wrapped ``SGD.step``, that would run the step hooks
+    a second time, without a closure."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.05})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+class RawStepIgnoringClosure(TinyModule):
+    def __init__(self) -> None:
+        super().__init__(IgnoresItsClosure)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        optimizer.zero_grad()
+        self.manual_backward(nn.functional.mse_loss(self(batch[0]), batch[1]))
+        optimizer.step(lambda: None)
+
+
+def test_an_update_applied_to_predicted_weights_is_an_error() -> None:
+    """The step's update lands on W_hat when the optimizer never runs the closure after which the real weights go
+    back: the restore would throw it away, so the step raises instead."""
+    with pytest.raises(RuntimeError, match=r"IgnoresItsClosure stepped while its parameters held predicted weights"):
         trainer(callbacks=[XGradCallback()], max_epochs=2).fit(
-            RawOptimizers(with_closure=True), loader(*make_data(64), batch_size=8)
+            RawStepIgnoringClosure(), loader(*make_data(64), batch_size=8)
         )

@@ -508,7 +508,7 @@ def test_a_budget_below_the_copy_holds_a_sample_within_it_that_estimates_the_exa
     """``metrics_max_bytes`` an eighth of the predicted parameters: every logging step holds at most that much, and
     the logged cosine and error stay close to W, W_hat and W_next's in float64 (a sampler that compared other
     positions of W_hat than of W and W_next, or dropped a tensor, lands far off: the cosine is 0.3 to 0.8 here)."""
-    import lightning_xgrad.callback as callback_module
+    import lightning_xgrad.predictor as predictor_module
     from lightning_xgrad.prediction_quality import HeldPrediction
 
     held: list[HeldPrediction] = []
@@ -519,7 +519,7 @@ def test_a_budget_below_the_copy_holds_a_sample_within_it_that_estimates_the_exa
             held.append(self)
             self.held_bytes = self.nbytes  # compare() frees the copy
 
-    monkeypatch.setattr(callback_module, "HeldPrediction", Recorded)
+    monkeypatch.setattr(predictor_module, "HeldPrediction", Recorded)
     param_bytes = sum(p.numel() * p.element_size() for p in Wide().parameters())
     budget = param_bytes // 8
     trajectory = Trajectory()

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_xgrad import XGradCallback
+from lightning_xgrad import PredictedWeightsEditedWarning, XGradCallback
 
 from .agreement import ATOL, RTOL, mse
 from .reference import xgrad_reference
@@ -157,7 +157,8 @@ def test_a_weight_clamp_lands_on_the_real_weights_and_is_kept(optimizer: str, st
 
     outside = ClampedCritic(optimizer, inside_real_weights=False)
     real_outside = RealAtUpdate()
-    _fit(outside, [XGradCallback(steps=steps), real_outside])
+    with pytest.warns(PredictedWeightsEditedWarning, match="`critic.0.weight`, `critic.0.bias`, `critic.2.weight`"):
+        _fit(outside, [XGradCallback(steps=steps), real_outside])  # ... and said so
     assert max(w.abs().max() for w in real_outside.before_update) > 2 * CLIP  # the clamp was discarded
 
 

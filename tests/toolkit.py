@@ -20,10 +20,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from examples._loader import EXAMPLES, load_example  # noqa: F401  (re-exported for the tests)
+from lightning_xgrad import PredictedWeightsEditedWarning
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
+# Nothing the tests do edits W_hat unless a test says so: the multi-process scripts, which import this module, fail on
+# the warning as pytest does (pyproject.toml)
+warnings.filterwarnings("error", category=PredictedWeightsEditedWarning)
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 
