@@ -1,8 +1,11 @@
 """XGradCallback inside code written by others: Lightning's own weight-averaging callbacks, Hugging Face GPT-2 with
-tied embeddings, and optimizers whose group lr is not a number (transformers' Adafactor, and one written here).
+tied embeddings, peft's LoRA adapters on it, schedule-free AdamW with its train()/eval() switching, and optimizers
+whose group lr is not a number (transformers' Adafactor, and one written here).
 
 Each is checked against an independent reference: the plain-PyTorch XGrad loop of ``tests/reference.py``, or, for
-StochasticWeightAveraging's BatchNorm epoch, the statistics recomputed by hand at the averaged weights.
+StochasticWeightAveraging's BatchNorm epoch, the statistics recomputed by hand at the averaged weights. Optimizers
+built the way other libraries build them (no ``Optimizer.__init__``, shared ``param_groups``) are in
+``test_user_optimizers.py``.
 """
 
 from __future__ import annotations
@@ -219,3 +222,103 @@ def test_an_optimizer_with_lr_none_is_extrapolated_without_rescaling(factory: An
     baseline = make_net()
     xgrad_reference(baseline, factory(baseline.parameters()), batches(*make_data(80), 8), mse, steps=None, epochs=2)
     assert (flat(baseline) - flat(net)).abs().max() > 100 * ATOL
+
+
+# ---------------------------------------------------------------- schedule-free AdamW (the schedulefree package)
+
+
+def _schedule_free(params: Any) -> torch.optim.Optimizer:
+    schedulefree = pytest.importorskip("schedulefree")
+    return schedulefree.AdamWScheduleFree(params, lr=0.02, warmup_steps=3, weight_decay=1e-3)
+
+
+class ScheduleFreeModule(TinyModule):
+    """Switches the optimizer as schedulefree's README says: ``train()`` before training, ``eval()`` before the
+    weights are used for anything else (here at each epoch's end)."""
+
+    def __init__(self) -> None:
+        super().__init__(_schedule_free)
+
+    def on_train_epoch_start(self) -> None:
+        self.optimizers(use_pl_optimizer=False).train()
+
+    def on_train_epoch_end(self) -> None:
+        self.optimizers(use_pl_optimizer=False).eval()
+
+
+def test_schedule_free_adamw_with_its_train_eval_switching_matches_the_reference() -> None:
+    """Its parameters hold the gradient point y between train() and eval(); XGrad extrapolates y's trajectory (the
+    trajectory rule) and eval() still moves the real weights to the average x."""
+    x, y = make_data(80)
+    module = ScheduleFreeModule()
+    trainer(callbacks=[XGradCallback(steps=2)], max_epochs=3).fit(module, loader(x, y))
+
+    def reference(steps: int | None) -> Tensor:
+        net = make_net()
+        optimizer = _schedule_free(net.parameters())
+        per_epoch = len(batches(x, y, 8))
+        xgrad_reference(
+            net,
+            optimizer,
+            batches(x, y, 8),
+            mse,
+            steps=steps,
+            epochs=3,
+            on_window_start=lambda t: optimizer.train() if t % per_epoch == 0 else None,
+            on_update=lambda t, *_: optimizer.eval() if t % per_epoch == 0 else None,
+        )
+        return flat(net)
+
+    expected = reference(2)
+    torch.testing.assert_close(flat(module), expected, rtol=RTOL, atol=ATOL)
+    assert (reference(None) - expected).abs().max() > 100 * ATOL
+
+
+# ---------------------------------------------------------------- peft LoRA adapters on GPT-2
+
+
+def _lora_gpt2() -> nn.Module:
+    peft = pytest.importorskip("peft")
+    model = _gpt2()
+    torch.manual_seed(1)  # the adapters' initialisation
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True)
+    return peft.get_peft_model(model, config)
+
+
+def _adapter_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+
+
+class LoRAModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _lora_gpt2()
+
+    def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
+        return _language_model_loss(self.model, batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _adapter_optimizer(self.model)
+
+
+def test_peft_lora_adapters_are_predicted_and_the_frozen_model_left_alone() -> None:
+    """Only the adapters are in the optimizer: they are predicted (against the reference), the frozen base weights
+    never move, and nothing of the base model is an edit of W_hat. In float64, as for GPT-2 above: float32 rounding
+    of the attention makes any two implementations differ by a few ulps of the adapters' steps."""
+    module = LoRAModule()
+    dataset = torch.utils.data.TensorDataset(_tokens())
+    fit = trainer(callbacks=[XGradCallback()], max_epochs=2, precision="64-true")
+    frozen = {n: p.detach().double() for n, p in module.model.named_parameters() if not p.requires_grad}
+    fit.fit(module, torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False))
+    assert all(torch.equal(p, frozen[n]) for n, p in module.model.named_parameters() if not p.requires_grad)
+
+    data = [(t,) for t in _tokens().split(8)]
+
+    def reference(steps: int | None) -> Tensor:
+        model = _lora_gpt2().double()
+        xgrad_reference(model, _adapter_optimizer(model), data, _language_model_loss, steps=steps, epochs=2)
+        return flat(model)
+
+    expected = reference(1)
+    torch.testing.assert_close(flat(module.model), expected, rtol=1e-10, atol=1e-12)
+    assert (reference(None) - expected).abs().max() > 100 * ATOL
