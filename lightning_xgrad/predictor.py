@@ -331,6 +331,7 @@ class OptimizerPredictor:
             except Exception as error:  # go on: every other bucket gets its real weights back
                 errors.append(error)
         self.phase = "idle"
+        self._checking_edits = False
         if errors:
             raise errors[0]
 
@@ -377,26 +378,28 @@ class OptimizerPredictor:
                 bucket.record_versions()
 
     def _warn_about_edits(self) -> None:
-        """Warn (once) if a predicted parameter changed since its prediction was written or resumed."""
+        """Warn (once) if a predicted parameter changed since its prediction was written or resumed (on the
+        predictions whose edits are checked)."""
         if not self._checking_edits:
             return
-        self._checking_edits = False
-        edited = [(bucket.group_index, index) for bucket in self._buckets for index in bucket.edited_since_recorded()]
+        edited = [bucket.owners[i] for bucket in self._buckets for i in bucket.edited_since_recorded()]
         if edited and not self._warned_edit:
             self._warned_edit = True
             warnings.warn(self._edit_message(edited), PredictedWeightsEditedWarning, stacklevel=4)
 
-    def _edit_message(self, edited: list[tuple[int, int]]) -> str:
-        groups = self.optimizer.param_groups
-        owners = {(b.group_index, i): p for b in self._buckets for i, p in enumerate(b.owners)}
-        names = []
-        for group_index, index in edited[:3]:
-            p = owners[(group_index, index)]
-            name = self._parameter_names.get(p)
-            if name is None:
-                position = next(i for i, q in enumerate(groups[group_index]["params"]) if q is p)
-                name = f"parameter {position} of param group {group_index} (shape {tuple(p.shape)})"
-            names.append(f"`{name}`")
+    def _name(self, param: Tensor) -> str:
+        """The parameter's name if one was given, else its param group, position and shape."""
+        name = self._parameter_names.get(param)
+        if name is not None:
+            return name
+        for group_index, group in enumerate(self.optimizer.param_groups):
+            for position, p in enumerate(group["params"]):
+                if p is param:
+                    return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
+        return f"a parameter of shape {tuple(param.shape)}"
+
+    def _edit_message(self, edited: list[Tensor]) -> str:
+        names = [f"`{self._name(p)}`" for p in edited[:3]]
         listed = ", ".join(names) + (f" and {len(edited) - 3} more" if len(edited) > 3 else "")
         message = (
             f"{listed} changed in place while holding the predicted weights W_hat (after the prediction, before the "

@@ -233,3 +233,45 @@ def test_the_users_steps_and_the_packages_own_writes_are_not_edits() -> None:
             val_check_interval=4,
             limit_val_batches=1,
         ).fit(TinyModule(), loader(X, Y), loader(*make_data(16, seed=1)))
+
+
+class ClampsSecondMicroBatch(TinyModule):
+    """Clamps W_hat (the wrong way) only in the second micro-batch of each window, after a validation that ran
+    between the two."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if batch_idx % 2 == 1:
+            with torch.no_grad():
+                self.net[2].weight.clamp_(-CLIP, CLIP)
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_edit_after_a_validation_mid_window_is_still_seen() -> None:
+    """Validation swaps the real weights in and W_hat back: those writes are the package's, the edit after is not."""
+    with pytest.warns(PredictedWeightsEditedWarning, match=r"^`net.2.weight` changed in place"):
+        trainer(
+            callbacks=[XGradCallback()],
+            max_epochs=1,
+            accumulate_grad_batches=2,
+            val_check_interval=1,
+            limit_val_batches=1,
+        ).fit(ClampsSecondMicroBatch(), loader(X, Y), loader(*make_data(16, seed=1)))
+
+
+def test_the_edited_parameter_is_named_when_a_param_group_spans_dtypes() -> None:
+    """A param group with float32 and float64 parameters is planned as two buckets of one group."""
+    a = nn.Parameter(torch.ones(3))
+    b = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    optimizer = torch.optim.SGD([a, b], lr=0.1, momentum=0.9)
+    predictor = OptimizerPredictor(optimizer)
+    for _ in range(2):
+        predictor.predict()
+        (a.sum() + b.sum()).backward()
+        predictor.restore()
+        optimizer.step()
+        optimizer.zero_grad()
+    predictor.predict()
+    with torch.no_grad():
+        a.mul_(2)
+    with pytest.warns(PredictedWeightsEditedWarning, match=r"^`parameter 0 of param group 0 \(shape \(3,\)\)` changed"):
+        predictor.restore()
