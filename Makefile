@@ -5,6 +5,10 @@
 #   make test TORCH=torch                                          # the newest release pip can find
 # A different TORCH or TORCH_INDEX than .venv was made with recreates .venv; a changed pyproject.toml reinstalls the
 # package into it.
+#   make test-compat                                               # the suite on each supported stack (tools/compat.py)
+#   make test-compat-core                                          # the core tests on each stack (CI runs this)
+#   make test-compat COMPAT_STACKS="floor py313"                   # named stacks (`python3 tools/compat.py --list`)
+# Each stack gets its own venv under .venv-compat/; results and logs go to compat-results/ (docs/compatibility.md).
 #   make gpu-check                                                 # the GPU check (benchmarks/gpu_check.sh), no install
 #   make gpu-check GPU_CHECK_ARGS="--cpu"                          # its dry run on the CPU
 PYTHON ?= python3
@@ -15,8 +19,9 @@ BIN := $(VENV)/bin
 # The torch choice .venv holds, as a stamp named by a checksum of it.
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)' | cksum | cut -d' ' -f1)
 INSTALLED := $(VENV)/.installed
+COMPAT_STACKS ?=
 
-.PHONY: demo test lint format clean gpu-check
+.PHONY: demo test test-compat test-compat-core lint format clean gpu-check
 
 $(TORCH_STAMP):
 	rm -rf $(VENV)
@@ -34,6 +39,13 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
+# Needs only a python3 to run the script; each stack's venv is made with that stack's Python.
+test-compat:
+	$(PYTHON) tools/compat.py $(if $(TORCH_INDEX),--torch-index "$(TORCH_INDEX)") $(COMPAT_STACKS)
+
+test-compat-core:
+	$(PYTHON) tools/compat.py --core $(if $(TORCH_INDEX),--torch-index "$(TORCH_INDEX)") $(COMPAT_STACKS)
+
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -48,4 +60,4 @@ gpu-check:
 	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs *.egg-info build dist
+	rm -rf $(VENV) .venv-compat compat-results .pytest_cache .ruff_cache lightning_logs *.egg-info build dist

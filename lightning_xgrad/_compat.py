@@ -1,7 +1,9 @@
 """The private torch and Lightning APIs the package relies on, each behind one function here.
 
-Tested with torch 2.13 and Lightning 2.6 (the floors in pyproject.toml, and what CI runs). Each function names what it
-reaches into and why no public API does the job; when a release moves one of them, this module is the one to change.
+Tested from torch 2.6 and Lightning 2.5 (the floors in pyproject.toml) to torch 2.14 and Lightning 2.6:
+``tools/compat.py`` runs the suite on those stacks, and tests/test_compat.py checks each accessor against what the
+package assumes of it. Each function names what it reaches into and why no public API does the job; when a release
+moves one of them, this module is the one to change.
 Nothing here imports Lightning: the Lightning accessors take the Trainer they are given, so the optimizers, the rules
 and the predictor import with torch alone.
 """
@@ -28,9 +30,9 @@ __all__ = [
     "view_as_real_",
 ]
 
-#: the releases these accessors are tested with
-TESTED_TORCH = "2.13"
-TESTED_LIGHTNING = "2.6"
+#: the oldest and the newest minor releases these accessors are tested with (tools/compat.py's stacks)
+TESTED_TORCH = ("2.6", "2.14")
+TESTED_LIGHTNING = ("2.5", "2.6")
 
 
 # ---------------------------------------------------------------------------------------------------------- torch

@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -30,6 +30,7 @@ from ._validation import argument_error, check_flag, check_int
 from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, PredictionQuality
 from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
 from .protocols import DirectionScaleProvider, DirectionScales
+from .sharding import model_parallel_unsupported
 from .shift import relative_shift
 from .snapshot import ParameterSnapshot
 from .state_dict_hook import register_real_weights_hook
@@ -47,6 +48,8 @@ _REFUSED_STRATEGIES = {
         "(FSDP2) or strategy='ddp'."
     ),
 }
+if (_no_model_parallel := model_parallel_unsupported()) is not None:  # a torch without DTensor
+    _REFUSED_STRATEGIES[ModelParallelStrategy] = _no_model_parallel
 
 
 class XGradCallback(Callback):

@@ -2,7 +2,8 @@
 
 Prediction, CProp and the heavy-ball secant all work elementwise on each rank's local shard, with no communication;
 where a global quantity is needed (a norm), each local element is weighted by one over the ranks that hold it.
-Pure torch, no Lightning.
+Pure torch, no Lightning. A torch without DTensor imports this module fine: nothing is sharded there, and
+:func:`model_parallel_unsupported` says why the sharded strategies are refused.
 """
 
 from __future__ import annotations
@@ -13,16 +14,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
-if torch.distributed.is_available():  # DTensor (FSDP2, tensor parallel)
+#: the oldest torch release whose DTensor (``torch.distributed.tensor``) and ``fully_shard``
+#: (``torch.distributed.fsdp``) sharded training is tested with; the package's own floor
+MODEL_PARALLEL_TORCH = "2.6"
+
+#: why sharded (FSDP2, tensor parallel) training cannot be supported on this torch, or None where it can
+DTENSOR_MISSING: str | None = None
+
+if torch.distributed.is_available():
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError as error:  # an old torch: sharded parameters would be treated as whole tensors, silently wrong
-        raise ImportError(
-            f"lightning_xgrad needs torch.distributed.tensor.DTensor, which torch {torch.__version__} lacks; "
-            "install torch>=2.13, the oldest release tested (README, Install)"
-        ) from error
-else:  # pragma: no cover - torch built without distributed support: no parameter can be a DTensor
+    except ImportError as error:  # no DTensor here: no parameter can be one, and only sharded training is refused
+        DTensor = ()  # type: ignore[assignment,misc]
+        DTENSOR_MISSING = f"torch {torch.__version__} has no torch.distributed.tensor.DTensor ({error})"
+else:  # torch built without distributed support: no parameter can be a DTensor
     DTensor = ()  # type: ignore[assignment,misc]
+    DTENSOR_MISSING = f"torch {torch.__version__} was built without torch.distributed"
+
+
+def model_parallel_unsupported() -> str | None:
+    """Why FSDP2 and tensor parallelism (Lightning's ModelParallelStrategy) are refused on this torch, naming the
+    release they need; None where they are supported. Without DTensor the sharded parameters would be treated as
+    whole tensors, which is silently wrong, so only those strategies are refused: everything else works."""
+    if DTENSOR_MISSING is None:
+        return None
+    return f"it needs DTensor from torch>={MODEL_PARALLEL_TORCH} with torch.distributed: {DTENSOR_MISSING}"
 
 
 def local_tensor(value: Any) -> Any:

@@ -1,6 +1,6 @@
-"""What installing the package gives a user: declared dependencies that match the imports, the license in the wheel,
-a loud failure on a torch that lacks what the package needs, README links that resolve, quiet examples, and a
-Makefile that reinstalls when the torch choice changes."""
+"""What installing the package gives a user: declared dependencies that match the imports, floors that the compat
+stacks test, the license in the wheel, README links that resolve, quiet examples, and a Makefile that reinstalls when
+the torch choice changes."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-import lightning_xgrad.sharding
-
+from .test_compat import compat_tool
 from .toolkit import make_dry_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,22 +68,17 @@ def test_examples_extra_declares_every_import_of_the_examples_and_benchmarks() -
         assert not missing, f"{folder}/ imports {sorted(missing)}, which neither the core nor [examples] declares"
 
 
-def test_torch_floor_is_the_release_ci_installs() -> None:
-    (torch_requirement,) = [Requirement(r) for r in PROJECT["dependencies"] if Requirement(r).name == "torch"]
+def test_floors_are_the_oldest_releases_the_compat_stacks_test() -> None:
+    """pyproject.toml admits torch and Lightning from the floor stack's releases on (tools/compat.py), and the torch
+    `make test` pins lies between the floor and the newest stack."""
+    floor, newest = compat_tool().STACKS["floor"], compat_tool().STACKS["newest"]
+    requirements = {Requirement(r).name: Requirement(r) for r in PROJECT["dependencies"]}
+    assert str(requirements["torch"].specifier) == f">={floor.torch.rsplit('.', 1)[0]}"
+    assert str(requirements["lightning"].specifier) == f">={floor.lightning.rsplit('.', 1)[0]}"
+    assert PROJECT["requires-python"] == f">={floor.python}"
     ci_torch = re.search(r"^TORCH \?= torch==(\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
     assert ci_torch is not None, "the Makefile no longer pins the torch release CI installs"
-    assert str(torch_requirement.specifier) == f">={ci_torch.group(1).rsplit('.', 1)[0]}"
-
-
-def test_a_torch_without_dtensor_fails_at_import_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before torch 2.5 DTensor lived elsewhere: a silent fallback would treat sharded parameters as whole tensors."""
-    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", None)  # `from torch.distributed.tensor import` fails
-    path = Path(lightning_xgrad.sharding.__file__)
-    spec = importlib.util.spec_from_file_location("sharding_on_a_torch_without_dtensor", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    with pytest.raises(ImportError, match=r"needs torch\.distributed\.tensor\.DTensor.*install torch>=2\.13"):
-        spec.loader.exec_module(module)
+    assert Version(floor.torch) <= Version(ci_torch.group(1)) <= Version(newest.torch)
 
 
 def test_wheel_carries_the_apache_license(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, StochasticWeightAveraging
+from lightning.pytorch import callbacks as lightning_callbacks
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from torch import Tensor, nn
 
 from lightning_xgrad import XGradCallback
@@ -78,12 +79,16 @@ def test_swa_batchnorm_epoch_recomputes_the_statistics_at_the_averaged_weights()
 # ---------------------------------------------------------------- EMAWeightAveraging
 
 
+@pytest.mark.skipif(
+    not hasattr(lightning_callbacks, "EMAWeightAveraging"),
+    reason=f"Lightning {pl.__version__} has no EMAWeightAveraging",
+)
 def test_ema_weight_averaging_averages_the_real_weights() -> None:
     """Lightning's EMA callback updates after every optimizer step and swaps its average in for validation (here
     mid-window, with accumulation): at the end of fit the module holds the EMA of the real weights."""
     x, y = make_data(80)
     module = TinyModule()  # Adam
-    ema = EMAWeightAveraging(decay=0.8)
+    ema = lightning_callbacks.EMAWeightAveraging(decay=0.8)
     trainer(
         callbacks=[XGradCallback(steps=2), ema],
         max_epochs=2,
