@@ -61,5 +61,6 @@ class CompiledPrediction:
         values = torch.tensor(scalars, dtype=torch.float32)
         if params[0].device.type != "cpu":
             values = values.pin_memory().to(params[0].device, non_blocking=True)
-        self._kernel(params, buffers, *columns[: self._columns], values)
+        # plain lists: torch 2.6's dynamo cannot index a list subclass (the predictor's ChunkedList) in a full graph
+        self._kernel(list(params), list(buffers), *[list(column) for column in columns[: self._columns]], values)
         return True
