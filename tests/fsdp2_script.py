@@ -50,6 +50,13 @@ from tests.ddp_script import EPOCHS, WORLD_SIZE, InputRecorder, ShardedModule
 from tests.toolkit import OPTIMIZERS, OptimizerFactory, TinyModule, XGradMetricsRecorder
 
 MODES = ("baseline", "xgrad", "xgrad_logged")
+#: why this torch's FSDP2 cannot run on the CPU, or None: its collectives record events on streams, which
+#: ``torch.cpu.Stream`` lacks in older releases (2.6), so even a fit without XGrad fails inside torch there
+CPU_FSDP2_MISSING = (
+    None
+    if hasattr(torch.cpu.Stream, "record_event")
+    else f"torch {torch.__version__}'s FSDP2 does not run on the CPU: torch.cpu.Stream has no record_event"
+)
 
 
 class Scale(nn.Module):

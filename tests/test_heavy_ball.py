@@ -28,6 +28,7 @@ from lightning_xgrad.rules import rule_for
 from lightning_xgrad.rules.heavy_ball import HeavyBallAdamRule, HeavyBallSGDRule
 
 from .agreement import ATOL, RTOL, assert_far, mse
+from .fsdp2_script import CPU_FSDP2_MISSING
 from .heavy_ball_reference import HeavyBallReference, heavy_ball_xgrad_reference
 from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
 
@@ -304,6 +305,7 @@ def test_trainer_with_xgrad_matches_reference(kind: str, steps: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- FSDP2
+@pytest.mark.skipif(CPU_FSDP2_MISSING is not None, reason=str(CPU_FSDP2_MISSING))
 def test_fsdp2_two_processes_equal_one_process(tmp_path: Path) -> None:
     """FSDP2 on 2 gloo processes: norms over all shards (uneven, one empty), so weights and betas are one process's."""
     from tests.heavy_ball_fsdp2_script import EPOCHS as FSDP_EPOCHS
