@@ -54,8 +54,8 @@ class Stack:
         return [f"torch=={self.torch}", f"lightning=={self.lightning}", *self.pins]
 
 
-#: The stacks, oldest first. "floor" holds the lowest releases pyproject.toml admits; "newest" the newest ones pip
-#: serves here (the machine's pip constraint caps torch at 2.14.1, see docs/compatibility.md).
+#: The stacks, oldest first. "floor" holds the lowest releases pyproject.toml admits; "newest" the newest ones the
+#: package index serves (docs/compatibility.md says which cap applies there).
 STACKS: dict[str, Stack] = {
     "floor": Stack(python="3.10", torch="2.6.0", lightning="2.5.0", role="the floors pyproject.toml declares"),
     "newest": Stack(python="3.11", torch="2.14.1", lightning="2.6.6", role="the newest torch and Lightning"),
@@ -104,7 +104,9 @@ def find_python(version: str) -> str:
         )
         if probe.returncode == 0 and probe.stdout.strip() == version:
             return candidate
-    raise SystemExit(f"no working Python {version} found (on PATH as python{version}, or under {pyenv_root}/versions)")
+    raise InstallError(
+        f"no working Python {version} found (on PATH as python{version}, or under {pyenv_root}/versions)"
+    )
 
 
 def run_logged(command: list[str], log: Path, *, cwd: Path = REPO) -> tuple[int, float]:
