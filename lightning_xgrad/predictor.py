@@ -33,6 +33,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from itertools import chain
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import torch
@@ -57,6 +58,8 @@ Phase = Literal["idle", "predicted", "suspended"]
 #: optimizers whose step evaluates the closure several times: after the first evaluation the gradients would be
 #: taken at the real weights, so XGrad cannot work with them
 CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
+#: the state of an optimizer that keeps no mapping in ``state``
+_NO_STATE: Mapping[Tensor, Any] = MappingProxyType({})
 #: W_hat is checked for in-place edits at every one of the first predictions, then at every this-many-th (a prime:
 #: an edit made every p steps is caught for any p that is not a multiple of it); a check reads every predicted
 #: tensor's version counter twice
@@ -218,38 +221,37 @@ class OptimizerPredictor:
         """The optimizer's per-parameter state: any mapping it keeps in ``state`` (an optimizer with none, or with
         something that is not a mapping, has no state a rule could read)."""
         state = getattr(self.optimizer, "state", None)
-        return state if isinstance(state, Mapping) else {}
+        return state if isinstance(state, (dict, Mapping)) else _NO_STATE  # dict first: torch's, checked in C
 
     def _current_key(self) -> tuple[Any, ...]:
         groups = self.optimizer.param_groups
         return (
-            len(self._state()),
             tuple(len(g["params"]) for g in groups),
             tuple(map(_REQUIRES_GRAD, chain.from_iterable(g["params"] for g in groups))),
         )
 
-    def _plan_is_current(self, key: tuple[Any, ...]) -> bool:
-        plan = self._plan
-        if plan is None or key != self._plan_key or not plan.state_unchanged(self._state()):
-            return False
-        # parameters left out for lack of state: a new entry changed the state; an incomplete one is watched by size
-        return not plan.partial or plan.partial_entries_unchanged()
-
     def _ensure_plan(self) -> None:
         key = self._current_key()
-        if not self._plan_is_current(key):
-            self._build_plan(key)
+        state = self._state()
+        plan = self._plan
+        if (
+            plan is None
+            or key != self._plan_key
+            or not plan.state_unchanged(state)
+            # parameters left out for lack of state: a new entry changed the state; an incomplete one, its size
+            or (plan.partial and not plan.partial_entries_unchanged())
+        ):
+            self._build_plan(key, state)
 
     def invalidate(self) -> None:
         """Force a new plan at the next prediction (after an in-place edit of one parameter's own state dict, which
         the predictor does not see: ``optimizer.state[p].clear()``)."""
         self._plan_key = None
 
-    def _build_plan(self, key: tuple[Any, ...]) -> None:
+    def _build_plan(self, key: tuple[Any, ...], state: Mapping[Tensor, Any]) -> None:
         known_lr = {p: lr for bucket in self._buckets for p, _, lr in bucket.checkpoint()}
         known_lr.update(self._loaded_lr)
         self._loaded_lr = {}
-        state = self._state()
         plan = Plan(self.snapshot, state, self.chunk_bytes)
         for index, group in enumerate(self.optimizer.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
