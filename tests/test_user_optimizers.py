@@ -61,7 +61,13 @@ def _assert_matches_the_reference(module: TinyModule, factory: Any, steps: int =
 
 class TimmStyleLookahead(torch.optim.Optimizer):
     """timm's ``Lookahead`` (timm/optim/lookahead.py), as written there: no ``Optimizer.__init__``, the base
-    optimizer's ``param_groups`` shared, its own ``state`` for the slow weights, its own ``state_dict``."""
+    optimizer's ``param_groups`` shared, its own ``state`` for the slow weights, its own ``state_dict``.
+
+    One addition: ``zero_grad`` delegates to the base optimizer. timm's class inherits ``Optimizer.zero_grad``, which
+    on torch 2.x wraps the class's ``step`` in torch's hook runner when the instance lacks the profiling name
+    ``Optimizer.__init__`` sets; the hook registries are missing too, so torch itself fails the next step with
+    ``AttributeError: ... '_optimizer_step_pre_hooks'``, with or without XGrad (checked with torch 2.13 and Lightning
+    2.6). The copy here trains, so that the comparison is about XGrad."""
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, alpha: float = 0.5, k: int = 3) -> None:
         defaults = {"lookahead_alpha": alpha, "lookahead_k": k, "lookahead_step": 0}
@@ -381,3 +387,43 @@ def test_cprop_scales_a_hookless_wrapper_through_the_optimizer_it_wraps() -> Non
     module = _fit(timm_lookahead, [CPropCallback()], epochs=1)
     unscaled = _fit(timm_lookahead, [], epochs=1)
     assert (flat(module) - flat(unscaled)).abs().max() > 1e-4
+
+
+class StatelessSGD(torch.optim.Optimizer):
+    """Plain SGD without ``Optimizer.__init__`` whose ``state`` is not a mapping (a list, as a port from another
+    framework might keep it)."""
+
+    def __init__(self, params: Any, lr: float = 0.05) -> None:
+        self.param_groups = [{"params": list(params), "lr": lr}]
+        self.defaults = {"lr": lr}
+        self.state: list[Any] = []
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for p in self.param_groups[0]["params"]:
+            p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+
+def test_an_optimizer_whose_state_is_no_mapping_gets_the_trajectory_rule_planned_once(monkeypatch: Any) -> None:
+    from lightning_xgrad import OptimizerPredictor
+
+    builds: list[int] = []
+    original = OptimizerPredictor._build_plan
+    monkeypatch.setattr(OptimizerPredictor, "_build_plan", lambda self, *a: (builds.append(1), original(self, *a)))
+    net = make_net()
+    optimizer = StatelessSGD(net.parameters())
+    predictor = OptimizerPredictor(optimizer, steps=2)
+    for batch in DATA:
+        predictor.predict()
+        mse(net, batch).backward()
+        predictor.restore()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(builds) == 1 and predictor.describe() == "trajectory"
+    reference = make_net()
+    xgrad_reference(reference, torch.optim.SGD(reference.parameters(), lr=0.05), DATA, mse, steps=2)
+    torch.testing.assert_close(flat(net), flat(reference), rtol=1e-5, atol=1e-6)
