@@ -152,23 +152,30 @@ def _language_model_loss(model: nn.Module, batch: tuple[Tensor]) -> Tensor:
     return model(input_ids=tokens, labels=tokens).loss
 
 
-class GPT2Module(pl.LightningModule):
-    def __init__(self) -> None:
+class LanguageModule(pl.LightningModule):
+    """The causal language model ``build()`` returns, trained by the optimizer ``optimizer(model)`` makes."""
+
+    def __init__(self, build: Any, optimizer: Any) -> None:
         super().__init__()
-        self.model = _gpt2()
+        self.model = build()
+        self.make_optimizer = optimizer
 
     def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
         return _language_model_loss(self.model, batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=3e-3, weight_decay=0.01)
+        return self.make_optimizer(self.model)
+
+
+def _gpt2_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
 
 
 def test_gpt2_with_tied_embeddings_matches_the_reference() -> None:
     """In float64: the attention's key bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by
     all keys), so in float32 it trains on rounding noise that AdamW normalises to steps of size lr, different in any
     two implementations; in float64 that noise stays far below eps."""
-    module = GPT2Module()
+    module = LanguageModule(_gpt2, _gpt2_adamw)
     assert module.model.lm_head.weight is module.model.transformer.wte.weight  # tied: one parameter, predicted once
     dataset = torch.utils.data.TensorDataset(_tokens())
     trainer(callbacks=[XGradCallback()], max_epochs=2, precision="64-true").fit(
@@ -176,14 +183,12 @@ def test_gpt2_with_tied_embeddings_matches_the_reference() -> None:
     )
 
     model = _gpt2().double()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     data = [(t,) for t in _tokens().split(8)]
-    xgrad_reference(model, optimizer, data, _language_model_loss, steps=1, epochs=2)
+    xgrad_reference(model, _gpt2_adamw(model), data, _language_model_loss, steps=1, epochs=2)
     torch.testing.assert_close(flat(module.model), flat(model), rtol=1e-10, atol=1e-12)
 
     baseline = _gpt2().double()
-    optimizer = torch.optim.AdamW(baseline.parameters(), lr=3e-3, weight_decay=0.01)
-    xgrad_reference(baseline, optimizer, data, _language_model_loss, steps=None, epochs=2)
+    xgrad_reference(baseline, _gpt2_adamw(baseline), data, _language_model_loss, steps=None, epochs=2)
     assert (flat(baseline) - flat(model)).abs().max() > 100 * ATOL
 
 
@@ -294,23 +299,11 @@ def _adapter_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
 
 
-class LoRAModule(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = _lora_gpt2()
-
-    def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
-        return _language_model_loss(self.model, batch)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return _adapter_optimizer(self.model)
-
-
 def test_peft_lora_adapters_are_predicted_and_the_frozen_model_left_alone() -> None:
     """Only the adapters are in the optimizer: they are predicted (against the reference), the frozen base weights
     never move, and nothing of the base model is an edit of W_hat. In float64, as for GPT-2 above: float32 rounding
     of the attention makes any two implementations differ by a few ulps of the adapters' steps."""
-    module = LoRAModule()
+    module = LanguageModule(_lora_gpt2, _adapter_optimizer)
     dataset = torch.utils.data.TensorDataset(_tokens())
     fit = trainer(callbacks=[XGradCallback()], max_epochs=2, precision="64-true")
     frozen = {n: p.detach().double() for n, p in module.model.named_parameters() if not p.requires_grad}

@@ -196,20 +196,10 @@ def sharing_wrapper(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
     return SharingWrapper(adamw(params))
 
 
-@pytest.fixture
-def registered_sharing_wrapper() -> Iterator[None]:
-    register_rule(SharingWrapper, AdamRule())
-    yield
-    from lightning_xgrad.rules import _REGISTRY
-
-    _REGISTRY.pop(SharingWrapper)
-
-
-def test_a_wrapper_sharing_its_state_is_predicted_from_the_state_its_inner_optimizer_writes(
-    registered_sharing_wrapper: None,
-) -> None:
+def test_a_wrapper_sharing_its_state_is_predicted_from_the_state_its_inner_optimizer_writes() -> None:
     """The prediction reads AdamW's moments through the wrapper's ``state`` (the state rule, not the trajectory):
     training equals XGrad with AdamW itself, and the wrapper still shares the inner optimizer's objects after fit."""
+    register_rule(SharingWrapper, AdamRule())  # the class is this module's own: registering it touches no other test
     module = _fit(sharing_wrapper)
     wrapper = module.trainer.optimizers[0]
     assert wrapper.state is wrapper.inner.state and type(wrapper.state) is defaultdict
@@ -293,20 +283,10 @@ def _reset_first_layer(optimizer: torch.optim.Optimizer, net: nn.Module, t: int,
             optimizer.state[p] = {}
 
 
-@pytest.fixture
-def registered_mapping_state_sgd() -> Iterator[None]:
-    register_rule(MappingStateSGD, SGDRule())
-    yield
-    from lightning_xgrad.rules import _REGISTRY
-
-    _REGISTRY.pop(MappingStateSGD)
-
-
-def test_an_optimizer_with_a_custom_state_mapping_is_predicted_from_it_and_a_reset_is_noticed(
-    registered_mapping_state_sgd: None,
-) -> None:
+def test_an_optimizer_with_a_custom_state_mapping_is_predicted_from_it_and_a_reset_is_noticed() -> None:
     """The momentum rule reads the buffers through the custom mapping; a reset entry is never read stale (the
     reference restarts from a torch SGD with the same reset at the same step)."""
+    register_rule(MappingStateSGD, SGDRule())  # the class is this module's own: registering it touches no other test
     module = _fit(MappingStateSGD, [ResetAt(6), XGradCallback(steps=2)], epochs=1)
     assert type(module.trainer.optimizers[0].state) is ParameterState
 
