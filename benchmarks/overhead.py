@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad._foreach import default_chunk_bytes
+from lightning_xgrad._internal.chunks import default_chunk_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -320,7 +320,9 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 def rule_families(device: torch.device) -> dict[str, OptimizerFactory]:
     """One optimizer per prediction rule family, as users configure them (foreach where the optimizer has it)."""
-    from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam
+    from lightning_xgrad.cprop import CPropAdam
+    from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+    from lightning_xgrad.optim import AdaM3
 
     families: dict[str, OptimizerFactory] = {
         "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, foreach=True),
@@ -671,7 +673,7 @@ class DoubleBufferPrediction:
 
     @torch.no_grad()
     def predict(self) -> None:
-        from lightning_xgrad._foreach import ChunkedList, chunk_slices
+        from lightning_xgrad._internal.chunks import ChunkedList, chunk_slices
         from lightning_xgrad.rules.adam import AdamRule
 
         real = [p.data for p in self.params]

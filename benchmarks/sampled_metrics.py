@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xgrad import OptimizerPredictor
-from lightning_xgrad.prediction_quality import HeldPrediction
+from lightning_xgrad.prediction.quality import HeldPrediction
 
 VOCAB, WIDTH, LAYERS, CONTEXT = 96, 256, 4, 64
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .callback import XGradCallback
-    from .cprop_callback import CPropCallback
-    from .predictor import OptimizerPredictor, PredictedWeightsEditedWarning
+    from .cprop.callback import CPropCallback
+    from .prediction.predictor import OptimizerPredictor, PredictedWeightsEditedWarning
     from .rules import PredictionRule, register_rule
 
 __version__ = "0.1.0.dev0"
@@ -20,9 +20,9 @@ __version__ = "0.1.0.dev0"
 #: public name -> the module that defines it
 _PUBLIC = {
     "XGradCallback": ".callback",
-    "CPropCallback": ".cprop_callback",
-    "OptimizerPredictor": ".predictor",
-    "PredictedWeightsEditedWarning": ".predictor",
+    "CPropCallback": ".cprop.callback",
+    "OptimizerPredictor": ".prediction.predictor",
+    "PredictedWeightsEditedWarning": ".prediction.predictor",
     "PredictionRule": ".rules",
     "register_rule": ".rules",
 }

@@ -25,15 +25,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
-from ._validation import argument_error, check_flag, check_int
-from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, PredictionQuality
-from .predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
+from ._internal.compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
+from ._internal.sharding import model_parallel_unsupported
+from ._internal.validation import argument_error, check_flag, check_int
+from .prediction.predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
+from .prediction.quality import DEFAULT_METRICS_MAX_BYTES, PredictionQuality
+from .prediction.shift import relative_shift
+from .prediction.snapshot import ParameterSnapshot
+from .prediction.state_dict_hook import register_real_weights_hook
 from .protocols import DirectionScaleProvider, DirectionScales
-from .sharding import model_parallel_unsupported
-from .shift import relative_shift
-from .snapshot import ParameterSnapshot
-from .state_dict_hook import register_real_weights_hook
 
 _REFUSED_STRATEGIES = {
     FSDPStrategy: (

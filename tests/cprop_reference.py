@@ -10,13 +10,12 @@ reference, ``tests/reference.py``) and favours readability over speed. Per eleme
     Phi = the normal CDF, or the logistic fit 1 / (1 + exp(-(0.07056 z^3 + 1.5976 z)))
 
 It is a float64 oracle of the *official* formulas: the statistics are kept in float64 whatever the dtype of the
-gradients they see, and the training loops below are meant to run on a float64 copy of the model. In exact
-arithmetic ``v_hat - m_hat^2`` equals the exponentially weighted variance that ``lightning_xgrad.conformity`` keeps
-instead. In float32 that difference keeps a few ulps of g^2 of rounding, which at t = 1 (exactly 0, divided by
-``n - 1 + eps = eps``) sets the scale anywhere in [0, 1]; in float64 the same rounding, about 1e-16 g^2, leaves
-``z = m_hat / se`` above 5e3 at t = 1 wherever it matters, so the scale is the exact-arithmetic one (1 for any
-gradient far above eps, ``|2 Phi(-g / eps) - 1|`` for one near it).
-"""
+gradients they see, and the training loops below are meant to run on a float64 copy of the model. In exact arithmetic
+``v_hat - m_hat^2`` equals the exponentially weighted variance that ``lightning_xgrad.cprop.statistics`` keeps instead.
+In float32 that difference keeps a few ulps of g^2 of rounding, which at t = 1 (exactly 0, divided by ``n - 1 + eps =
+eps``) sets the scale anywhere in [0, 1]; in float64 the same rounding, about 1e-16 g^2, leaves ``z = m_hat / se`` above
+5e3 at t = 1 wherever it matters, so the scale is the exact-arithmetic one (1 for any gradient far above eps, ``|2
+Phi(-g / eps) - 1|`` for one near it)."""
 
 from __future__ import annotations
 

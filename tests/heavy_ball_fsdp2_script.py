@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad.optim.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.heavy_ball.optim import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
 from tests.ddp_script import PER_RANK_BATCH, WORLD_SIZE, N
 from tests.fsdp2_script import FullyShardedModule, UnevenModule, full_flat, sharded_trainer
 from tests.toolkit import loader, make_data

@@ -1,11 +1,12 @@
 """The package's import graph is one-way, as the README's "Architecture" section draws it, checked by parsing imports.
 
-Layers, bottom to top: helpers <- building blocks <- rules, optimizers <- per-optimizer drivers (the predictor) <-
-callbacks <- the package's namespace. A module imports from lower layers only, or from its own unit (the modules of
-one unit belong together: ``rules/``, ``optim/``, the helpers, the predictor and its buckets). Private names are
-imported within their own folder only, everything below the callbacks is Lightning-free, and every module of the
-package is placed in a layer here (a new module must say where it belongs). Importing the Lightning-free parts does
-not import Lightning: the package's namespace is lazy.
+Layers, bottom to top: helpers (``_internal/``, ``protocols``) <- building blocks (the snapshot, the state-dict hook,
+the prediction metrics, CProp's statistics) <- rules and optimizers (``rules/``, ``optim/``) <- the companion methods'
+optimizers and rules (``cprop/``, ``heavy_ball/``) <- per-optimizer drivers (the predictor and its plan, CProp's
+tracker) <- callbacks <- the package's namespaces. A module imports from lower layers only, or from its own unit (the
+modules of one unit belong together). Private names are imported within their own folder only, everything below the
+callbacks is Lightning-free, and every module of the package is placed in a layer here (a new module must say where
+it belongs). Importing the Lightning-free parts does not import Lightning: the namespaces are lazy.
 """
 
 from __future__ import annotations
@@ -23,40 +24,35 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 #: bottom to top: (layer, {unit: modules}); a module name ending in ".*" stands for a folder (a subpackage)
 LAYERS: list[tuple[str, dict[str, set[str]]]] = [
-    (
-        "helpers",
-        {
-            "helpers": {
-                "_compat",
-                "_directions",
-                "_foreach",
-                "_scalars",
-                "_step_hooks",
-                "_validation",
-                "_wrappers",
-                "protocols",
-                "sharding",
-            }
-        },
-    ),
+    ("helpers", {"helpers": {"_internal.*", "protocols"}}),
     (
         "building blocks",
         {
-            "conformity": {"conformity"},
-            "prediction_quality": {"prediction_quality"},
-            "shift": {"shift"},
-            "snapshot": {"snapshot"},
-            "state_dict_hook": {"state_dict_hook"},
+            "snapshot": {"prediction.snapshot"},
+            "state_dict_hook": {"prediction.state_dict_hook"},
+            "quality": {"prediction.quality", "prediction.shift"},
+            "cprop statistics": {"cprop.statistics"},
         },
     ),
     ("rules and optimizers", {"rules": {"rules.*"}, "optim": {"optim.*"}}),
-    ("per-optimizer drivers", {"prediction": {"buckets", "predictor"}, "conformity_tracker": {"conformity_tracker"}}),
-    ("callbacks", {"callback": {"callback"}, "cprop_callback": {"cprop_callback"}}),
+    ("companion methods", {"cprop optimizers": {"cprop.optim", "cprop.rules"}, "heavy_ball": {"heavy_ball.*"}}),
+    (
+        "per-optimizer drivers",
+        {"prediction": {"prediction.plan", "prediction.predictor"}, "cprop tracker": {"cprop.tracker"}},
+    ),
+    ("callbacks", {"callback": {"callback"}, "cprop callback": {"cprop.callback"}}),
     ("tools", {"sweep": {"sweep.*"}}),
-    ("namespace", {"namespace": {"__init__"}}),
+    ("namespace", {"namespace": {"__init__", "prediction", "cprop"}}),
 ]
 #: the layers that must not import Lightning (all but the callbacks and the namespace, which imports them lazily)
-LIGHTNING_FREE = {"helpers", "building blocks", "rules and optimizers", "per-optimizer drivers", "tools"}
+LIGHTNING_FREE = {
+    "helpers",
+    "building blocks",
+    "rules and optimizers",
+    "companion methods",
+    "per-optimizer drivers",
+    "tools",
+}
 LIGHTNING_PACKAGES = {"lightning", "pytorch_lightning", "lightning_fabric"}
 #: units that import nothing else of the package (the sweep tool runs training programs; it does not train)
 STANDALONE = {"sweep"}
@@ -173,15 +169,16 @@ def test_the_import_graph_is_one_way_and_private_names_stay_in_their_folder() ->
 @pytest.mark.parametrize(
     ("module", "source", "expected"),
     [
-        ("rules.heavy_ball", "from ..optim.heavy_ball import AdaptiveHeavyBallAdam", "may not import from"),
-        ("rules.heavy_ball", "from .._directions import _private", "a private name of another folder"),
-        ("predictor", "from .rules.adam import _on_accelerator", "a private name of another folder"),
-        ("predictor", "from .callback import XGradCallback", "may not import from"),
-        ("cprop_callback", "from .callback import XGradCallback", "may not import from"),
-        ("cprop_callback", "from lightning_xgrad import callback", "may not import from"),
-        ("snapshot", "import lightning.pytorch as pl", "must not import Lightning"),
-        ("_foreach", "from .snapshot import ParameterSnapshot", "may not import from"),
-        ("sweep.cli", "from ..predictor import OptimizerPredictor", "may not import from"),
+        ("heavy_ball.rules", "from ..cprop.optim import CPropAdam", "may not import from"),
+        ("heavy_ball.rules", "from .._internal.chunks import _slices", "a private name of another folder"),
+        ("prediction.predictor", "from ..rules.adam import _on_accelerator", "a private name of another folder"),
+        ("prediction.predictor", "from ..callback import XGradCallback", "may not import from"),
+        ("cprop.callback", "from ..callback import XGradCallback", "may not import from"),
+        ("cprop.callback", "from lightning_xgrad import callback", "may not import from"),
+        ("cprop.statistics", "from .optim import CPropSGD", "may not import from"),
+        ("prediction.snapshot", "import lightning.pytorch as pl", "must not import Lightning"),
+        ("_internal.chunks", "from ..prediction.snapshot import ParameterSnapshot", "may not import from"),
+        ("sweep.cli", "from ..prediction.predictor import OptimizerPredictor", "may not import from"),
     ],
 )
 def test_the_check_catches_what_it_must(
@@ -196,13 +193,16 @@ def test_the_check_catches_what_it_must(
 
 
 def test_optimizers_rules_and_the_predictor_import_without_lightning() -> None:
-    """``import lightning_xgrad.optim`` (and the rules, the predictor, ``OptimizerPredictor`` from the namespace) costs
+    """``import lightning_xgrad.optim`` (and the rules, the predictor, the companion methods' optimizers,
+    ``OptimizerPredictor`` from the namespace) costs
     torch alone: Lightning is imported by the callbacks only, on first use. In a fresh interpreter."""
     probe = (
         "import sys\n"
-        "import lightning_xgrad.optim, lightning_xgrad.rules, lightning_xgrad.predictor\n"
+        "import lightning_xgrad.optim, lightning_xgrad.rules, lightning_xgrad.prediction.predictor\n"
         "from lightning_xgrad import OptimizerPredictor, PredictionRule, register_rule\n"
-        "from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, CPropSGD\n"
+        "from lightning_xgrad.optim import AdaM3\n"
+        "from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam\n"
+        "from lightning_xgrad.cprop import CPropSGD, statistics\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(LIGHTNING_PACKAGES)!r})))\n"
         "from lightning_xgrad import XGradCallback\n"
         "print('lightning' in sys.modules)\n"

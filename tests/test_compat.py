@@ -1,6 +1,6 @@
 """What the package needs from the installed torch and Lightning, checked on whichever stack runs the suite.
 
-Every private API behind ``lightning_xgrad._compat`` is exercised against what the package assumes of it, so a
+Every private API behind ``lightning_xgrad._internal.compat`` is exercised against what the package assumes of it, so a
 release that changes one fails here by name rather than somewhere inside a fit. A torch without
 ``torch.distributed.tensor`` is simulated in subprocesses: the package must import, fit on one device and under DDP,
 and refuse only ModelParallelStrategy, naming the torch release it needs. ``tools/compat.py`` (``make test-compat``)
@@ -24,8 +24,9 @@ from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from torch import nn
 
 import lightning_xgrad.callback
-from lightning_xgrad import CPropCallback, XGradCallback, _compat
-from lightning_xgrad.sharding import MODEL_PARALLEL_TORCH, model_parallel_unsupported
+from lightning_xgrad import CPropCallback, XGradCallback
+from lightning_xgrad._internal import compat as _compat
+from lightning_xgrad._internal.sharding import MODEL_PARALLEL_TORCH, model_parallel_unsupported
 
 from .agreement import ATOL, RTOL
 from .ddp_script import EPOCHS, PER_RANK_BATCH, WORLD_SIZE, N
@@ -179,7 +180,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.strategies import ModelParallelStrategy
 import lightning_xgrad
 from lightning_xgrad import CPropCallback, XGradCallback
-from lightning_xgrad.sharding import DTENSOR_MISSING, model_parallel_unsupported
+from lightning_xgrad._internal.sharding import DTENSOR_MISSING, model_parallel_unsupported
 from tests.toolkit import TinyModule, flat, loader, make_data, trainer
 
 modules = sorted(m.name for m in pkgutil.walk_packages(lightning_xgrad.__path__, "lightning_xgrad."))
@@ -221,7 +222,7 @@ def test_without_dtensor_the_package_imports_trains_and_refuses_only_model_paral
     report = json.loads((tmp_path / "report.json").read_text())
 
     assert report["missing"].startswith(f"torch {torch.__version__} has no torch.distributed.tensor.DTensor")
-    assert "lightning_xgrad.callback" in report["modules"] and "lightning_xgrad.optim.heavy_ball" in report["modules"]
+    assert "lightning_xgrad.callback" in report["modules"] and "lightning_xgrad.heavy_ball.optim" in report["modules"]
     message = report["refused"]
     assert message is not None, "ModelParallelStrategy was not refused"
     assert message.startswith("XGradCallback does not support ModelParallelStrategy")

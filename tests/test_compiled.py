@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xgrad import OptimizerPredictor, XGradCallback
-from lightning_xgrad.optim import AdaM3, CPropAdam, CPropSGD
+from lightning_xgrad.cprop import CPropAdam, CPropSGD
+from lightning_xgrad.optim import AdaM3
 from lightning_xgrad.rules import rule_for
 
 from .agreement import ATOL, RTOL, assert_close, assert_far
@@ -138,16 +139,3 @@ def test_compiled_prediction_keeps_the_heavy_ball_secant_at_the_predicted_point(
         module, loader(*make_data(), BATCH_SIZE)
     )
     torch.testing.assert_close(flat(module.net), heavy_ball_reference("sgd", 1), rtol=RTOL, atol=ATOL)
-
-
-def test_the_old_module_path_still_imports_with_a_deprecation_warning() -> None:
-    """``lightning_xgrad.rules.fused`` was renamed ``rules.compiled``: the old path gives the same objects and warns."""
-    import importlib
-    import sys
-
-    from lightning_xgrad.rules import compiled
-
-    sys.modules.pop("lightning_xgrad.rules.fused", None)
-    with pytest.warns(DeprecationWarning, match=r"rules\.fused was renamed lightning_xgrad\.rules\.compiled"):
-        fused = importlib.import_module("lightning_xgrad.rules.fused")
-    assert fused.CompiledPrediction is compiled.CompiledPrediction and fused.adam_kernel is compiled.adam_kernel

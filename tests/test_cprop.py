@@ -24,9 +24,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
 from lightning_xgrad.callback import XGradCallback
-from lightning_xgrad.conformity import conformity_scale_, scale_from_z, update_statistics_
-from lightning_xgrad.cprop_callback import CPropCallback
-from lightning_xgrad.optim.cprop import CPropAdam, CPropSGD
+from lightning_xgrad.cprop.callback import CPropCallback
+from lightning_xgrad.cprop.optim import CPropAdam, CPropSGD
+from lightning_xgrad.cprop.statistics import conformity_scale_, scale_from_z, update_statistics_
 
 from .agreement import ATOL, RTOL, assert_close, assert_far, mse
 from .cprop_reference import (

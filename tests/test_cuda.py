@@ -20,7 +20,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_xgrad import CPropCallback, XGradCallback
-from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam, CPropSGD
+from lightning_xgrad.cprop import CPropAdam, CPropSGD
+from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.optim import AdaM3
 
 from .agreement import mse
 from .reference import xgrad_reference

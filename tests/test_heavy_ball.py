@@ -1,4 +1,4 @@
-"""Adaptive heavy-ball SGD and Adam (``lightning_xgrad.optim.heavy_ball``) and their XGrad rules.
+"""Adaptive heavy-ball SGD and Adam (``lightning_xgrad.heavy_ball.optim``) and their XGrad rules.
 
 Values are checked against hand computations on quadratics and against the independent reference in
 ``tests/heavy_ball_reference.py`` (plain PyTorch, one tensor at a time, float64 sums): the optimizers alone, in a
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad.optim.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.heavy_ball.optim import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.heavy_ball.rules import HeavyBallAdamRule, HeavyBallSGDRule
 from lightning_xgrad.rules import rule_for
-from lightning_xgrad.rules.heavy_ball import HeavyBallAdamRule, HeavyBallSGDRule
 
 from .agreement import ATOL, RTOL, assert_far, mse
 from .fsdp2_script import CPU_FSDP2_MISSING

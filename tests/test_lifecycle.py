@@ -23,8 +23,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad.predictor import OptimizerPredictor
-from lightning_xgrad.snapshot import ParameterSnapshot
+from lightning_xgrad.prediction.predictor import OptimizerPredictor
+from lightning_xgrad.prediction.snapshot import ParameterSnapshot
 
 from .agreement import mse
 from .reference import xgrad_reference

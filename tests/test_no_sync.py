@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_xgrad import CPropCallback, OptimizerPredictor, XGradCallback
-from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam, CPropSGD
+from lightning_xgrad.cprop import CPropAdam, CPropSGD
+from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.optim import AdaM3
 
 from .toolkit import TinyModule, flat, loader, make_data, make_net, trainer
 
@@ -132,7 +134,7 @@ def test_step_counters_kept_on_an_accelerator_are_never_read(monkeypatch: pytest
     """Fused and capturable optimizers keep ``step`` on the device: the rules then compute their bias corrections
     with tensor ops. Here the CPU counters are taken for device ones (plain columns of tensors, not the NumPy views
     kept for CPU counters), and no read of any tensor is allowed."""
-    from lightning_xgrad._scalars import ScalarColumn
+    from lightning_xgrad._internal.scalars import ScalarColumn
     from lightning_xgrad.rules import adam, adamax, radam
 
     monkeypatch.setattr(ScalarColumn, "suits", staticmethod(lambda column: False))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad._foreach import chunk_slices
+from lightning_xgrad._internal.chunks import chunk_slices
 
 from .reference import xgrad_reference
 from .toolkit import OPTIMIZERS, TinyModule, batches, flat, loader, make_data, make_net, trainer
@@ -508,8 +508,8 @@ def test_a_budget_below_the_copy_holds_a_sample_within_it_that_estimates_the_exa
     """``metrics_max_bytes`` an eighth of the predicted parameters: every logging step holds at most that much, and
     the logged cosine and error stay close to W, W_hat and W_next's in float64 (a sampler that compared other
     positions of W_hat than of W and W_next, or dropped a tensor, lands far off: the cosine is 0.3 to 0.8 here)."""
-    import lightning_xgrad.predictor as predictor_module
-    from lightning_xgrad.prediction_quality import HeldPrediction
+    import lightning_xgrad.prediction.predictor as predictor_module
+    from lightning_xgrad.prediction.quality import HeldPrediction
 
     held: list[HeldPrediction] = []
 
@@ -547,7 +547,7 @@ def real_step(dtype: torch.dtype, budgets: list[int | None]) -> tuple[list[Any],
     HeldPrediction per budget: (each one's held bytes, sample flag and quality; the float64 (cosine, error) of W,
     W_hat and W_next; the parameters' bytes)."""
     from lightning_xgrad import OptimizerPredictor
-    from lightning_xgrad.prediction_quality import HeldPrediction
+    from lightning_xgrad.prediction.quality import HeldPrediction
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2)).to(dtype)
@@ -604,7 +604,7 @@ def test_the_sample_does_not_repeat_one_column_of_a_matrix() -> None:
     """A 512 x 64 matrix whose even columns move along the prediction and odd columns against it: cosine 0, error
     sqrt(2). A stride of 64 (the row length) would see one column only (cosine +-1); the prime stride (67) walks
     through the columns."""
-    from lightning_xgrad.prediction_quality import HeldPrediction
+    from lightning_xgrad.prediction.quality import HeldPrediction
 
     w = torch.zeros(512, 64)
     param = w.clone()
@@ -619,7 +619,7 @@ def test_the_sample_does_not_repeat_one_column_of_a_matrix() -> None:
 
 
 def test_a_budget_below_one_element_per_tensor_is_refused_with_the_argument_named() -> None:
-    from lightning_xgrad.prediction_quality import HeldPrediction
+    from lightning_xgrad.prediction.quality import HeldPrediction
 
     tensors = [torch.zeros(100), torch.zeros(3, dtype=torch.float64), torch.zeros(0)]
     with pytest.raises(ValueError) as info:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from lightning_xgrad import OptimizerPredictor, PredictionRule, register_rule
-from lightning_xgrad._foreach import chunk_slices
+from lightning_xgrad._internal.chunks import chunk_slices
+from lightning_xgrad.prediction.snapshot import ParameterSnapshot
 from lightning_xgrad.rules import AdamRule, rule_for
 from lightning_xgrad.rules.trajectory import extrapolate_
-from lightning_xgrad.snapshot import ParameterSnapshot
 
 LR = 0.01
 

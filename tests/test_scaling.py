@@ -20,9 +20,11 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_xgrad import OptimizerPredictor
-from lightning_xgrad._foreach import ChunkedList, chunk_slices, default_chunk_bytes
-from lightning_xgrad.conformity_tracker import OptimizerConformity
-from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam, CPropSGD
+from lightning_xgrad._internal.chunks import ChunkedList, chunk_slices, default_chunk_bytes
+from lightning_xgrad.cprop import CPropAdam, CPropSGD
+from lightning_xgrad.cprop.tracker import OptimizerConformity
+from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.optim import AdaM3
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 

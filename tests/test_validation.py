@@ -1,5 +1,6 @@
 """Bad arguments are refused alike everywhere: ``"<Owner>: `name` must be <what is allowed>, got <value!r>"``, a
-TypeError for a wrong type and a ValueError for a wrong value, from the one module ``lightning_xgrad._validation``.
+TypeError for a wrong type and a ValueError for a wrong value, from the one module
+``lightning_xgrad._internal.validation``.
 
 ``OptimizerPredictor`` refuses what ``XGradCallback`` refuses, with the same words, and every optimizer of the package
 refuses an infinite or nan learning rate (torch.optim accepts inf; it can only make the weights inf or nan).
@@ -16,8 +17,10 @@ import torch
 from torch import nn
 
 from lightning_xgrad import CPropCallback, OptimizerPredictor, XGradCallback
-from lightning_xgrad._validation import check_choice, check_flag, check_int, check_real, check_real_pair
-from lightning_xgrad.optim import AdaM3, AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD, CPropAdam, CPropSGD
+from lightning_xgrad._internal.validation import check_choice, check_flag, check_int, check_real, check_real_pair
+from lightning_xgrad.cprop import CPropAdam, CPropSGD
+from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
+from lightning_xgrad.optim import AdaM3
 
 from .toolkit import make_net
 
@@ -96,7 +99,7 @@ def test_predictor_accepts_good_arguments() -> None:
     """The checks let through what is right: numpy integers, both rules, both flags, a shared snapshot."""
     import numpy as np
 
-    from lightning_xgrad.snapshot import ParameterSnapshot
+    from lightning_xgrad.prediction.snapshot import ParameterSnapshot
 
     predictor = OptimizerPredictor(adam(), steps=np.int64(2), rule="trajectory", compile=False)
     assert predictor.steps == 2

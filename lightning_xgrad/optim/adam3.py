@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._compat import group_by_device_and_dtype, new_step_count, view_as_real_
-from .._directions import add_adam_direction_
-from .._foreach import TensorList
-from .._scalars import as_float
-from .._validation import check_flag, check_real, check_real_pair
-from ._base import BaseOptimizer, gradients, increment_step_counts_, use_foreach
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.chunks import TensorList
+from .._internal.compat import group_by_device_and_dtype, new_step_count, view_as_real_
+from .._internal.scalars import as_float
+from .._internal.validation import check_flag, check_real, check_real_pair
+from .base import BaseOptimizer, gradients, increment_step_counts_, use_foreach
 
 __all__ = ["AdaM3", "adam3"]
 

@@ -14,8 +14,8 @@ import importlib
 
 import torch
 
-from .._validation import argument_error
-from .._wrappers import unwrap_optimizer
+from .._internal.validation import argument_error
+from .._internal.wrappers import unwrap_optimizer
 from .adam import AdamRule
 from .adamax import AdamaxRule
 from .base import PredictionRule
@@ -36,10 +36,10 @@ _REGISTRY: dict[type[torch.optim.Optimizer], PredictionRule] = {
 _BY_CLASS_PATH: dict[str, str] = {
     "lightning_xgrad.optim.adam3.AdaM3": "lightning_xgrad.rules.adam3:AdaM3Rule",
     "pytorch_optimizer.optimizer.adabelief.AdaBelief": "lightning_xgrad.rules.adabelief:AdaBeliefRule",
-    "lightning_xgrad.optim.cprop.CPropSGD": "lightning_xgrad.rules.cprop:CPropSGDRule",
-    "lightning_xgrad.optim.cprop.CPropAdam": "lightning_xgrad.rules.cprop:CPropAdamRule",
-    "lightning_xgrad.optim.heavy_ball.AdaptiveHeavyBallSGD": "lightning_xgrad.rules.heavy_ball:HeavyBallSGDRule",
-    "lightning_xgrad.optim.heavy_ball.AdaptiveHeavyBallAdam": "lightning_xgrad.rules.heavy_ball:HeavyBallAdamRule",
+    "lightning_xgrad.cprop.optim.CPropSGD": "lightning_xgrad.cprop.rules:CPropSGDRule",
+    "lightning_xgrad.cprop.optim.CPropAdam": "lightning_xgrad.cprop.rules:CPropAdamRule",
+    "lightning_xgrad.heavy_ball.optim.AdaptiveHeavyBallSGD": "lightning_xgrad.heavy_ball.rules:HeavyBallSGDRule",
+    "lightning_xgrad.heavy_ball.optim.AdaptiveHeavyBallAdam": "lightning_xgrad.heavy_ball.rules:HeavyBallAdamRule",
 }
 
 

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._directions import add_adam_direction_
-from .._scalars import as_float
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.scalars import as_float
 from .base import PredictionRule
 
 

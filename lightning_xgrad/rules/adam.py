@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._directions import add_adam_direction_
-from .._scalars import on_accelerator, step_counts_as_floats, uniform
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.scalars import on_accelerator, step_counts_as_floats, uniform
 from .base import PredictionRule
 from .compiled import CompiledPrediction, adam_kernel
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._foreach import chunk_slices
-from .._scalars import on_accelerator, step_counts_as_floats
+from .._internal.chunks import chunk_slices
+from .._internal.scalars import on_accelerator, step_counts_as_floats
 from .base import PredictionRule
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._directions import add_adam_direction_
-from .._foreach import chunk_bytes_of, chunk_slices
-from .._scalars import on_accelerator, step_counts_as_floats
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.chunks import chunk_bytes_of, chunk_slices
+from .._internal.scalars import on_accelerator, step_counts_as_floats
 from .base import PredictionRule
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._foreach import chunk_slices
+from .._internal.chunks import chunk_slices
 
 
 def trajectory_lr(value: Any) -> float:

@@ -1,4 +1,4 @@
-"""Rules for the adaptive heavy-ball optimizers (``lightning_xgrad.optim.heavy_ball``): dW includes the latest beta_k.
+"""Rules for the adaptive heavy-ball optimizers (``lightning_xgrad.heavy_ball.optim``): dW includes the latest beta_k.
 
 ``AdaptiveHeavyBallSGD`` applies ``p -= lr * buf`` with ``buf = beta_k * buf + g``, so dW is the momentum buffer, as
 for torch's SGD. ``AdaptiveHeavyBallAdam`` applies ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` with
@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .._directions import add_heavy_ball_adam_direction_
-from .base import PredictionRule
-from .momentum import MomentumBufferRule
+from ..rules.base import PredictionRule
+from ..rules.momentum import MomentumBufferRule
+from .optim import add_heavy_ball_adam_direction_
 
 
 class HeavyBallSGDRule(MomentumBufferRule):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .sharding import DTensor, local_tensor
+from .._internal.sharding import DTensor, local_tensor
 
 __all__ = ["RealWeightsHook", "register_real_weights_hook"]
 

@@ -2,9 +2,9 @@
 
 Preechakul and Kijsirikul, "CProp: Adaptive Learning Rate Scaling from Past Gradient Conformity", 2019, arXiv
 1912.11493; official code github.com/phizaz/cprop (``cprop/cprop_sgd.py``, ``cprop/cprop_adam.py``). The scale
-and its statistics are in :mod:`lightning_xgrad.conformity` (which also says why the variance is kept as an exact
+and its statistics are in :mod:`lightning_xgrad.cprop.statistics` (which also says why the variance is kept as an exact
 moving variance rather than the official ``v_hat - m_hat^2``); to add CProp to any other optimizer, use
-:class:`lightning_xgrad.cprop_callback.CPropCallback`. Written the way ``torch.optim``'s optimizers are: the class
+:class:`lightning_xgrad.cprop.callback.CPropCallback`. Written the way ``torch.optim``'s optimizers are: the class
 collects each param group's tensors, and one function per implementation (``_single_tensor_*``,
 ``_multi_tensor_*``) applies the update.
 """
@@ -19,12 +19,13 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .._compat import group_by_device_and_dtype, new_step_count, view_as_real_
-from .._directions import add_adam_direction_
-from .._foreach import TensorList
-from .._scalars import as_float, step_counts_as_floats
-from .._validation import argument_error, check_flag, check_real, check_real_pair
-from ..conformity import (
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.chunks import TensorList
+from .._internal.compat import group_by_device_and_dtype, new_step_count, view_as_real_
+from .._internal.scalars import as_float, step_counts_as_floats
+from .._internal.validation import argument_error, check_flag, check_real, check_real_pair
+from ..optim.base import BaseOptimizer, increment_step_counts_, use_foreach
+from .statistics import (
     LEGACY_LAYOUT_WARNING,
     ConformityCDF,
     check_conformity_args,
@@ -34,7 +35,6 @@ from ..conformity import (
     update_variance_,
     variance_from_square_mean,
 )
-from ._base import BaseOptimizer, increment_step_counts_, use_foreach
 
 __all__ = ["CPropAdam", "CPropSGD"]
 
@@ -93,7 +93,7 @@ class CPropSGD(BaseOptimizer):
         p   = p - lr * s * d
 
     Differences from the official class: the variance behind s is an exact moving variance, not ``v_hat - m_hat^2``
-    (equal in exact arithmetic; see :mod:`lightning_xgrad.conformity`: the official form makes the first step's
+    (equal in exact arithmetic; see :mod:`lightning_xgrad.cprop.statistics`: the official form makes the first step's
     scale float rounding noise); the weight decay is not written into ``p.grad`` (the official code adds it in
     place); ``lr`` defaults to 1e-3 as torch's SGD (official: required); ``foreach`` is added; the state names
     follow torch's (official: ``cprop_m``, ``cprop_v``, ``cprop_t``). The statistics have the parameter's dtype, as
@@ -122,7 +122,7 @@ class CPropSGD(BaseOptimizer):
     ``load_state_dict`` keeps it a float32 CPU tensor instead of casting it to the parameter's dtype) and
     ``cprop_scale`` (the scale of the last step). A state_dict saved by an earlier version (``cprop_exp_avg_sq``,
     the moving average of g^2) loads with a warning, its variance converted approximately.
-    XGrad's rule (:class:`lightning_xgrad.rules.cprop.CPropSGDRule`) reads dW = ``cprop_scale * momentum_buffer``.
+    XGrad's rule (:class:`lightning_xgrad.cprop.rules.CPropSGDRule`) reads dW = ``cprop_scale * momentum_buffer``.
     """
 
     def __init__(
@@ -321,7 +321,7 @@ class CPropAdam(BaseOptimizer):
         p     = p - lr * s * (m / (1 - beta1^k)) / (sqrt(v' / (1 - beta2^k)) + eps)
 
     Differences from the official class: the variance behind s is an exact moving variance, not
-    ``v_hat - m_hat^2`` (equal in exact arithmetic; see :mod:`lightning_xgrad.conformity`: the official form makes
+    ``v_hat - m_hat^2`` (equal in exact arithmetic; see :mod:`lightning_xgrad.cprop.statistics`: the official form makes
     the first step's scale float rounding noise), so it is one tensor per parameter of its own where the official
     code shares Adam's v (with the default betas); ``decoupled_weight_decay`` and ``foreach`` are additions (the
     official code has L2 only); the L2 term is not written into ``p.grad`` (the official code adds it in place).
@@ -349,7 +349,7 @@ class CPropAdam(BaseOptimizer):
     bias-corrected as the mean: ``cprop_exp_var / (1 - cprop_beta^step)`` is the official ``v_hat - m_hat^2``);
     ``cprop_scale``, the scale of the last step. A state_dict saved by an earlier version (the moving average of
     g^2 as ``cprop_exp_avg_sq``, or Adam's ``exp_avg_sq`` where beta2 equals cprop_beta) loads with a warning, its
-    variance converted approximately. XGrad's rule (:class:`lightning_xgrad.rules.cprop.CPropAdamRule`) reads
+    variance converted approximately. XGrad's rule (:class:`lightning_xgrad.cprop.rules.CPropAdamRule`) reads
     dW = ``cprop_scale * m_hat / (sqrt(v_hat) + eps)``.
     """
 

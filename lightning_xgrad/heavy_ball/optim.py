@@ -39,21 +39,22 @@ the parameters' device: computing it needs no device-to-host synchronisation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._compat import new_step_count
-from .._directions import add_heavy_ball_adam_direction_
-from .._foreach import chunk_slices
-from .._scalars import as_float
-from .._validation import check_real
-from ..sharding import DTensor, local_tensor, ranks_holding
-from ._base import BaseOptimizer, gradients, increment_step_counts_
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.chunks import TensorList, chunk_slices
+from .._internal.compat import new_step_count
+from .._internal.scalars import as_float, step_counts_as_floats
+from .._internal.sharding import DTensor, local_tensor, ranks_holding
+from .._internal.validation import check_real
+from ..optim.base import BaseOptimizer, gradients, increment_step_counts_
 
-__all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD"]
+__all__ = ["AdaptiveHeavyBallAdam", "AdaptiveHeavyBallSGD", "add_heavy_ball_adam_direction_"]
 
 
 class _AdaptiveHeavyBall(BaseOptimizer):
@@ -233,7 +234,7 @@ class AdaptiveHeavyBallSGD(_AdaptiveHeavyBall):
         weight_decay: L2 penalty coefficient, added to the gradient (default: 0).
 
     State per parameter: ``momentum_buffer`` (the direction of the last step per unit lr, what
-    :class:`lightning_xgrad.rules.heavy_ball.HeavyBallSGDRule` reads for XGrad), ``prev_point``, ``prev_grad``; per
+    :class:`lightning_xgrad.heavy_ball.rules.HeavyBallSGDRule` reads for XGrad), ``prev_point``, ``prev_grad``; per
     group ``momentum``, the last ``beta_k``.
     """
 
@@ -288,7 +289,7 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
 
     State per parameter: ``step`` (a CPU float tensor, as torch's Adam), ``exp_avg`` (m), ``exp_avg_sq`` (v),
     ``beta1_product`` (P_t, a 0-dim tensor), ``prev_point`` and ``prev_grad``; per group ``momentum``, the last
-    ``beta_k``. :class:`lightning_xgrad.rules.heavy_ball.HeavyBallAdamRule` reads dW from them for XGrad.
+    ``beta_k``. :class:`lightning_xgrad.heavy_ball.rules.HeavyBallAdamRule` reads dW from them for XGrad.
     """
 
     def __init__(
@@ -336,3 +337,35 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         add_heavy_ball_adam_direction_(local_params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, -lr)
+
+
+def add_heavy_ball_adam_direction_(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    step_counts: Sequence[Tensor],
+    products: list[Tensor],
+    beta2: float,
+    eps: float,
+    alpha: float,
+) -> None:
+    """In place: ``params += alpha * (m / (1 - P)) / (sqrt(v / (1 - beta2**t)) + eps)``, per parameter: the direction
+    of ``AdaptiveHeavyBallAdam``, whose optimizer applies it with ``alpha = -lr`` and whose XGrad rule adds it with
+    ``alpha = -steps * lr``. The step counts t are read on the host (CPU tensors, as torch's Adam keeps them); the
+    momentum products P stay 0-dim tensors on their device.
+    """
+    if alpha == 0:
+        return
+    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in step_counts_as_floats(step_counts)]
+    # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom: a few foreach ops on the 0-dim
+    # products, whatever their number
+    divisors: TensorList = torch._foreach_neg(products)
+    torch._foreach_add_(divisors, 1.0)
+    torch._foreach_div_(divisors, alpha)
+    dtype = exp_avg_sqs[0].dtype if exp_avg_sqs else None
+    if products and products[0].dtype != dtype:  # in the moments' dtype
+        if len({p.device for p in products}) == 1:  # in three calls
+            divisors = torch.stack(divisors).to(dtype).unbind()
+        else:
+            divisors = [d.to(dtype) for d in divisors]
+    add_adam_direction_(params, exp_avgs, exp_avg_sqs, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=list(divisors))

@@ -1,4 +1,5 @@
-"""The two kinds of bucket an :class:`~lightning_xgrad.predictor.OptimizerPredictor` plans its parameters into.
+"""The two kinds of bucket an :class:`~lightning_xgrad.prediction.predictor.OptimizerPredictor` plans its parameters
+into.
 
 A bucket is the parameters of one param group on one device and dtype, predicted the same way, with their snapshot
 buffers. Each kind knows how to predict, how to restore (after an update, ``stepped=True``, or after none), and what
@@ -23,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import ChunkedList
-from ._scalars import ScalarColumn, as_float
-from .rules import PredictionRule, extrapolate_, rewind_
-from .rules.compiled import CompiledPrediction
-from .rules.trajectory import trajectory_lr
-from .sharding import local_tensor
+from .._internal.chunks import ChunkedList
+from .._internal.scalars import ScalarColumn, as_float
+from .._internal.sharding import local_tensor
+from ..rules import PredictionRule, extrapolate_, rewind_
+from ..rules.compiled import CompiledPrediction
+from ..rules.trajectory import trajectory_lr
 from .snapshot import ParameterSnapshot
 
 __all__ = ["Bucket", "Plan", "StateBucket", "TrajectoryBucket"]
@@ -43,8 +44,8 @@ class Bucket:
     group_index: int
     #: the parameters as the optimizer holds them (keys for the snapshot and for state_dict hooks)
     owners: list[Tensor]
-    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters; chunked once for
-    #: the plan's budget (a :class:`~lightning_xgrad._foreach.ChunkedList`), which every foreach walk over them uses
+    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters; chunked once for the
+    #: plan's budget (a :class:`~lightning_xgrad._internal.chunks.ChunkedList`), which every foreach walk over them uses
     params: list[Tensor]
     buffers: list[Tensor]
     #: the parameters hold W_hat and the buffers the real W

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .._compat import foreach_by_default
+from .._internal.compat import foreach_by_default
 
 __all__ = ["BaseOptimizer", "gradients", "increment_step_counts_", "use_foreach"]
 

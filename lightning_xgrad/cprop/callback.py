@@ -2,7 +2,7 @@
 
 Each optimizer step applies some update ``W_after - W_before``; the callback replaces it by
 ``scale * (W_after - W_before)``, elementwise, with CProp's scale from the gradients this step and the ones before
-(:mod:`lightning_xgrad.conformity`). This is the official code's universal ``CProp`` wrapper
+(:mod:`lightning_xgrad.cprop.statistics`). This is the official code's universal ``CProp`` wrapper
 (``cprop/cprop_universal.py``: statistics from ``p.grad`` after the inner step, then
 ``before + (after - before) * scale``) driven by Lightning's hooks instead of a wrapper class, so the optimizer the
 LightningModule configures stays what it is (its type, its state, its schedulers, its checkpoints).
@@ -16,22 +16,22 @@ When it acts, per optimizer:
   changes nothing): the gradients still in ``p.grad`` (unscaled, clipped if clipping is on) update the statistics,
   the scale is computed, and ``W = W_before + scale * (W - W_before)`` is written in place.
 
-Supported: automatic optimization (with gradient accumulation, clipping, 16-bit AMP, bf16), manual optimization
-through the LightningOptimizer that ``self.optimizers()`` returns, and raw ``optimizer.step()`` calls on the
-optimizer itself: without a closure, W_before is taken in the step's pre-hook; with one, right after the closure
-ran (an optimizer that evaluates it several times, such as LBFGS, gets its whole step scaled). Parameters without a
-gradient in a step are left alone. DTensor parameters (FSDP2, tensor parallel) work on their local shards, with no
-communication, but a checkpoint leaves their statistics out (a resume restarts them). The statistics have the
-parameter's dtype, as in the official code; their variance is an exact moving variance rather than the official
-``v_hat - m_hat^2`` (the same number in exact arithmetic, see :mod:`lightning_xgrad.conformity`), so the first step's
-scale is not float rounding noise. A checkpoint saved by an earlier version, with the old (m, v) statistics,
-resumes with a warning and its variance converted approximately. Not supported: strategies whose optimizer does not
-update the module's parameters directly (DeepSpeed, FSDP1's flat parameters).
+Supported: automatic optimization (with gradient accumulation, clipping, 16-bit AMP, bf16), manual optimization through
+the LightningOptimizer that ``self.optimizers()`` returns, and raw ``optimizer.step()`` calls on the optimizer itself:
+without a closure, W_before is taken in the step's pre-hook; with one, right after the closure ran (an optimizer that
+evaluates it several times, such as LBFGS, gets its whole step scaled). Parameters without a gradient in a step are left
+alone. DTensor parameters (FSDP2, tensor parallel) work on their local shards, with no communication, but a checkpoint
+leaves their statistics out (a resume restarts them). The statistics have the parameter's dtype, as in the official
+code; their variance is an exact moving variance rather than the official ``v_hat - m_hat^2`` (the same number in exact
+arithmetic, see :mod:`lightning_xgrad.cprop.statistics`), so the first step's scale is not float rounding noise. A
+checkpoint saved by an earlier version, with the old (m, v) statistics, resumes with a warning and its variance
+converted approximately. Not supported: strategies whose optimizer does not update the module's parameters directly
+(DeepSpeed, FSDP1's flat parameters).
 
 Under XGrad the prediction must follow the update that is really applied: ``CPropCallback.xgrad_direction_scales``
 hands XGradCallback the live per-parameter scales of the last step, and XGrad's state rules predict with
 ``scale * dW`` (the trajectory rule needs nothing: it extrapolates the update as scaled). The two callbacks find each
-other through :mod:`lightning_xgrad.protocols`; the work per optimizer is :mod:`lightning_xgrad.conformity_tracker`'s.
+other through :mod:`lightning_xgrad.protocols`; the work per optimizer is :mod:`lightning_xgrad.cprop.tracker`'s.
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._compat import trainer_callbacks
-from ._step_hooks import register_step_hooks, step_closure, with_closure
-from ._validation import check_int
-from .conformity import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
-from .conformity_tracker import OptimizerConformity
-from .protocols import RealWeightsRestorer
+from .._internal.compat import trainer_callbacks
+from .._internal.step_hooks import register_step_hooks, step_closure, with_closure
+from .._internal.validation import check_int
+from ..protocols import RealWeightsRestorer
+from .statistics import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
+from .tracker import OptimizerConformity
 
 
 class CPropCallback(Callback):
@@ -72,7 +72,7 @@ class CPropCallback(Callback):
     The variance ``v_hat - m_hat^2`` is kept as an exact moving variance (an EMA of squared deviations from the
     running mean), not computed as that difference as the official code does: the same number in exact arithmetic,
     but exactly 0 after the first gradient (where the official float32 difference, divided by ``n - 1 + eps = eps``,
-    makes the first scale rounding noise) and free of cancellation later (:mod:`lightning_xgrad.conformity`).
+    makes the first scale rounding noise) and free of cancellation later (:mod:`lightning_xgrad.cprop.statistics`).
 
     Args:
         beta: decay of the moving averages (the official default 0.999: about the last thousand steps).

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices
+from .._internal.chunks import chunk_slices
 
 
 class ParameterSnapshot:
@@ -62,8 +62,8 @@ class ParameterSnapshot:
     @staticmethod
     @torch.no_grad()
     def swap(params: list[Tensor], buffers: list[Tensor]) -> None:
-        """Exchange the values of params and buffers, with temporaries of at most ``max(largest tensor,
-        chunk_bytes)`` (the budget ``params`` was planned with, else the default: :mod:`lightning_xgrad._foreach`)."""
+        """Exchange the values of params and buffers, with temporaries of at most ``max(largest tensor, chunk_bytes)``
+        (the budget ``params`` was planned with, else the default: :mod:`lightning_xgrad._internal.chunks`)."""
         for part in chunk_slices(params):
             held = [torch.empty_like(p) for p in params[part]]
             torch._foreach_copy_(held, params[part])

@@ -8,15 +8,15 @@
         optimizer.step()
         optimizer.zero_grad()
 
-The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into
-buckets (one param group, one device and dtype, one rule; :mod:`lightning_xgrad.buckets`), so predicting and restoring
-are loops over the buckets, and the plan is rebuilt only when the optimizer's state,
-param groups or frozen parameters change; per step the Python work per parameter is a ``requires_grad`` read and an
-identity comparison of the optimizer's state entries with the planned ones, in C loops (no hashing, and nothing of the
-optimizer is replaced). A parameter that has no optimizer state yet (a module unused in forward) is left out of the
-plan until its state appears. Foreach temporaries are bounded by ``chunk_bytes`` (:mod:`lightning_xgrad._foreach`).
+The XGrad callback drives one of these per optimizer from Lightning's hooks. Parameters are planned once into buckets
+(one param group, one device and dtype, one rule; :mod:`lightning_xgrad.prediction.plan`), so predicting and restoring
+are loops over the buckets, and the plan is rebuilt only when the optimizer's state, param groups or frozen parameters
+change; per step the Python work per parameter is a ``requires_grad`` read and an identity comparison of the optimizer's
+state entries with the planned ones, in C loops (no hashing, and nothing of the optimizer is replaced). A parameter that
+has no optimizer state yet (a module unused in forward) is left out of the plan until its state appears. Foreach
+temporaries are bounded by ``chunk_bytes`` (:mod:`lightning_xgrad._internal.chunks`).
 
-The predictor guards the optimizer's step (through its step hooks, :mod:`lightning_xgrad._step_hooks`): a step
+The predictor guards the optimizer's step (through its step hooks, :mod:`lightning_xgrad._internal.step_hooks`): a step
 taken while the parameters hold W_hat restores the real weights first (a step with a closure: right after the
 closure ran), so the update always lands on W. And it watches W_hat: a change made in place to a predicted
 parameter between the prediction and the restore (which the restore would silently discard) is noticed through the
@@ -40,15 +40,15 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from ._step_hooks import register_step_hooks, step_closure, with_closure
-from ._validation import argument_error, check_choice, check_flag, check_int
-from ._wrappers import unwrap_optimizer
-from .buckets import Bucket, Plan
-from .prediction_quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction, PredictionQuality
-from .protocols import DirectionScales, GradientPointObserver
-from .rules import PredictionRule, rule_for
-from .rules.compiled import CompiledPrediction
-from .sharding import DTensor, local_tensor
+from .._internal.sharding import DTensor, local_tensor
+from .._internal.step_hooks import register_step_hooks, step_closure, with_closure
+from .._internal.validation import argument_error, check_choice, check_flag, check_int
+from .._internal.wrappers import unwrap_optimizer
+from ..protocols import DirectionScales, GradientPointObserver
+from ..rules import PredictionRule, rule_for
+from ..rules.compiled import CompiledPrediction
+from .plan import Bucket, Plan
+from .quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction, PredictionQuality
 from .snapshot import ParameterSnapshot
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
@@ -118,7 +118,7 @@ class OptimizerPredictor:
         chunk_bytes: the memory budget of the temporaries, in bytes: out-of-place foreach ops (Adam's denominators,
             the trajectory rule's differences) walk the parameters in chunks of at most ``max(largest tensor,
             chunk_bytes)``, one call per op and chunk. ``None``: the default of the parameters' device
-            (:func:`~lightning_xgrad._foreach.default_chunk_bytes`: 32 MiB on an accelerator, 1 MiB on the CPU);
+            (:func:`~lightning_xgrad._internal.chunks.default_chunk_bytes`: 32 MiB on an accelerator, 1 MiB on the CPU);
             0: chunks as small as the largest tensor.
         parameter_names: names of the parameters (``dict(model.named_parameters())`` inverted), for the warning
             about edits of W_hat; without a name a parameter is named by its param group, position and shape.
@@ -428,9 +428,9 @@ class OptimizerPredictor:
         """Measure how well the prediction in place tracks the update the optimizer applies next.
 
         At the next restore before an update, W_hat is kept aside (all of it within ``max_bytes``, else a systematic
-        sample: :class:`~lightning_xgrad.prediction_quality.HeldPrediction`, whose budget error names ``owner`` and
+        sample: :class:`~lightning_xgrad.prediction.quality.HeldPrediction`, whose budget error names ``owner`` and
         ``name``); once the optimizer has stepped, ``report`` gets the
-        :class:`~lightning_xgrad.prediction_quality.PredictionQuality` (not called when the step applied no update
+        :class:`~lightning_xgrad.prediction.quality.PredictionQuality` (not called when the step applied no update
         or never came). A restore without an update, or the next prediction, cancels it. Returns ``False``, and
         measures nothing, when no prediction is in place or the optimizer runs no step hooks.
         """

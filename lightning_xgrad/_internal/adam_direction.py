@@ -3,23 +3,18 @@
 The rules read it to predict (``alpha * dW`` with ``alpha = -steps * lr``) and the optimizers apply it (``-lr * dW``):
 Adam, AdaM3, AdaBelief, RAdam (rectified), CProp's Adam form and the adaptive heavy-ball Adam all end in the same
 sqrt -> bias correction -> eps -> addcdiv sequence, and differ only in where their scalars come from. Each caller
-computes its scalars; this module runs the elementwise part, one foreach op per stage and chunk, in the order the
-callers always used, so their results are unchanged to the last bit. The adaptive heavy-ball Adam's scalars (its
-first-moment bias correction is a product of varying momenta, kept as a tensor) are computed here too, since both its
-optimizer and its rule need them.
+computes its scalars; this module runs the elementwise part, one foreach op per stage and chunk, always in the same
+order, so an optimizer and the rule that predicts it compute dW with the same rounding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ._foreach import TensorList, chunk_slices
-from ._scalars import step_counts_as_floats
+from .chunks import chunk_slices
 
-__all__ = ["add_adam_direction_", "add_heavy_ball_adam_direction_"]
+__all__ = ["add_adam_direction_"]
 
 
 def add_adam_direction_(
@@ -41,7 +36,7 @@ def add_adam_direction_(
     tensors on the parameters' device, so that bias corrections of step counts kept there cost no sync);
     ``divisors`` are optional per-tensor 0-dim tensors (a bias correction over the step size, kept on the device);
     ``scales`` optional elementwise factors (CProp's conformity scale). The lists are walked in chunks of at most
-    ``max(largest tensor, chunk_bytes)`` bytes (:func:`~lightning_xgrad._foreach.chunk_slices`: by default the
+    ``max(largest tensor, chunk_bytes)`` bytes (:func:`~lightning_xgrad._internal.chunks.chunk_slices`: by default the
     budget ``params`` was planned with, or the package default), which bounds the temporaries (the denominators).
     """
     # each choice made once, so that per chunk the Python work stays what the callers' own loops had
@@ -82,35 +77,3 @@ def add_adam_direction_(
         else:
             torch._foreach_addcdiv_(params[part], exp_avgs[part], denom, value=size_all)
         del denom  # before the next chunk allocates: one chunk of temporaries alive at a time
-
-
-def add_heavy_ball_adam_direction_(
-    params: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    step_counts: Sequence[Tensor],
-    products: list[Tensor],
-    beta2: float,
-    eps: float,
-    alpha: float,
-) -> None:
-    """In place: ``params += alpha * (m / (1 - P)) / (sqrt(v / (1 - beta2**t)) + eps)``, per parameter: the direction
-    of ``AdaptiveHeavyBallAdam``, whose optimizer applies it with ``alpha = -lr`` and whose XGrad rule adds it with
-    ``alpha = -steps * lr``. The step counts t are read on the host (CPU tensors, as torch's Adam keeps them); the
-    momentum products P stay 0-dim tensors on their device.
-    """
-    if alpha == 0:
-        return
-    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in step_counts_as_floats(step_counts)]
-    # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom: a few foreach ops on the 0-dim
-    # products, whatever their number
-    divisors: TensorList = torch._foreach_neg(products)
-    torch._foreach_add_(divisors, 1.0)
-    torch._foreach_div_(divisors, alpha)
-    dtype = exp_avg_sqs[0].dtype if exp_avg_sqs else None
-    if products and products[0].dtype != dtype:  # in the moments' dtype
-        if len({p.device for p in products}) == 1:  # in three calls
-            divisors = torch.stack(divisors).to(dtype).unbind()
-        else:
-            divisors = [d.to(dtype) for d in divisors]
-    add_adam_direction_(params, exp_avgs, exp_avg_sqs, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=list(divisors))

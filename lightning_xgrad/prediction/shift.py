@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ._foreach import chunk_slices
-from .sharding import sum_over_ranks
+from .._internal.chunks import chunk_slices
+from .._internal.sharding import sum_over_ranks
 
 __all__ = ["relative_shift"]
 

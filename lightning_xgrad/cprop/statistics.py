@@ -45,12 +45,11 @@ The moving average m is the official one, so ``CPropAdam`` still shares Adam's `
 ``exp_var`` replaces v (Adam's ``exp_avg_sq`` can no longer double as a CProp statistic). States saved with the old
 (m, v) layout are converted on load by :func:`variance_from_square_mean`, approximately.
 
-The functions take lists of tensors that share a device and dtype (the optimizers' and the callback's buckets) and
-work in place; ``foreach=True`` runs ``torch._foreach_*`` kernels on chunks of the lists of at most
-``max(largest tensor, chunk_bytes)`` bytes (:func:`~lightning_xgrad._foreach.chunk_slices`; by default the budget a
-planned list carries, else 32 MiB), with one temporary per tensor of a chunk; ``foreach=False`` one tensor at a time
-(the optimizers' single-tensor path).
-"""
+The functions take lists of tensors that share a device and dtype (the optimizers' and the callback's buckets) and work
+in place; ``foreach=True`` runs ``torch._foreach_*`` kernels on chunks of the lists of at most ``max(largest tensor,
+chunk_bytes)`` bytes (:func:`~lightning_xgrad._internal.chunks.chunk_slices`; by default the budget a planned list
+carries, else 32 MiB), with one temporary per tensor of a chunk; ``foreach=False`` one tensor at a time (the optimizers'
+single-tensor path)."""
 
 from __future__ import annotations
 
@@ -61,9 +60,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._foreach import TensorList, chunk_slices
-from ._scalars import uniform
-from ._validation import argument_error, check_choice, check_real
+from .._internal.chunks import TensorList, chunk_slices
+from .._internal.scalars import uniform
+from .._internal.validation import argument_error, check_choice, check_real
 
 __all__ = [
     "CDF_CHOICES",

@@ -16,18 +16,18 @@ bit-exactly) and the snapshot W (for ``|u|^2``, and as the trajectory rule's mem
 the snapshot at the restore gives ``|u - d|^2`` but loses ``|u|^2``. So one of the three vectors must be kept aside:
 :class:`HeldPrediction` copies W_hat just before the restore and frees it once the update is measured.
 
-That copy is bounded by a byte budget (``max_bytes``). When the predicted parameters fit in it, the copy is all of
-W_hat (the parameters' own dtype, bit for bit) and the values are exact. When they do not, it holds a stratified
-systematic sample of the rank's local tensors: the budget is shared out so that every tensor gets the same number of
-bytes or all of itself if it is smaller (so the small tensors, an output layer or a norm, whose updates can weigh as
-much as a large matrix's, are held whole), and a tensor larger than its share keeps every m-th element of its
-flattened data from an offset of its own, m the smallest prime that brings it within the share (a prime is coprime
-with every row length below it, so the sampled columns move from row to row instead of repeating one column).
-:meth:`HeldPrediction.compare` forms the same sums over the same positions of W (the snapshot) and W_next (the
-parameters), each tensor's sums scaled by its elements over its sampled elements; the cosine and the error, ratios of
-those sums, are then estimates. The other temporaries are one chunk (:func:`~lightning_xgrad._foreach.chunk_slices`,
-with the prediction's ``chunk_bytes``) of the (sampled) ``u``, for half-precision parameters a float32 chunk of ``d``
-too, and, for a non-contiguous tensor only, a copy of that one tensor while it is sampled.
+That copy is bounded by a byte budget (``max_bytes``). When the predicted parameters fit in it, the copy is all of W_hat
+(the parameters' own dtype, bit for bit) and the values are exact. When they do not, it holds a stratified systematic
+sample of the rank's local tensors: the budget is shared out so that every tensor gets the same number of bytes or all
+of itself if it is smaller (so the small tensors, an output layer or a norm, whose updates can weigh as much as a large
+matrix's, are held whole), and a tensor larger than its share keeps every m-th element of its flattened data from an
+offset of its own, m the smallest prime that brings it within the share (a prime is coprime with every row length below
+it, so the sampled columns move from row to row instead of repeating one column). :meth:`HeldPrediction.compare` forms
+the same sums over the same positions of W (the snapshot) and W_next (the parameters), each tensor's sums scaled by its
+elements over its sampled elements; the cosine and the error, ratios of those sums, are then estimates. The other
+temporaries are one chunk (:func:`~lightning_xgrad._internal.chunks.chunk_slices`, with the prediction's
+``chunk_bytes``) of the (sampled) ``u``, for half-precision parameters a float32 chunk of ``d`` too, and, for a
+non-contiguous tensor only, a copy of that one tensor while it is sampled.
 
 Sums run on each rank's local tensors; with DTensor parameters they are summed over the ranks (one ``all_reduce``),
 counting replicated elements once. Pure torch.
@@ -42,9 +42,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._foreach import TensorList, chunk_slices
-from ._validation import argument_error
-from .sharding import sum_over_ranks
+from .._internal.chunks import TensorList, chunk_slices
+from .._internal.sharding import sum_over_ranks
+from .._internal.validation import argument_error
 
 __all__ = [
     "DEFAULT_METRICS_MAX_BYTES",
@@ -75,7 +75,7 @@ class HeldPrediction:
     before the restore); call :meth:`compare` after the optimizer's step, while the snapshot buffers still hold W, and
     :meth:`release` (or drop it) when done. ``max_bytes=None`` always holds all of W_hat; ``chunk_bytes`` is the
     budget of :meth:`compare`'s temporaries (by default that of the parameters' device,
-    :func:`~lightning_xgrad._foreach.default_chunk_bytes`);
+    :func:`~lightning_xgrad._internal.chunks.default_chunk_bytes`);
     ``owner`` and ``name`` say whose argument ``max_bytes`` is in the error raised when it cannot hold one element of
     each tensor.
     """

@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._foreach import ChunkedList
-from ._scalars import ScalarColumn, step_counts_as_floats
-from .conformity import (
+from .._internal.chunks import ChunkedList
+from .._internal.scalars import ScalarColumn, step_counts_as_floats
+from .._internal.sharding import DTensor, local_tensor
+from .statistics import (
     ConformityCDF,
     conformity_scale_,
     scale_applied_update_,
     update_statistics_,
     variance_from_square_mean,
 )
-from .sharding import DTensor, local_tensor
 
 __all__ = ["OptimizerConformity"]
 
@@ -49,7 +49,7 @@ class OptimizerConformity:
     Args:
         optimizer: the optimizer whose updates are scaled.
         scales: the live mapping filled here, parameter -> scale of its last update (what XGrad's predictor reads).
-        beta, c, eps, cdf: CProp's settings (:func:`~lightning_xgrad.conformity.conformity_scale_`).
+        beta, c, eps, cdf: CProp's settings (:func:`~lightning_xgrad.cprop.statistics.conformity_scale_`).
         owner: the name errors start with.
         chunk_bytes: the temporaries of the foreach ops stay within ``max(largest tensor, chunk_bytes)`` bytes
             (``None``: the default of the parameters' device).

@@ -1,4 +1,4 @@
-"""Rules for CPropSGD and CPropAdam (``lightning_xgrad.optim.cprop``): their direction times the last step's scale.
+"""Rules for CPropSGD and CPropAdam (``lightning_xgrad.cprop.optim``): their direction times the last step's scale.
 
 Both optimizers keep the elementwise CProp scale of their last step as ``cprop_scale``, so dW is the base optimizer's
 direction multiplied by it: ``cprop_scale * momentum_buffer`` for CPropSGD (momentum, not Nesterov) and
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._directions import add_adam_direction_
-from .._scalars import step_counts_as_floats
-from .adam import AdamRule
-from .momentum import SGDRule
+from .._internal.adam_direction import add_adam_direction_
+from .._internal.scalars import step_counts_as_floats
+from ..rules.adam import AdamRule
+from ..rules.momentum import SGDRule
 
 
 class CPropSGDRule(SGDRule):
