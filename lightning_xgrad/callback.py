@@ -11,48 +11,39 @@ real weights; code inside ``training_step`` reads and edits them in :meth:`XGrad
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from ._internal.checkpoint import CheckpointedState
 from ._internal.compat import backward_is_skipped, batches_that_stepped, should_accumulate, trainer_callbacks
-from ._internal.sharding import model_parallel_unsupported
 from ._internal.validation import argument_error, check_flag, check_int
-from .prediction.predictor import CLOSURE_REEVALUATING, OptimizerPredictor, RuleChoice, check_prediction_args
-from .prediction.quality import DEFAULT_METRICS_MAX_BYTES, PredictionQuality
-from .prediction.shift import relative_shift
-from .prediction.snapshot import ParameterSnapshot
-from .prediction.state_dict_hook import register_real_weights_hook
-from .protocols import DirectionScaleProvider, DirectionScales
-
-_REFUSED_STRATEGIES = {
-    FSDPStrategy: (
-        "outside forward its parameters are views of flat shards, and changes written through them may not persist "
-        "(pytorch issue 117742), so the prediction and the restore could be silently lost. Use "
-        "ModelParallelStrategy with `fully_shard` (FSDP2) in `configure_model`: XGrad predicts its DTensor shards "
-        "locally, with no communication."
-    ),
-    DeepSpeedStrategy: (
-        "its optimizer is a ZeRO wrapper over flat fp32 partitions and it accumulates gradients itself, so the "
-        "module's parameters are not what the optimizer updates. Use ModelParallelStrategy with `fully_shard` "
-        "(FSDP2) or strategy='ddp'."
-    ),
-}
-if (_no_model_parallel := model_parallel_unsupported()) is not None:  # a torch without DTensor
-    _REFUSED_STRATEGIES[ModelParallelStrategy] = _no_model_parallel
+from .callback_checks import check_setup, warn_without_step_hooks
+from .callback_metrics import MetricsLog
+from .callback_predictors import Predictors
+from .prediction.predictor import RuleChoice, check_prediction_args
+from .prediction.quality import DEFAULT_METRICS_MAX_BYTES
+from .prediction.state_dict_hook import register_real_weights_hooks
 
 
-class XGradCallback(Callback):
+@dataclass
+class _Window:
+    """An optimizer step in progress: from its first micro-batch to its update (or the batch that ends it)."""
+
+    #: whether it predicts (not before ``start_step``, nor in an epoch without backward)
+    enabled: bool
+    #: inside :meth:`XGradCallback.real_weights`
+    holding_real_weights: bool = False
+
+
+class XGradCallback(CheckpointedState, Callback):
     r"""Train with gradients taken at predicted future weights (XGrad, Guan et al., TPAMI 2024).
 
     Works with the optimizer(s) the LightningModule configures. dW comes from the optimizer's own state where a rule
@@ -99,15 +90,15 @@ class XGradCallback(Callback):
     ``xgrad/rule/optimizer_<index>``, and ``xgrad/steps``).
 
     Add it once: two instances would predict on top of each other, so a second one is refused at the start of fit.
-    Its checkpoint state (what the trajectory rule needs after a resume) is written from ``on_save_checkpoint`` under
-    ``checkpoint["callbacks"]["XGradCallback"]`` rather than from ``state_dict()``: Lightning rejects two callbacks
-    with a ``state_dict`` and the same ``state_key`` in ``Trainer.__init__``, with a message that does not say what
-    to do, before any hook of ours could.
+    Its checkpoint state (what the trajectory rule needs after a resume) is kept as
+    :mod:`lightning_xgrad._internal.checkpoint` describes, under ``checkpoint["callbacks"]["XGradCallback"]``.
 
     Example::
 
         trainer = Trainer(callbacks=[XGradCallback(steps=1)])
     """
+
+    warn = staticmethod(rank_zero_warn)
 
     def __init__(
         self,
@@ -133,189 +124,110 @@ class XGradCallback(Callback):
         self.chunk_bytes = chunk_bytes
         self.metrics_max_bytes = metrics_max_bytes
         self.prog_bar = prog_bar
-        self._snapshot = ParameterSnapshot()
-        self._predictors: dict[int, OptimizerPredictor] = {}
-        self._loaded_state: dict[str, Any] | None = None
+        self._predictors = Predictors(steps, rule, compile, chunk_bytes)
         self._module_hooks: list[RemovableHandle] = []
-        self._window_open = False  # between an optimizer step's first micro-batch and its update
-        self._window_enabled = True  # whether this window predicts (start_step, a step-less batch)
-        self._holding_real_weights = False  # inside real_weights()
-        self._logging_step: int | None = None  # in a window whose metrics are logged: the step they are logged at
-        self._trainer_loggers: list[Any] = []  # where the logging window's metrics go
-        self._unpublished: dict[str, float] = {}  # metrics measured, not yet in trainer.callback_metrics
-        self._logged_hyperparams: set[str] = set()  # each key once per fit (some loggers refuse a changed value)
+        self._window: _Window | None = None  # None between windows
+        self._metrics = MetricsLog(log_every_n_steps, metrics_max_bytes, prog_bar)
 
     # ------------------------------------------------------------------ setup and teardown
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        for strategy_class, reason in _REFUSED_STRATEGIES.items():
-            if isinstance(trainer.strategy, strategy_class):
-                raise MisconfigurationException(
-                    f"XGradCallback does not support {type(trainer.strategy).__name__}: {reason}"
-                )
-        count = sum(isinstance(callback, XGradCallback) for callback in trainer_callbacks(trainer))
-        if count > 1:
-            raise MisconfigurationException(
-                f"XGradCallback was added {count} times to the Trainer's callbacks; add it once (each would predict "
-                "on top of the others). With LightningCLI this happens when the config already lists it and the "
-                "command line appends another with `--trainer.callbacks+=lightning_xgrad.XGradCallback`: set the "
-                "arguments of the one in the config instead (`init_args: {steps: 2}`), or remove it from the config."
-            )
+        if stage == "fit":
+            check_setup(trainer, XGradCallback)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._attach_optimizers(trainer)
+        self._predictors.follow(trainer)
         # after configure_model and the strategy's setup: the final modules, and FSDP2's DTensor parameters
-        self._register_state_dict_hooks(pl_module)
+        for handle in self._module_hooks:
+            handle.remove()
+        self._module_hooks = register_real_weights_hooks(pl_module, self._predictors.real_values)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The first hook where a resumed optimizer's state is in place (loaded after on_fit_start).
-        predictors = list(self._predictors.values())
-        if self._loaded_state is not None:
-            for predictor, state in zip(predictors, self._loaded_state.get("optimizers", []), strict=False):
-                predictor.load_state_dict(state)
-            self._loaded_state = None
-        for predictor in predictors:
+        loaded = self.take_loaded_state()
+        if loaded is not None:
+            self._predictors.load_state_dicts(loaded.get("optimizers", []))
+        for predictor in self._predictors:
             predictor.invalidate()
         if not any(optimizer.param_groups for optimizer in trainer.optimizers):
             rank_zero_warn("XGradCallback: the model has no optimizer, so XGrad has nothing to predict.")
-        self._logged_hyperparams = set()
         self._announce(trainer, range(len(trainer.optimizers)))
-        if self.log_every_n_steps is not None and not trainer.loggers:  # after every callback's on_fit_start
-            rank_zero_warn(
-                f"XGradCallback(log_every_n_steps={self.log_every_n_steps}): the Trainer has no logger "
-                "(logger=False), so the xgrad/* metrics reach trainer.callback_metrics only (ModelCheckpoint and "
-                "EarlyStopping can monitor them there). Give the Trainer a logger to record them, or set "
-                "log_every_n_steps=None to measure nothing."
-            )
+        if (warning := self._metrics.unrecorded_warning(trainer.loggers)) is not None:  # after every on_fit_start
+            rank_zero_warn(warning)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         try:
-            self._restore_all(stepped=False)
+            self._close_window(stepped=False)
         finally:
             for handle in self._module_hooks:
                 handle.remove()
             self._module_hooks = []
-            self._unpublished = {}
-            for predictor in self._predictors.values():
-                predictor.close()
-            self._predictors = {}
-            self._snapshot.clear()
+            self._metrics.clear()
+            self._predictors.close()
 
     # ------------------------------------------------------------------ optimizers
-    def _attach_optimizers(self, trainer: pl.Trainer) -> list[int]:
-        """Predictors and step hooks for ``trainer.optimizers``, keeping those of optimizers already known; returns
-        the indices of the new ones. Runs at the start of fit and whenever the optimizers changed (a callback may
-        assign ``trainer.strategy.optimizers`` during fit)."""
-        optimizers = list(trainer.optimizers)
-        _check_optimizers(optimizers)
-        known = {id(predictor.optimizer): predictor for predictor in self._predictors.values()}
-        current = {id(optimizer) for optimizer in optimizers}
-        for key, predictor in known.items():
-            if key not in current:
-                predictor.close()
-        self._predictors = {}
-        new: list[int] = []
-        names: dict[Tensor, str] = {p: name for name, p in trainer.lightning_module.named_parameters()}
-        for index, optimizer in enumerate(optimizers):
-            kept = known.get(id(optimizer))
-            if kept is None:
-                kept = OptimizerPredictor(
-                    optimizer,
-                    self.steps,
-                    self.rule,
-                    self._snapshot,
-                    self.compile,
-                    _direction_scales(trainer, optimizer),
-                    self.chunk_bytes,
-                    names,
-                )
-                new.append(index)
-            self._predictors[id(optimizer)] = kept
-        return new
-
-    def _follow_optimizer_changes(self, trainer: pl.Trainer) -> None:
-        """At the start of a window: predict for the optimizers the strategy holds now (O(number of optimizers))."""
-        optimizers = trainer.optimizers
-        predictors = self._predictors.values()
-        if len(optimizers) == len(predictors) and all(
-            predictor.optimizer is optimizer for predictor, optimizer in zip(predictors, optimizers, strict=True)
-        ):
-            return
-        self._announce(trainer, self._attach_optimizers(trainer))
-
     def _announce(self, trainer: pl.Trainer, indices: Any) -> None:
-        """Log, once per optimizer, which rule it predicts with: a line at INFO, and the loggers' hyperparameters
-        ``xgrad/rule`` (``xgrad/rule/optimizer_<i>`` with several optimizers) and ``xgrad/steps``; and warn about
+        """Say, once per optimizer, which rule it predicts with (at INFO and as the loggers' hyperparameters), and
         what an optimizer without step hooks cannot do."""
-        count = len(trainer.optimizers)
-        hyperparams: dict[str, Any] = {}
+        rules: dict[int, str] = {}
         for index in indices:
             optimizer = trainer.optimizers[index]
             if not optimizer.param_groups:  # Lightning's stand-in when configure_optimizers returns None
                 continue
-            predictor = self._predictors[id(optimizer)]
-            if not predictor.guards_step:
-                self._warn_no_step_hooks(index, predictor, trainer.lightning_module.automatic_optimization)
-            rule = predictor.describe()
+            predictor = self._predictors.of(optimizer)
+            assert predictor is not None  # announced after follow()
+            automatic = trainer.lightning_module.automatic_optimization
+            warn_without_step_hooks(index, predictor, automatic, self.log_every_n_steps is not None)
+            rules[index] = predictor.describe()
             rank_zero_info(
-                f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rule} rule, "
+                f"XGradCallback: optimizer {index} ({type(optimizer).__name__}) predicts with the {rules[index]} rule, "
                 f"steps={self.steps}"
             )
-            hyperparams[_per_optimizer("xgrad/rule", index, count)] = rule
-        if hyperparams:
-            hyperparams["xgrad/steps"] = self.steps
-        # A key is logged once per fit: an optimizer replaced later at the same index is announced by the line above
-        # only (MLflow, for one, refuses a parameter whose value changes).
-        hyperparams = {key: value for key, value in hyperparams.items() if key not in self._logged_hyperparams}
-        if hyperparams:
-            self._logged_hyperparams.update(hyperparams)
-            for logger in trainer.loggers:
-                logger.log_hyperparams(hyperparams)
+        self._metrics.log_rules(trainer.loggers, rules, len(trainer.optimizers), self.steps)
 
-    # ------------------------------------------------------------------ the step
+    # ------------------------------------------------------------------ the window
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._window_open:  # a later micro-batch of the window; carry on after a validation if one ran
-            for predictor in self._predictors.values():
+        if self._window is not None:  # a later micro-batch of the window; carry on after a validation if one ran
+            for predictor in self._predictors:
                 predictor.resume()
-            return
-        self._follow_optimizer_changes(trainer)
-        self._window_open = True
+        else:
+            self._open_window(trainer)
+
+    def _open_window(self, trainer: pl.Trainer) -> None:
+        """Predict for the optimizers the strategy holds now, and measure the window if its step is a logging one."""
+        if new := self._predictors.follow(trainer):
+            self._announce(trainer, new)
         # No prediction where no gradient will be taken: StochasticWeightAveraging's last epoch only recomputes
         # BatchNorm statistics (at the averaged weights), with backward skipped.
-        self._window_enabled = trainer.global_step >= self.start_step and not backward_is_skipped(trainer)
-        enabled = self._window_enabled
-        # every predictor predicts; the indices of those that moved a parameter
-        predicted = [i for i, predictor in enumerate(self._predictors.values()) if predictor.predict(enabled)]
-        if predicted and self._should_log(trainer):
-            self._start_logging_window(trainer, predicted)
+        self._window = _Window(enabled=trainer.global_step >= self.start_step and not backward_is_skipped(trainer))
+        predictors = list(self._predictors)
+        predicted = [i for i, predictor in enumerate(predictors) if predictor.predict(self._window.enabled)]
+        if predicted and self._metrics.wants(trainer.global_step):
+            self._metrics.open_window(batches_that_stepped(trainer), trainer.loggers, predictors, predicted)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._restore_for_step(optimizer)
+        self.restore_real_weights(optimizer)
 
     def restore_real_weights(self, optimizer: torch.optim.Optimizer) -> None:
         """Put the real weights of ``optimizer``'s parameters back now, ahead of its update (idempotent).
 
         For other callbacks that read the weights in ``on_before_optimizer_step`` (CPropCallback): calling this
-        first makes them independent of the order of the callback list.
+        first makes them independent of the order of the callback list. With several optimizers (manual
+        optimization) each step restores its own optimizer's parameters; the others keep their prediction until
+        they step or the batch ends.
         """
-        self._restore_for_step(optimizer)
-
-    def _restore_for_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # With several optimizers (manual optimization) each step restores its own optimizer's parameters; the
-        # others keep their prediction until they step or the batch ends.
-        predictor = self._predictors.get(id(optimizer))
+        predictor = self._predictors.of(optimizer)
         if predictor is not None:
             predictor.restore(stepped=True)
         else:  # an optimizer that appeared mid-window (predicted from the next window on): no update on W_hat
-            _restore_each(self._predictors.values(), stepped=False)
-        self._window_open = any(p.phase != "idle" for p in self._predictors.values())
+            self._predictors.restore(stepped=False)
+        if self._predictors.idle():
+            self._window = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -323,29 +235,35 @@ class XGradCallback(Callback):
         # A batch that ends the window but where an optimizer did not step (manual optimization that skips one,
         # an overridden optimizer_step that skips): the window is over, so the prediction must not outlive it.
         if not should_accumulate(trainer):
-            self._restore_all(stepped=False)
-        self._publish_callback_metrics(pl_module)
+            self._close_window(stepped=False)
+        self._metrics.publish(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_all(stepped=False)
+        self._close_window(stepped=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_all(stepped=False)
+        self._close_window(stepped=False)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for predictor in self._predictors.values():
+        for predictor in self._predictors:
             predictor.suspend()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # The user's exception is the one that must surface: a failing restore is reported, not raised.
         try:
-            self._restore_all(stepped=False)
+            self._close_window(stepped=False)
         except Exception as error:
             warnings.warn(
                 f"XGradCallback: after {type(exception).__name__}, the real weights of some parameters could not be "
                 f"put back ({type(error).__name__}: {error}); those parameters may hold predicted weights.",
                 stacklevel=2,
             )
+
+    def _close_window(self, stepped: bool) -> None:
+        """The window is over: every predictor restored (each even if another fails), the metrics window closed."""
+        self._window = None
+        self._metrics.close_window()
+        self._predictors.restore(stepped)
 
     # ------------------------------------------------------------------ reading and editing the real weights
     @staticmethod
@@ -387,183 +305,28 @@ class XGradCallback(Callback):
 
     @contextmanager
     def _real_weights_in_place(self) -> Iterator[None]:
-        predicted = [predictor for predictor in self._predictors.values() if predictor.phase == "predicted"]
-        if self._holding_real_weights or not predicted:
+        window = self._window
+        predicted = self._predictors.predicted()
+        if window is None or window.holding_real_weights or not predicted:
             yield
             return
-        self._holding_real_weights = True
+        window.holding_real_weights = True
         try:
             # as for a step that never happens: the trajectory rule keeps the displacement it extrapolated
-            _restore_each(predicted, stepped=False)
+            self._predictors.restore(stepped=False, predictors=predicted)
             yield
         finally:
-            self._holding_real_weights = False
+            window.holding_real_weights = False
         # only on a normal exit: after an exception the real weights stay and the window is over
-        remade = [
-            index
-            for index, predictor in enumerate(self._predictors.values())
-            if predictor in predicted and predictor.predict(self._window_enabled)
-        ]
-        if self._logging_step is not None:  # the window's metrics measure the prediction made now
-            self._measure_updates(remade)
+        predictors = list(self._predictors)
+        remade = [i for i, p in enumerate(predictors) if p in predicted and p.predict(window.enabled)]
+        if self._metrics.step is not None:  # the window's metrics measure the prediction made now
+            self._metrics.measure(predictors, remade)
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Not `state_dict()`: see the class docstring. Lightning still hands this back to load_state_dict on resume.
-        checkpoint.setdefault("callbacks", {})[self.state_key] = self._checkpoint_state()
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a resume needs: the settings and, per optimizer, the trajectory rule's memory."""
+        return {**self.settings(), "optimizers": self._predictors.state_dicts()}
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "rule": self.rule,
-            "optimizers": [predictor.state_dict() for predictor in self._predictors.values()],
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs before the optimizers exist: applied in on_train_start.
-        saved = (state_dict.get("steps", self.steps), state_dict.get("rule", self.rule))
-        if saved != (self.steps, self.rule):
-            rank_zero_warn(
-                f"XGradCallback: the checkpoint was saved with steps={saved[0]}, rule={saved[1]!r}; this run uses "
-                f"steps={self.steps}, rule={self.rule!r}, which apply from the resumed step on."
-            )
-        self._loaded_state = state_dict
-
-    def _register_state_dict_hooks(self, pl_module: pl.LightningModule) -> None:
-        """Make every ``state_dict()`` of the module report the real weights while a prediction is in place."""
-        for handle in self._module_hooks:
-            handle.remove()
-        self._module_hooks = [
-            register_real_weights_hook(module, self._real_values)
-            for module in pl_module.modules()
-            if any(True for _ in module.parameters(recurse=False))
-        ]
-
-    def _real_values(self) -> dict[Tensor, Tensor]:
-        return {p: real for predictor in self._predictors.values() for p, _, real in predictor.predicted_params()}
-
-    # ------------------------------------------------------------------ helpers
-    def _restore_all(self, stepped: bool) -> None:
-        self._window_open = False
-        self._logging_step = None
-        _restore_each(self._predictors.values(), stepped)
-
-    def _should_log(self, trainer: pl.Trainer) -> bool:
-        return self.log_every_n_steps is not None and trainer.global_step % self.log_every_n_steps == 0
-
-    def _start_logging_window(self, trainer: pl.Trainer, predicted: Sequence[int]) -> None:
-        """Log the relative shift of every optimizer that predicted (``predicted``: their indices), and measure each
-        one's prediction against the update it applies in this window.
-
-        To the loggers directly, at the step Lightning labels this batch's own metrics with (as LearningRateMonitor
-        does): ``self.log`` from a batch-start hook would reach them only at the Trainer's cadence, repeated until
-        overwritten. ``trainer.callback_metrics`` gets them through ``self.log(..., logger=False)`` at batch end."""
-        self._logging_step = batches_that_stepped(trainer)
-        self._trainer_loggers = list(trainer.loggers)
-        predictors = list(self._predictors.values())
-        self._publish(
-            {
-                _per_optimizer("xgrad/relative_shift", i, len(predictors)): relative_shift(
-                    predictors[i].predicted_params(), predictors[i].chunk_bytes
-                )
-                for i in predicted
-            }
-        )
-        self._measure_updates(predicted)
-
-    def _measure_updates(self, indices: Sequence[int]) -> None:
-        """Have the predictors at ``indices`` measure their prediction against the update they apply next."""
-        predictors = list(self._predictors.values())
-        for index in indices:
-            predictor = predictors[index]
-            report = partial(self._report_quality, index, len(predictors))
-            predictor.measure_next_update(report, self.metrics_max_bytes, "XGradCallback", "metrics_max_bytes")
-
-    def _warn_no_step_hooks(self, index: int, predictor: OptimizerPredictor, automatic: bool) -> None:
-        """What cannot work for an optimizer whose steps nothing sees (training itself is exact: Lightning restores
-        in on_before_optimizer_step), if the run needs it: raw steps in manual optimization, the update metrics."""
-        lost = []
-        if not automatic:
-            lost.append(
-                "a raw `optimizer.step()` can neither put the real weights back first nor be seen by the trajectory "
-                "rule: in manual optimization, step it through the LightningOptimizer that `self.optimizers()` "
-                "returns"
-            )
-        if self.log_every_n_steps is not None:
-            lost.append("xgrad/prediction_cosine and xgrad/prediction_error cannot be measured for it")
-        if lost:
-            rank_zero_warn(
-                f"XGradCallback: optimizer {index} ({type(predictor.optimizer).__name__}) runs no step hooks (it does "
-                f"not call torch.optim.Optimizer.__init__, and wraps no optimizer that does), so {'; and '.join(lost)}."
-            )
-
-    def _report_quality(self, index: int, count: int, quality: PredictionQuality) -> None:
-        """A predictor measured the update after its prediction: log the cosine and the error."""
-        self._publish(
-            {
-                _per_optimizer("xgrad/prediction_cosine", index, count): quality.cosine,
-                _per_optimizer("xgrad/prediction_error", index, count): quality.error,
-            }
-        )
-
-    def _publish(self, metrics: dict[str, float]) -> None:
-        """To the loggers now, at the logging window's step; to ``trainer.callback_metrics`` at batch end."""
-        for logger in self._trainer_loggers:
-            logger.log_metrics(metrics, step=self._logging_step)
-        self._unpublished.update(metrics)
-
-    def _publish_callback_metrics(self, pl_module: pl.LightningModule) -> None:
-        metrics, self._unpublished = self._unpublished, {}
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, prog_bar=self.prog_bar)
-
-
-def _per_optimizer(name: str, index: int, count: int) -> str:
-    """A logged name for optimizer ``index`` of ``count``: ``name`` itself with one optimizer, else
-    ``name/optimizer_<index>`` (the index in ``trainer.optimizers``)."""
-    return name if count == 1 else f"{name}/optimizer_{index}"
-
-
-def _direction_scales(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> DirectionScales | None:
-    """The live elementwise scales a callback applies to ``optimizer``'s updates (CPropCallback), so the prediction
-    follows the update the optimizer will really apply; ``None`` without such a callback."""
-    scales = None
-    for callback in trainer_callbacks(trainer):
-        if isinstance(callback, DirectionScaleProvider):
-            scales = callback.xgrad_direction_scales(optimizer)
-    return scales
-
-
-def _check_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
-    """Refuse what XGrad cannot predict correctly: closure re-evaluating optimizers, parameters in two optimizers."""
-    for index, optimizer in enumerate(optimizers):
-        if isinstance(optimizer, CLOSURE_REEVALUATING):
-            raise MisconfigurationException(
-                f"XGradCallback cannot be used with {type(optimizer).__name__} (optimizer {index}): it evaluates "
-                "the closure several times per step, so the gradients would be taken at the real weights after "
-                "the first evaluation. Use a first-order optimizer such as SGD, Adam or AdamW."
-            )
-    owner: dict[torch.Tensor, int] = {}
-    for index, optimizer in enumerate(optimizers):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if owner.setdefault(p, index) != index:
-                    raise MisconfigurationException(
-                        f"XGradCallback: a parameter of shape {tuple(p.shape)} belongs to optimizers "
-                        f"{owner[p]} and {index}; each parameter must belong to one optimizer, since each "
-                        "optimizer's step restores its own parameters."
-                    )
-
-
-def _restore_each(predictors: Any, stepped: bool) -> None:
-    """Restore every predictor even if one fails; the first failure is raised after all were tried."""
-    errors = []
-    for predictor in predictors:
-        try:
-            predictor.restore(stepped=stepped)
-        except Exception as error:
-            errors.append(error)
-    if errors:
-        raise errors[0]
+    def settings(self) -> dict[str, Any]:
+        return {"steps": self.steps, "rule": self.rule}

@@ -23,7 +23,7 @@ from lightning_xgrad.rules import rule_for
 from lightning_xgrad.rules.adabelief import AdaBeliefRule
 
 from . import agreement
-from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
+from .toolkit import TinyModule, add_rule_direction_, batches, flat, loader, make_data, make_net, rule_columns, trainer
 
 LR = 0.01
 RTOL, ATOL = 1e-10, 1e-12  # float64 hand computations (the end-to-end runs: tests/agreement.py)
@@ -71,11 +71,8 @@ def _run(optimizer: AdaBelief, n_steps: int, seed: int = 1) -> tuple[list[Tensor
 def _direction(rule: AdaBeliefRule, optimizer: AdaBelief, group: dict[str, Any]) -> list[Tensor]:
     """dW as the rule computes it for one group, by applying the rule with alpha=1 to zeros."""
     assert rule.handles(group)
-    rows = [rule.state_tensors(optimizer.state[p]) for p in group["params"]]
-    assert all(row is not None for row in rows)
-    columns = tuple(list(c) for c in zip(*rows, strict=True))
     out = [torch.zeros_like(p) for p in group["params"]]
-    rule.add_direction_(out, columns, group, 1.0)
+    add_rule_direction_(rule, out, rule_columns(rule, [optimizer.state[p] for p in group["params"]]), group, 1.0)
     return out
 
 

@@ -24,7 +24,18 @@ from lightning_xgrad.rules.adam3 import AdaM3Rule
 
 from . import reference
 from .agreement import assert_close, assert_far, mse
-from .toolkit import TinyModule, batches, flat, loader, make_data, make_net, trainer
+from .toolkit import (
+    AcceleratorStepCounts,
+    TinyModule,
+    add_rule_direction_,
+    batches,
+    flat,
+    loader,
+    make_data,
+    make_net,
+    rule_columns,
+    trainer,
+)
 
 # float64 throughout: the implementations use lerp for m and divide by sqrt(1 - b2^k) after the square root, the
 # reference writes b1*m + (1-b1)*g and sqrt(v / (1 - b2^k)); observed max |diff| after 20 steps <= 4.5e-16.
@@ -266,18 +277,15 @@ def test_defaults() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the rule
-def _columns(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> tuple[list[Any], ...]:
-    rule = AdaM3Rule()
-    rows = [rule.state_tensors(optimizer.state[p]) for p in params]
-    assert all(row is not None for row in rows)
-    return tuple(list(column) for column in zip(*rows, strict=True))
+def _columns(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> tuple[Any, ...]:
+    return rule_columns(AdaM3Rule(), [optimizer.state[p] for p in params])
 
 
 def _rule_dw(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[Tensor]:
     """dW as the rule computes it: the rule applied with alpha=1 to zeros."""
     params = group["params"]
     out = [torch.zeros_like(p) for p in params]
-    AdaM3Rule().add_direction_(out, _columns(optimizer, params), group, 1.0)
+    add_rule_direction_(AdaM3Rule(), out, _columns(optimizer, params), group, 1.0)
     return out
 
 
@@ -315,7 +323,7 @@ def test_rule_is_the_update_adam3_applied(foreach: bool, maximize: bool, decoupl
             before[index[id(p)]] * (1 - lr * wd) if group["decoupled_weight_decay"] else before[index[id(p)]].clone()
             for p in group["params"]
         ]
-        AdaM3Rule().add_direction_(decayed, _columns(optimizer, group["params"]), group, -lr)
+        add_rule_direction_(AdaM3Rule(), decayed, _columns(optimizer, group["params"]), group, -lr)
         for got, p in zip(decayed, group["params"], strict=True):
             torch.testing.assert_close(got, p.detach(), rtol=1e-14, atol=1e-15)
 
@@ -329,10 +337,9 @@ def test_rule_with_steps_on_a_device_path_agrees() -> None:
             p.grad = grad
         optimizer.step()
     group = optimizer.param_groups[1]
-    exp_avgs, exp_avg_sqs, steps = _columns(optimizer, group["params"])
-    b1, b2 = group["betas"]
+    device = rule_columns(AdaM3Rule(), [optimizer.state[p] for p in group["params"]], AcceleratorStepCounts)
     out = [torch.zeros_like(p) for p in group["params"]]
-    AdaM3Rule._add_with_device_steps(out, exp_avgs, exp_avg_sqs, steps, b1, b2, 0.0, -0.7)  # no outer eps
+    add_rule_direction_(AdaM3Rule(), out, device, group, -0.7)
     expected = [-0.7 * d for d in _rule_dw(optimizer, group)]
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-12)  # bias corrections in float32 there
 

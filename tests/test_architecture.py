@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
         {
             "snapshot": {"prediction.snapshot"},
             "state_dict_hook": {"prediction.state_dict_hook"},
-            "quality": {"prediction.quality", "prediction.shift"},
+            "quality": {"prediction.quality"},
             "cprop statistics": {"cprop.statistics"},
         },
     ),
@@ -40,7 +40,13 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
         "per-optimizer drivers",
         {"prediction": {"prediction.plan", "prediction.predictor"}, "cprop tracker": {"cprop.tracker"}},
     ),
-    ("callbacks", {"callback": {"callback"}, "cprop callback": {"cprop.callback"}}),
+    (
+        "callbacks",
+        {
+            "callback": {"callback", "callback_checks", "callback_metrics", "callback_predictors"},
+            "cprop callback": {"cprop.callback"},
+        },
+    ),
     ("tools", {"sweep": {"sweep.*"}}),
     ("namespace", {"namespace": {"__init__", "prediction", "cprop"}}),
 ]

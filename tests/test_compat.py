@@ -15,18 +15,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-import lightning_xgrad.callback
 from lightning_xgrad import CPropCallback, XGradCallback
 from lightning_xgrad._internal import compat as _compat
 from lightning_xgrad._internal.sharding import MODEL_PARALLEL_TORCH, model_parallel_unsupported
+from lightning_xgrad.callback_checks import check_setup
 
 from .agreement import ATOL, RTOL
 from .ddp_script import EPOCHS, PER_RANK_BATCH, WORLD_SIZE, N
@@ -155,7 +156,8 @@ def test_backward_is_skipped_in_stochastic_weight_averagings_last_epoch() -> Non
 def test_model_parallel_is_supported_where_torch_has_dtensor() -> None:
     pytest.importorskip("torch.distributed.tensor")
     assert model_parallel_unsupported() is None
-    assert not any(c.__name__ == "ModelParallelStrategy" for c in lightning_xgrad.callback._REFUSED_STRATEGIES)
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(), callbacks=[XGradCallback()])
+    check_setup(trainer, XGradCallback)  # does not raise
 
 
 #: Runs a script as if torch lacked ``torch.distributed.tensor``. torch's and Lightning's own modules import it, so

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 
+from lightning_xgrad._internal.chunks import Chunks
 from lightning_xgrad.callback import XGradCallback
 from lightning_xgrad.cprop.callback import CPropCallback
 from lightning_xgrad.cprop.optim import CPropAdam, CPropSGD
@@ -42,6 +43,11 @@ from .toolkit import EXAMPLES, TinyModule, batches, flat, load_example, loader, 
 MOVEMENT_TOLERANCE = 1e-4  # float32 training against the float64 reference: this fraction of how far it moved
 BATCH = 8
 START = flat(make_net())  # the initial weights of every run
+
+
+def _chunks(foreach: bool, tensors: list[Tensor]) -> Chunks | None:
+    """The statistics' foreach path (chunks of at most the largest tensor) or their single-tensor one."""
+    return Chunks(tensors, 0) if foreach else None
 
 
 def assert_tracks(got: Tensor, expected: Tensor, what: str = "weights") -> None:
@@ -122,8 +128,8 @@ def test_conformity_scale_matches_float64_reference(cdf: str, beta: float, forea
         grads = [torch.randn(s, generator=g) for s in shapes]
         grads[0] = grads[0] * 0.3 + 2.0  # one sign
         grads[1] = (1 + 0.1 * grads[1]) * (-1) ** t  # alternating sign
-        update_statistics_(ms, variances, grads, [t] * 3, beta, foreach=foreach)
-        conformity_scale_(scales, ms, variances, [t] * 3, beta, 1.0, 1e-8, cdf, foreach=foreach)  # type: ignore[arg-type]
+        update_statistics_(ms, variances, grads, [t] * 3, beta, chunks=_chunks(foreach, ms))
+        conformity_scale_(scales, ms, variances, [t] * 3, beta, 1.0, 1e-8, cdf, chunks=_chunks(foreach, ms))  # type: ignore[arg-type]
         for key, grad, scale in zip(keys, grads, scales, strict=True):
             assert_close(scale, reference.observe(key, grad))
     assert scales[0].min() == 1.0  # gradients that agree in sign keep the full update
@@ -137,9 +143,9 @@ def test_first_scale_is_the_exact_arithmetic_one(c: float, cdf: str, foreach: bo
     """t = 1: the variance is exactly 0, so se = eps, not eps plus float rounding divided by eps."""
     grad = first_gradient()
     m, variance, scale = torch.zeros_like(grad), torch.zeros_like(grad), torch.empty_like(grad)
-    update_statistics_([m], [variance], [grad], [1], 0.999, foreach=foreach)
+    update_statistics_([m], [variance], [grad], [1], 0.999, chunks=_chunks(foreach, [m]))
     assert variance.eq(0).all()
-    conformity_scale_([scale], [m], [variance], [1], 0.999, c, 1e-8, cdf, foreach=foreach)  # type: ignore[arg-type]
+    conformity_scale_([scale], [m], [variance], [1], 0.999, c, 1e-8, cdf, chunks=_chunks(foreach, [m]))  # type: ignore[arg-type]
     expected = exact_first_scale(grad, c, cdf=cdf)
     assert_close(scale, expected)
     assert ((expected > 0.01) & (expected < 0.99)).sum() >= 4 and (scale[grad.abs() > 1e-6] == 1).all()
@@ -155,7 +161,7 @@ def test_variance_state_has_no_cancellation(foreach: bool) -> None:
     official_error = 0.0
     for t in range(1, 41):
         grad = 10 + 0.01 * torch.randn(50, generator=gen)
-        update_statistics_([m], [exp_var], [grad], [t], beta, foreach=foreach)
+        update_statistics_([m], [exp_var], [grad], [t], beta, chunks=_chunks(foreach, [m]))
         m64, v64 = beta * m64 + (1 - beta) * grad.double(), beta * v64 + (1 - beta) * grad.double() ** 2
         m32.mul_(beta).add_(grad, alpha=1 - beta)
         v32.mul_(beta).addcmul_(grad, grad, value=1 - beta)
@@ -173,11 +179,11 @@ def test_conformity_scale_first_steps_by_hand() -> None:
     beta, eps = 0.5, 1e-8
     m, variance, scale = torch.zeros(1), torch.zeros(1), torch.empty(1)
     for t, g in ((1, 1.0), (2, 3.0)):
-        update_statistics_([m], [variance], [torch.tensor([g])], [t], beta)
+        update_statistics_([m], [variance], [torch.tensor([g])], [t], beta, chunks=Chunks([m], 0))
     bc = 1 - beta**2  # 0.75
     assert_close(m, torch.tensor([1.75]))
     assert_close(variance / bc, torch.tensor([8 / 9]))
-    conformity_scale_([scale], [m], [variance], [2], beta, 1.0, eps, "normal")
+    conformity_scale_([scale], [m], [variance], [2], beta, 1.0, eps, "normal", chunks=Chunks([m], 0))
     m_hat, v_hat, n = 1.75 / bc, 4.75 / bc, bc / (1 - beta)
     se = math.sqrt((v_hat - m_hat**2) / (n - 1 + eps)) + eps
     assert_close(scale, torch.tensor([math.erf(m_hat / se / math.sqrt(2))]))
@@ -300,56 +306,6 @@ def test_optimizer_state_dict_resumes_exactly(name: str) -> None:
     torch.testing.assert_close(flat(net), flat(straight), rtol=0, atol=0)
 
 
-def old_layout(state_dict: dict[str, Any], beta: float, shared_square: bool) -> dict[str, Any]:
-    """A state_dict as CPropSGD / CPropAdam saved it before the exact variance: the moving average of g^2,
-    ``cprop_exp_avg_sq`` = s + m^2 / (1 - beta^t), instead of ``cprop_exp_var`` = s (none at all where CPropAdam
-    shared Adam's ``exp_avg_sq``), and no ``foreach`` option."""
-    old = copy.deepcopy(state_dict)
-    for group in old["param_groups"]:
-        del group["foreach"]
-    for entry in old["state"].values():
-        exp_var = entry.pop("cprop_exp_var").double()
-        if not shared_square:
-            m, bc = entry["cprop_exp_avg"].double(), 1 - beta ** float(entry["step"])
-            entry["cprop_exp_avg_sq"] = (exp_var + m * m / bc).float()
-    return old
-
-
-@pytest.mark.parametrize(
-    ("cls", "kwargs", "shared_square"),
-    [(CPropSGD, dict(lr=0.05, momentum=0.9), False), (CPropAdam, dict(lr=0.01), True),
-     (CPropAdam, dict(lr=0.01, betas=(0.9, 0.99)), False)],
-    ids=["cprop_sgd", "cprop_adam_shared_v", "cprop_adam_own_v"],
-)  # fmt: skip
-def test_optimizer_converts_the_old_state_layout(cls: type, kwargs: dict[str, Any], shared_square: bool) -> None:
-    """A state_dict with the old (m, v) statistics loads with a warning, its variance v_hat - m_hat^2 converted
-    (approximately), and 10 more steps stay within the tolerance of 20 straight ones."""
-    data = batches(*make_data(20 * BATCH), BATCH)
-
-    def run(net: nn.Module, optimizer: Any, part: list[Any]) -> None:
-        for batch in part:
-            mse(net, batch).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
-    straight = make_net()
-    run(straight, cls(straight.parameters(), **kwargs), data)
-    net = make_net()
-    first = cls(net.parameters(), **kwargs)
-    run(net, first, data[:10])
-    second = cls(net.parameters(), **kwargs)
-    with pytest.warns(UserWarning, match=rf"{cls.__name__}: .*old layout.*approximate"):
-        second.load_state_dict(old_layout(first.state_dict(), 0.999, shared_square))
-    for p in net.parameters():
-        state = second.state[p]
-        assert "cprop_exp_avg_sq" not in state and state["cprop_exp_var"].dtype == torch.float32
-        expected = first.state[p]["cprop_exp_var"]
-        torch.testing.assert_close(state["cprop_exp_var"], expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
-    assert second.param_groups[0]["foreach"] is None
-    run(net, second, data[10:])
-    assert_tracks(flat(net), flat(straight))
-
-
 def test_optimizer_refuses_a_state_without_cprop_statistics() -> None:
     """torch's Adam state_dict, or a CPropAdam one without its statistics, fails loudly at load, instead of CProp
     starting again from zero statistics (or a KeyError at the next step)."""
@@ -443,7 +399,7 @@ def test_callback_first_scale_is_the_exact_arithmetic_one(name: str, cdf: str, c
     """After one step the scale is min(1, c |2 Phi(-g / eps) - 1|) (se = eps): 1 for every ordinary gradient."""
     spy, cprop = GradSpy(), CPropCallback(c=c, cdf=cdf)  # type: ignore[arg-type]
     fit(TORCH_OPTIMIZERS[name], [spy, cprop], epochs=1, samples=BATCH)
-    (state,) = cprop.state_dict()["optimizers"]
+    (state,) = cprop.checkpoint_state()["optimizers"]
     for index, entry in state.items():
         assert entry["step"] == 1
         assert_close(entry["scale"], exact_first_scale(spy.grads[0][index], c, cdf=cdf))
@@ -514,33 +470,6 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert not torch.equal(dropped, straight)
 
 
-def test_resume_from_a_checkpoint_with_the_old_statistics(tmp_path: Path) -> None:
-    """A checkpoint whose callback state has the old (m, v) statistics (``exp_avg_sq``, the moving average of g^2,
-    instead of ``exp_var``) resumes with a warning, its variance v_hat - m_hat^2 converted (approximately), within
-    the tolerance of the run straight through; an entry with neither is refused."""
-    factory = TORCH_OPTIMIZERS["adamw"]
-    straight = flat(fit(factory, [CPropCallback()], epochs=2, samples=80))
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
-    fit(factory, [CPropCallback(), checkpoint], epochs=1, samples=80, enable_checkpointing=True)
-    (path,) = tmp_path.glob("*.ckpt")
-    saved = torch.load(path, weights_only=False)
-    (key,) = [k for k in saved["callbacks"] if k.startswith("CPropCallback")]
-    entries = saved["callbacks"][key]["optimizers"][0].values()
-    for entry in entries:
-        m, bc = entry["exp_avg"].double(), 1 - 0.999 ** entry["step"]
-        entry["exp_avg_sq"] = (entry.pop("exp_var").double() + m * m / bc).float()
-    torch.save(saved, tmp_path / "old.ckpt")
-    with pytest.warns(UserWarning, match=r"CPropCallback: .*old layout.*approximate"):
-        resumed = flat(fit(factory, [CPropCallback()], epochs=2, samples=80, ckpt_path=str(tmp_path / "old.ckpt")))
-    assert_tracks(resumed, straight)
-
-    for entry in entries:
-        del entry["exp_avg_sq"]
-    torch.save(saved, tmp_path / "broken.ckpt")
-    with pytest.raises(ValueError, match=r"CPropCallback: .*parameter 0.*'exp_var'"):
-        fit(factory, [CPropCallback()], epochs=2, samples=80, ckpt_path=str(tmp_path / "broken.ckpt"))
-
-
 def test_resuming_with_other_settings_warns_once_naming_both(tmp_path: Path) -> None:
     """The checkpoint records beta, c, eps and cdf; a resume with other ones says so (they apply from the resumed
     step on, to the statistics carried over); the same settings resume silently."""
@@ -603,7 +532,7 @@ def test_16_mixed_statistics_see_unscaled_gradients_and_skipped_steps_change_not
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     trainer(max_epochs=1, callbacks=[spy, cprop], plugins=[plugin]).fit(module, loader(x, y, BATCH))
-    (state,) = cprop.state_dict()["optimizers"]
+    (state,) = cprop.checkpoint_state()["optimizers"]
     assert len(spy.grads) == 4 and all(entry["step"] == 3 for entry in state.values())  # one step skipped
     # m = EMA of the unscaled gradients of the three steps that happened (a scaled one would be 1024 times larger)
     for index, entry in state.items():
@@ -621,7 +550,7 @@ def test_bf16_mixed_runs() -> None:
     factory = TORCH_OPTIMIZERS["adamw"]
     cprop = CPropCallback()
     module = fit(factory, [cprop, XGradCallback()], epochs=1, precision="bf16-mixed")
-    (state,) = cprop.state_dict()["optimizers"]
+    (state,) = cprop.checkpoint_state()["optimizers"]
     assert all(entry["step"] == 12 for entry in state.values())
     assert torch.isfinite(flat(module)).all()
     assert any((entry["scale"] < 1).any() for entry in state.values())
@@ -680,7 +609,7 @@ def test_cli_config_with_and_without_xgrad(tmp_path: Path, monkeypatch: pytest.M
         cli = example.cli_main(["fit", "--config", str(config), *short, *extra])
         (cprop,) = [c for c in cli.trainer.callbacks if isinstance(c, CPropCallback)]
         assert (cprop.beta, cprop.c, cprop.eps, cprop.cdf) == (0.999, 1.0, 1e-8, "bft")
-        (state,) = cprop.state_dict()["optimizers"]
+        (state,) = cprop.checkpoint_state()["optimizers"]
         assert all(entry["step"] == 4 for entry in state.values())
         assert math.isfinite(float(cli.trainer.callback_metrics["val_loss"]))
         xgrads = [c for c in cli.trainer.callbacks if isinstance(c, XGradCallback)]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_xgrad import XGradCallback
-from lightning_xgrad._internal.chunks import chunk_slices
+from lightning_xgrad._internal.chunks import Chunks, budget_for
 
 from .reference import xgrad_reference
 from .toolkit import OPTIMIZERS, TinyModule, batches, flat, loader, make_data, make_net, trainer
@@ -401,7 +401,7 @@ def test_no_allocation_on_steps_that_do_not_log_and_one_copy_or_the_budget_on_st
         ).fit(Wide(), loader(x, y))
         probes[name] = probe
     quiet = probes["quiet"]
-    chunk_bytes = max(sum(p.numel() * 4 for p in params[part]) for part in chunk_slices(params))
+    chunk_bytes = max(sum(p.numel() * 4 for p in params[part]) for part in Chunks(params, budget_for(None, params)))
     for b in range(10):
         for name, logging in probes.items():
             if b % every or b == 0:  # no logging step (step 0 predicts nothing): what the run without logging did

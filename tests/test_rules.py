@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from lightning_xgrad import OptimizerPredictor, PredictionRule, register_rule
-from lightning_xgrad._internal.chunks import chunk_slices
+from lightning_xgrad._internal.chunks import Chunks
 from lightning_xgrad.prediction.snapshot import ParameterSnapshot
-from lightning_xgrad.rules import AdamRule, rule_for
-from lightning_xgrad.rules.trajectory import extrapolate_
+from lightning_xgrad.rules import TRAJECTORY, AdamRule, rule_for
+
+from .toolkit import AcceleratorStepCounts, add_rule_direction_, rule_columns
 
 LR = 0.01
 
@@ -44,10 +45,8 @@ def _rule_direction(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
     rule = rule_for(optimizer)
     group = optimizer.param_groups[0]
     assert rule is not None and rule.handles(group)
-    rows = [rule.state_tensors(optimizer.state[p]) for p in params]
-    columns = tuple(list(c) for c in zip(*rows, strict=True))
     out = [torch.zeros_like(p) for p in params]
-    rule.add_direction_(out, columns, group, 1.0)
+    add_rule_direction_(rule, out, rule_columns(rule, [optimizer.state[p] for p in params]), group, 1.0)
     return out
 
 
@@ -177,13 +176,13 @@ def test_adam_rule_with_steps_on_the_device_path_matches_the_float_path() -> Non
     # give one parameter a different step count, as a parameter that joined later would have
     optimizer.state[params[1]]["step"] = torch.tensor(2.0, dtype=torch.float64)
     rule = AdamRule()
-    rows = [rule.state_tensors(optimizer.state[p]) for p in params]
-    m, v, steps = (list(c) for c in zip(*rows, strict=True))
+    states = [optimizer.state[p] for p in params]
     via_floats = [torch.zeros_like(p) for p in params]
-    rule.add_direction_(via_floats, (m, v, steps), optimizer.param_groups[0], -0.5)
+    add_rule_direction_(rule, via_floats, rule_columns(rule, states), optimizer.param_groups[0], -0.5)
     via_tensors = [torch.zeros_like(p) for p in params]
-    AdamRule._add_with_device_steps(via_tensors, m, v, steps, 0.8, 0.9, 1e-8, -0.5)
-    for a, b, p, step in zip(via_floats, via_tensors, params, steps, strict=True):
+    device = rule_columns(rule, states, AcceleratorStepCounts)
+    add_rule_direction_(rule, via_tensors, device, optimizer.param_groups[0], -0.5)
+    for a, b, p, step in zip(via_floats, via_tensors, params, device[2].tensors, strict=True):
         # torch keeps ``step`` in float32, so tensor bias corrections carry float32 rounding, as torch's own
         # capturable Adam does; the float path computes them in double precision
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
@@ -195,27 +194,21 @@ def test_adam_rule_with_steps_on_the_device_path_matches_the_float_path() -> Non
 
 @pytest.mark.parametrize("n_steps", [3, 8])  # betas (0.8, 0.9): RAdam's rho_k <= 5 up to k = 5, rectified after
 @pytest.mark.parametrize("optimizer_class", [torch.optim.Adamax, torch.optim.RAdam])
-def test_rules_with_steps_on_the_device_path_match_the_float_path(
-    monkeypatch: pytest.MonkeyPatch, optimizer_class: type, n_steps: int
-) -> None:
+def test_rules_with_steps_on_the_device_path_match_the_float_path(optimizer_class: type, n_steps: int) -> None:
     """Capturable Adamax and RAdam keep ``step`` on the accelerator; their rules then compute the bias corrections
     (and RAdam's choice between its two forms) as tensors. Taken here for CPU counters, that path must give the
     numbers of the float path, also with a parameter at another step (RAdam: the other form in the same call)."""
-    from lightning_xgrad.rules import adamax, radam
-
     params = _params()
     optimizer = optimizer_class(params, lr=LR, betas=(0.8, 0.9))
     _run(optimizer, params, n_steps=n_steps)
     optimizer.state[params[1]]["step"] = torch.tensor(2.0)  # as a parameter that joined later would have
     rule = rule_for(optimizer)
-    rows = [rule.state_tensors(optimizer.state[p]) for p in params]
-    columns = tuple(list(c) for c in zip(*rows, strict=True))
+    states = [optimizer.state[p] for p in params]
     via_floats = [torch.zeros_like(p) for p in params]
-    rule.add_direction_(via_floats, columns, optimizer.param_groups[0], -0.5)
-    for module in (adamax, radam):
-        monkeypatch.setattr(module, "on_accelerator", lambda step_counts: True)
+    add_rule_direction_(rule, via_floats, rule_columns(rule, states), optimizer.param_groups[0], -0.5)
     via_tensors = [torch.zeros_like(p) for p in params]
-    rule.add_direction_(via_tensors, columns, optimizer.param_groups[0], -0.5)
+    device = rule_columns(rule, states, AcceleratorStepCounts)
+    add_rule_direction_(rule, via_tensors, device, optimizer.param_groups[0], -0.5)
     for a, b in zip(via_floats, via_tensors, strict=True):
         # float32 step counts: the tensor bias corrections carry float32 rounding, as torch's capturable step does
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
@@ -235,7 +228,7 @@ def test_rules_with_steps_on_the_device_path_match_the_float_path(
 )
 def test_groups_whose_state_lacks_the_direction_use_the_trajectory_rule(factory) -> None:
     optimizer = factory(_params())
-    assert OptimizerPredictor(optimizer).group_rule(optimizer.param_groups[0]) is None
+    assert OptimizerPredictor(optimizer).group_rule(optimizer.param_groups[0]) is TRAJECTORY
     assert OptimizerPredictor(optimizer).describe() == "trajectory"
 
 
@@ -276,7 +269,7 @@ def test_extrapolate_by_hand() -> None:
     w_now = [torch.tensor([0.9, 2.2, -3.0]), torch.tensor([[0.25]])]
     params = [w.clone() for w in w_now]
     previous = [w.clone() for w in w_prev]
-    extrapolate_(params, previous, 2.0)
+    TRAJECTORY.extrapolate_(params, previous, 2.0, Chunks(params, 0))
     torch.testing.assert_close(params[0], torch.tensor([0.7, 2.6, -3.0]))
     torch.testing.assert_close(params[1], torch.tensor([[-0.25]]))
     for p, w in zip(previous, w_now, strict=True):
@@ -285,13 +278,13 @@ def test_extrapolate_by_hand() -> None:
 
 def test_chunks_cover_every_tensor_once_within_the_budget() -> None:
     tensors = [torch.empty(n) for n in [5, 1, 7, 3, 3, 2, 7, 1]]
-    slices = list(chunk_slices(tensors, 0))  # budget 0: chunks of at most the largest tensor (tests/test_scaling.py)
+    slices = list(Chunks(tensors, 0))  # budget 0: chunks of at most the largest tensor (tests/test_scaling.py)
     covered = [i for s in slices for i in range(len(tensors))[s]]
     assert covered == list(range(len(tensors)))
     for s in slices:
         assert sum(t.numel() for t in tensors[s]) <= 7
     assert len(slices) < len(tensors)  # really grouped, not one per tensor
-    assert list(chunk_slices([])) == []
+    assert list(Chunks([], 0)) == []
 
 
 def test_snapshot_save_restore_and_swap_are_exact() -> None:
@@ -304,10 +297,10 @@ def test_snapshot_save_restore_and_swap_are_exact() -> None:
     for p in params:
         p.mul_(1.1).add_(0.3)
     moved = [p.clone() for p in params]
-    cache.swap(params, buffers)
+    cache.swap(params, buffers, Chunks(params, 0))
     assert all(torch.equal(p, o) for p, o in zip(params, originals, strict=True))
     assert all(torch.equal(b, m) for b, m in zip(buffers, moved, strict=True))
-    cache.swap(params, buffers)
+    cache.swap(params, buffers, Chunks(params, 0))
     cache.restore(params, buffers)
     assert all(torch.equal(p, o) for p, o in zip(params, originals, strict=True))
     assert cache.nbytes == sum(p.numel() * p.element_size() for p in params)
@@ -407,7 +400,7 @@ def test_register_rule_teaches_a_new_optimizer() -> None:
         def state_tensors(self, state):
             return (state["sign"],) if "sign" in state else None
 
-        def add_direction_(self, params, columns, group, alpha):
+        def add_direction_(self, params, columns, group, alpha, chunks):
             torch._foreach_add_(params, columns[0], alpha=alpha)
 
     net = _net()

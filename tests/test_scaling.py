@@ -20,11 +20,13 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_xgrad import OptimizerPredictor
-from lightning_xgrad._internal.chunks import ChunkedList, chunk_slices, default_chunk_bytes
+from lightning_xgrad._internal.chunks import Chunks, budget_for, default_chunk_bytes
 from lightning_xgrad.cprop import CPropAdam, CPropSGD
 from lightning_xgrad.cprop.tracker import OptimizerConformity
 from lightning_xgrad.heavy_ball import AdaptiveHeavyBallAdam, AdaptiveHeavyBallSGD
 from lightning_xgrad.optim import AdaM3
+
+from .toolkit import simulate_accelerator_step_counts
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -114,25 +116,23 @@ def _predict_and_restore(predictor: OptimizerPredictor) -> Callable[[], None]:
 def test_chunks_hold_as_many_tensors_as_fit_in_the_budget() -> None:
     tensors = [torch.empty(n) for n in [5, 1, 7, 3, 3, 2, 7, 1]]  # float32: 4 bytes per element
     for budget in (0, 12, 28, 40, 60, 1000):
-        slices = list(chunk_slices(tensors, budget))
+        slices = list(Chunks(tensors, budget))
         assert [i for s in slices for i in range(len(tensors))[s]] == list(range(len(tensors)))  # each once, in order
         limit = max(28, budget)  # the largest tensor is 7 elements, 28 bytes
         assert all(sum(4 * t.numel() for t in tensors[s]) <= limit for s in slices)
         # greedy: no chunk could also have taken the first tensor of the next one
         for s, t in itertools.pairwise(slices):
             assert sum(4 * x.numel() for x in tensors[s]) + 4 * tensors[t.start].numel() > limit
-    assert len(list(chunk_slices(tensors))) == 1  # the default budget (1 MiB on the CPU) takes them all
-    assert list(chunk_slices([])) == [] and list(chunk_slices([], 0)) == []
+    assert len(Chunks(tensors, budget_for(None, tensors))) == 1  # the default budget (1 MiB on the CPU) takes them all
+    assert list(Chunks([], 0)) == [] and budget_for(None, []) == 2**20
 
 
-def test_a_chunked_list_computes_its_chunks_once_and_keeps_its_budget() -> None:
+def test_chunks_cut_a_derived_list_with_their_budget() -> None:
     tensors = [torch.empty(n) for n in [5, 1, 7, 3, 3, 2, 7, 1]]
-    planned = ChunkedList(tensors, 40)
-    assert planned == tensors and planned.chunk_bytes == 40
-    assert list(chunk_slices(planned)) == list(chunk_slices(tensors, 40)) == planned.slices
-    assert list(chunk_slices(planned, 0)) == list(chunk_slices(tensors, 0))  # another budget asked for explicitly
-    assert ChunkedList(tensors).chunk_bytes == 2**20  # the CPU's default
-    assert type(planned[1:3]) is list  # slices of it are plain lists
+    planned = Chunks(tensors, 40)
+    subset = tensors[2:5]
+    assert planned.of(subset).budget == 40 and list(planned.of(subset)) == list(Chunks(subset, 40))
+    assert budget_for(12, tensors) == 12  # a budget given is kept
 
 
 # ---------------------------------------------------------------- calls
@@ -150,10 +150,7 @@ def test_calls_with_direction_scales_and_accelerator_step_counts_grow_at_most_2x
 ) -> None:
     """The CProp scales the predictor multiplies in, and the rules' paths for step counts on an accelerator (taken
     here for CPU ones), are chunked alike."""
-    from lightning_xgrad.rules import adam, adamax, radam
-
-    for module in (adam, adamax, radam):
-        monkeypatch.setattr(module, "on_accelerator", lambda step_counts: True)
+    simulate_accelerator_step_counts(monkeypatch)
     for name in ("adamw", "adamax", "radam_rectified", "sgd_momentum"):
         factory, steps = RULES[name]
         calls = []
@@ -214,9 +211,8 @@ def test_the_default_budget_is_32_mib_on_an_accelerator_and_1_mib_on_the_cpu() -
     assert default_chunk_bytes(torch.device("cuda", 1)) == default_chunk_bytes("mps") == 32 * 2**20
     cpu = [torch.empty(2**17) for _ in range(4)]  # 512 KiB each: two per chunk on the CPU
     meta = [t.to("meta") for t in cpu]
-    assert len(list(chunk_slices(cpu))) == 2 and len(list(chunk_slices(meta))) == 1
-    assert ChunkedList(meta).chunk_bytes == 32 * 2**20 and ChunkedList(cpu).chunk_bytes == 2**20
-    assert ChunkedList([]).chunk_bytes == 2**20
+    assert len(Chunks(cpu, budget_for(None, cpu))) == 2 and len(Chunks(meta, budget_for(None, meta))) == 1
+    assert budget_for(None, meta) == 32 * 2**20 and budget_for(None, cpu) == 2**20 == budget_for(None, [])
 
 
 # ---------------------------------------------------------------- the plan

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from examples._loader import EXAMPLES, load_example  # noqa: F401  (re-exported for the tests)
 from lightning_xgrad import PredictedWeightsEditedWarning
+from lightning_xgrad._internal.chunks import Chunks
+from lightning_xgrad._internal.scalars import StepCounts
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -190,3 +192,36 @@ def make_dry_run(*arguments: str, cwd: Any) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     command = ["make", "-n", "--no-print-directory", *arguments]
     return subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+class AcceleratorStepCounts(StepCounts):
+    """Step counts taken for an accelerator's (capturable or fused optimizers keep them there): the rules then compute
+    their bias corrections with tensor ops instead of reading the counts, the path a machine without a GPU only
+    takes this way."""
+
+    @property
+    def host_readable(self) -> bool:
+        return False
+
+
+def simulate_accelerator_step_counts(monkeypatch: Any) -> None:
+    """Every plan built from now on (in this test) treats its step counts as kept on an accelerator."""
+    monkeypatch.setattr(StepCounts, "host_readable", AcceleratorStepCounts.host_readable)
+
+
+def rule_columns(rule: Any, states: list[Any], step_counts: type[StepCounts] = StepCounts) -> tuple[Any, ...]:
+    """The columns ``rule.add_direction_`` takes for parameters with these optimizer states, built as the predictor's
+    plan builds them (the rule's step column as ``step_counts``)."""
+    rows = [rule.state_tensors(state) for state in states]
+    assert all(row is not None for row in rows)
+    columns: list[Any] = [list(column) for column in zip(*rows, strict=True)]
+    if rule.step_column is not None:
+        columns[rule.step_column] = step_counts(columns[rule.step_column])
+    return tuple(columns)
+
+
+def add_rule_direction_(
+    rule: Any, out: list[Tensor], columns: tuple[Any, ...], group: dict[str, Any], alpha: float, chunk_bytes: int = 0
+) -> None:
+    """``out += alpha * dW`` as ``rule`` computes it (chunks of at most the largest tensor unless told otherwise)."""
+    rule.add_direction_(out, columns, group, alpha, Chunks(out, chunk_bytes))

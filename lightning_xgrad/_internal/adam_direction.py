@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .chunks import chunk_slices
+from .chunks import Chunks
 
 __all__ = ["add_adam_direction_"]
 
@@ -27,7 +27,7 @@ def add_adam_direction_(
     eps: float | list[float] = 0.0,
     divisors: list[Tensor] | None = None,
     scales: list[Tensor] | None = None,
-    chunk_bytes: int | None = None,
+    chunks: Chunks,
 ) -> None:
     """In place, per tensor i: ``params[i] += step_size[i] * scales[i] * m[i] / denom[i]`` with
     ``denom = (sqrt(v) / sqrt_bias_correction2 + eps) * divisors``.
@@ -35,9 +35,8 @@ def add_adam_direction_(
     Every scalar argument is one number for all tensors or one per tensor (``sqrt_bias_correction2`` may be 0-dim
     tensors on the parameters' device, so that bias corrections of step counts kept there cost no sync);
     ``divisors`` are optional per-tensor 0-dim tensors (a bias correction over the step size, kept on the device);
-    ``scales`` optional elementwise factors (CProp's conformity scale). The lists are walked in chunks of at most
-    ``max(largest tensor, chunk_bytes)`` bytes (:func:`~lightning_xgrad._internal.chunks.chunk_slices`: by default the
-    budget ``params`` was planned with, or the package default), which bounds the temporaries (the denominators).
+    ``scales`` optional elementwise factors (CProp's conformity scale). ``chunks`` are those of ``params``: one chunk of
+    temporaries (the denominators) is alive at a time.
     """
     # each choice made once, so that per chunk the Python work stays what the callers' own loops had
     bc_each: list[float] | list[Tensor] | None = None
@@ -53,7 +52,7 @@ def add_adam_direction_(
     elif eps:
         eps_all = eps
     size_each, size_all = (step_size, 1.0) if isinstance(step_size, list) else (None, step_size)
-    for part in chunk_slices(params, chunk_bytes):
+    for part in chunks:
         denom = torch._foreach_sqrt(second_moments[part])
         if bc_each is not None:
             torch._foreach_div_(denom, bc_each[part])

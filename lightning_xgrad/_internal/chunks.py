@@ -1,19 +1,17 @@
-"""Tensor lists for foreach ops: their type, and walking them in chunks so that out-of-place temporaries stay bounded.
+"""Walking lists of tensors in chunks, so that the temporaries of out-of-place foreach ops stay within a byte budget.
 
 Out-of-place foreach ops (``torch._foreach_sqrt``, ``torch._foreach_sub``, ...) allocate one temporary per input
-tensor. Walking a list in consecutive chunks of at most ``max(largest tensor, chunk_bytes)`` bytes bounds those
-temporaries by that much, while each chunk is still one foreach call: the number of calls grows with the size of
-the parameters over the budget, not with the number of tensors.
+tensor. Walking a list in consecutive chunks of at most ``max(largest tensor, budget)`` bytes bounds those temporaries
+by that much, while each chunk is still one foreach call: the number of calls grows with the size of the parameters
+over the budget, not with the number of tensors.
 
-The default budget depends on the tensors' device (:func:`default_chunk_bytes`). On an accelerator it is
-:data:`DEFAULT_CHUNK_BYTES` (32 MiB): small next to the models where transient memory matters (an fp32 model of 100M
-parameters holds 400 MB; its largest tensor is often bigger than the budget anyway, and then the chunks are as large
-as that tensor), and large enough that the fixed cost of a call (a few microseconds of dispatch, a kernel launch) is
-a small share of the work it does: 32 MiB takes tens of microseconds to stream even on an H100/H200's 3-5 TB/s.
-Models of many small tensors (a transformer's norms and biases) fit in one chunk per op. On the CPU a call costs no
-launch, but a chunk larger than the caches makes every op of a chain stream its temporaries through memory: there
-it is :data:`CPU_DEFAULT_CHUNK_BYTES` (1 MiB; AdamW's prediction on a 12.65 MiB MLP took 5.9 ms with it, 8.3 ms with
-32 MiB, on 2 cores). ``chunk_bytes=0`` chunks by the largest tensor alone (the smallest transient).
+The budget is always explicit: a :class:`Chunks` is cut for one list with one budget, and whoever walks a list takes
+its chunks (or the budget) as an argument. Where a user leaves it open (``chunk_bytes=None``), the default of the
+tensors' device is chosen once, by :func:`default_chunk_bytes`: on an accelerator 32 MiB, small next to the models
+where transient memory matters and large enough that a call's fixed cost (dispatch, a kernel launch) is a small share
+of the work it does, so the many small tensors of most models fit in one call per op; on the CPU 1 MiB, where a call
+launches nothing and chunks larger than the caches make every op of a chain stream its temporaries through memory.
+A budget of 0 chunks by the largest tensor alone (the smallest transient).
 """
 
 from __future__ import annotations
@@ -26,17 +24,16 @@ from torch import Tensor
 __all__ = [
     "CPU_DEFAULT_CHUNK_BYTES",
     "DEFAULT_CHUNK_BYTES",
-    "ChunkedList",
+    "Chunks",
     "TensorList",
-    "chunk_bytes_of",
-    "chunk_slices",
+    "budget_for",
     "default_chunk_bytes",
 ]
 
 #: what torch's foreach ops take, and return (out-of-place ones return tuples)
 TensorList = list[Tensor] | tuple[Tensor, ...]
 
-#: the transient-memory budget of one chunk, in bytes, where none is given, on an accelerator (module docstring)
+#: the budget of one chunk, in bytes, where none is given, on an accelerator (module docstring)
 DEFAULT_CHUNK_BYTES = 32 * 2**20
 #: the same on the CPU, where cache-sized chunks are faster and calls are cheap
 CPU_DEFAULT_CHUNK_BYTES = 2**20
@@ -47,61 +44,50 @@ def default_chunk_bytes(device: torch.device | str | None) -> int:
     return CPU_DEFAULT_CHUNK_BYTES if torch.device(device or "cpu").type == "cpu" else DEFAULT_CHUNK_BYTES
 
 
-def _slices(tensors: Sequence[Tensor], chunk_bytes: int | None) -> list[slice]:
+def budget_for(chunk_bytes: int | None, tensors: Sequence[Tensor]) -> int:
+    """``chunk_bytes``, or where it is ``None`` the default of the tensors' device."""
+    if chunk_bytes is not None:
+        return chunk_bytes
+    return default_chunk_bytes(tensors[0].device if tensors else None)
+
+
+class Chunks:
+    """The chunks one list of tensors is walked in: consecutive slices of it, each holding at most
+    ``max(largest tensor, budget)`` bytes, cut once (a plan keeps one per bucket and hands it to every walk over that
+    bucket). :meth:`of` cuts another list, derived from the first (a subset, a list of temporaries), with the same
+    budget. Iterating gives the slices."""
+
+    __slots__ = ("budget", "slices")
+
+    def __init__(self, tensors: Sequence[Tensor], budget: int) -> None:
+        self.budget = budget
+        self.slices = _slices(tensors, budget)
+
+    def of(self, tensors: Sequence[Tensor]) -> Chunks:
+        """The chunks of ``tensors`` for the same budget."""
+        return Chunks(tensors, self.budget)
+
+    def __iter__(self) -> Iterator[slice]:
+        return iter(self.slices)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __repr__(self) -> str:
+        return f"Chunks({len(self.slices)} chunks, budget={self.budget})"
+
+
+def _slices(tensors: Sequence[Tensor], budget: int) -> list[slice]:
     if not tensors:
         return []
-    if chunk_bytes is None:
-        chunk_bytes = default_chunk_bytes(tensors[0].device)
     sizes = [t.numel() * t.element_size() for t in tensors]
-    budget = max(max(sizes), chunk_bytes)
+    limit = max(max(sizes), budget)
     slices = []
     start, used = 0, 0
     for i, size in enumerate(sizes):
-        if used + size > budget and i > start:
+        if used + size > limit and i > start:
             slices.append(slice(start, i))
             start, used = i, 0
         used += size
     slices.append(slice(start, len(tensors)))
     return slices
-
-
-class ChunkedList(list):
-    """A list of tensors that carries its chunk budget and its chunks, computed once.
-
-    The predictor's buckets hold their parameters in one of these, planned with the budget the user chose: the rules
-    call :func:`chunk_slices` on it every step at no Python cost per tensor, and any helper that receives it walks
-    it with that budget. Slicing it gives plain lists. Do not grow or shrink it after construction (a changed
-    length is noticed, and the chunks recomputed, but replaced entries are not).
-    """
-
-    def __init__(self, tensors: Sequence[Tensor], chunk_bytes: int | None = None) -> None:
-        super().__init__(tensors)
-        #: the budget in bytes (``None`` given: the default of the first tensor's device)
-        self.chunk_bytes = default_chunk_bytes(self[0].device if self else None) if chunk_bytes is None else chunk_bytes
-        self.slices = _slices(self, chunk_bytes)
-
-    def chunks(self, chunk_bytes: int | None = None) -> list[slice]:
-        """The chunks for ``chunk_bytes`` (by default the list's own budget)."""
-        if chunk_bytes is not None and chunk_bytes != self.chunk_bytes:
-            return _slices(self, chunk_bytes)
-        if not self.slices or self.slices[-1].stop != len(self):
-            self.slices = _slices(self, self.chunk_bytes)
-        return self.slices
-
-
-def chunk_bytes_of(tensors: Sequence[Tensor]) -> int | None:
-    """The budget a :class:`ChunkedList` was planned with, ``None`` for any other sequence: what a function that
-    derives new lists from its argument passes on, so that they are walked with the same budget."""
-    return tensors.chunk_bytes if isinstance(tensors, ChunkedList) else None
-
-
-def chunk_slices(tensors: Sequence[Tensor], chunk_bytes: int | None = None) -> Iterator[slice]:
-    """Consecutive slices of ``tensors``, each holding at most ``max(largest tensor, chunk_bytes)`` bytes.
-
-    ``chunk_bytes=None`` takes the budget of a :class:`ChunkedList` (whose chunks are computed once), else the
-    default of the tensors' device (:func:`default_chunk_bytes`). Out-of-place foreach ops on one chunk then
-    allocate at most that much, and a list of many small tensors is walked in few calls.
-    """
-    if isinstance(tensors, ChunkedList):
-        return iter(tensors.chunks(chunk_bytes))
-    return iter(_slices(tensors, chunk_bytes))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["ScalarColumn", "as_float", "on_accelerator", "step_counts_as_floats", "uniform"]
+__all__ = ["StepCounts", "as_float", "one_minus_powers", "uniform"]
 
 
 def as_float(value: Any) -> float:
@@ -17,45 +18,50 @@ def as_float(value: Any) -> float:
     return float(value)
 
 
-class ScalarColumn(list):
-    """A column of 0-dim CPU tensors (torch's per-parameter ``step``), read back in microseconds.
+class StepCounts:
+    """The step count of each tensor of a bucket, as the optimizer keeps it (torch: one 0-dim tensor per parameter),
+    read as floats without a device sync.
 
-    The predictor builds its columns once per plan; optimizers update ``step`` in place, so NumPy views taken here
-    keep showing the current counts. A Python float per tensor per step through ``.item()`` costs about 0.5 us each,
-    the views a tenth of that.
+    Counts on the CPU (torch's default) are read through NumPy views taken once, a tenth of what ``float()`` costs per
+    tensor; the optimizer updates them in place, so the views keep showing the current counts. Counts on an
+    accelerator (capturable or fused optimizers) cannot be read without waiting for the device: ``host_readable`` is
+    then False and a rule computes its bias corrections from :attr:`tensors` with tensor ops instead.
     """
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        super().__init__(tensors)
-        try:
-            self._views: list[Any] | None = [t.detach().numpy() for t in tensors]
-        except (RuntimeError, TypeError):  # no NumPy, or a tensor NumPy cannot view
-            self._views = None
+    def __init__(self, counts: Sequence[Any]) -> None:
+        #: the counts as the optimizer holds them
+        self.tensors = list(counts)
+        on_device = any(isinstance(c, Tensor) and c.device.type != "cpu" for c in self.tensors)
+        self._views: list[Any] | None = None
+        if not on_device and all(isinstance(c, Tensor) and c.numel() == 1 and not c.is_complex() for c in counts):
+            try:
+                self._views = [c.detach().numpy() for c in self.tensors]
+            except (RuntimeError, TypeError):  # no NumPy, or a tensor NumPy cannot view
+                self._views = None
+        self._on_device = on_device
 
-    @staticmethod
-    def suits(column: Sequence[Any]) -> bool:
-        """Whether every entry is a one-element tensor on the CPU."""
-        return bool(column) and all(
-            isinstance(t, Tensor) and t.device.type == "cpu" and t.numel() == 1 and not t.is_complex() for t in column
-        )
+    @property
+    def host_readable(self) -> bool:
+        """Whether :meth:`floats` can read the counts without a device sync (they are not on an accelerator)."""
+        return not self._on_device
 
     def floats(self) -> list[float]:
-        if self._views is None:
-            return [float(t) for t in self]
-        return [float(v) for v in self._views]
+        """The counts as Python floats (on an accelerator this waits for the device: check :attr:`host_readable`)."""
+        if self._views is not None:
+            return [float(v) for v in self._views]
+        return [float(c) for c in self.tensors]
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
-def on_accelerator(step_counts: Sequence[Any]) -> bool:
-    """Whether per-parameter step counts live on an accelerator (capturable or fused optimizers), where reading them
-    on the host would wait for the device: the rules then compute their bias corrections with tensor ops instead."""
-    return bool(step_counts) and isinstance(step_counts[0], Tensor) and step_counts[0].device.type != "cpu"
-
-
-def step_counts_as_floats(step_counts: Sequence[Any]) -> list[float]:
-    """Per-parameter step counts as floats (Python numbers, or tensors; a :class:`ScalarColumn` reads fastest)."""
-    if isinstance(step_counts, ScalarColumn):
-        return step_counts.floats()
-    return [float(s) for s in step_counts]
+def one_minus_powers(base: float, exponents: Sequence[Tensor]) -> list[Tensor]:
+    """``1 - base ** k`` for every 0-dim tensor ``k``, computed where the tensors are (no sync): the bias corrections
+    of step counts kept on an accelerator."""
+    powers = torch._foreach_pow(base, list(exponents))
+    torch._foreach_neg_(powers)
+    torch._foreach_add_(powers, 1.0)
+    return list(powers)
 
 
 def uniform(values: list[float]) -> float | list[float]:

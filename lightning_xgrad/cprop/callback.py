@@ -23,10 +23,9 @@ evaluates it several times, such as LBFGS, gets its whole step scaled). Paramete
 alone. DTensor parameters (FSDP2, tensor parallel) work on their local shards, with no communication, but a checkpoint
 leaves their statistics out (a resume restarts them). The statistics have the parameter's dtype, as in the official
 code; their variance is an exact moving variance rather than the official ``v_hat - m_hat^2`` (the same number in exact
-arithmetic, see :mod:`lightning_xgrad.cprop.statistics`), so the first step's scale is not float rounding noise. A
-checkpoint saved by an earlier version, with the old (m, v) statistics, resumes with a warning and its variance
-converted approximately. Not supported: strategies whose optimizer does not update the module's parameters directly
-(DeepSpeed, FSDP1's flat parameters).
+arithmetic, see :mod:`lightning_xgrad.cprop.statistics`), so the first step's scale is not float rounding noise. Not
+supported: strategies whose optimizer does not update the module's parameters directly (DeepSpeed, FSDP1's flat
+parameters), and optimizers without step hooks anywhere (refused: their update cannot be seen).
 
 Under XGrad the prediction must follow the update that is really applied: ``CPropCallback.xgrad_direction_scales``
 hands XGradCallback the live per-parameter scales of the last step, and XGrad's state rules predict with
@@ -47,15 +46,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from .._internal.checkpoint import CheckpointedState, count_instances
 from .._internal.compat import trainer_callbacks
-from .._internal.step_hooks import register_step_hooks, step_closure, with_closure
+from .._internal.optimizers import register_step_hooks, step_closure, with_closure
 from .._internal.validation import check_int
 from ..protocols import RealWeightsRestorer
-from .statistics import LEGACY_LAYOUT_WARNING, ConformityCDF, check_conformity_args
+from .statistics import ConformityCDF, check_conformity_args
 from .tracker import OptimizerConformity
 
 
-class CPropCallback(Callback):
+class CPropCallback(CheckpointedState, Callback):
     r"""Scale every optimizer update elementwise by CProp's gradient conformity (Preechakul and Kijsirikul, 2019).
 
     Per element, from the gradients g of its steps so far (exponential moving averages with bias correction)::
@@ -108,7 +108,8 @@ class CPropCallback(Callback):
         self._scales: dict[int, dict[Tensor, Tensor]] = {}
         self._restorers: list[RealWeightsRestorer] = []
         self._hook_handles: list[RemovableHandle] = []
-        self._loaded_state: dict[str, Any] | None = None
+
+    warn = staticmethod(rank_zero_warn)
 
     def xgrad_direction_scales(self, optimizer: torch.optim.Optimizer) -> dict[Tensor, Tensor]:
         """The live ``parameter -> scale of its last step`` dict of ``optimizer`` (empty before its first step),
@@ -117,6 +118,14 @@ class CPropCallback(Callback):
         return self._scales.setdefault(id(optimizer), {})
 
     # ------------------------------------------------------------------ setup and teardown
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        count = count_instances(trainer, CPropCallback)
+        if stage == "fit" and count > 1:
+            raise MisconfigurationException(
+                f"CPropCallback was added {count} times to the Trainer's callbacks; add it once (each would scale "
+                "every update again)."
+            )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # XGradCallback, found by what it does rather than by its class (the callbacks import each other not)
         self._restorers = [c for c in trainer_callbacks(trainer) if isinstance(c, RealWeightsRestorer)]
@@ -139,14 +148,10 @@ class CPropCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A resumed callback's state is loaded after on_fit_start: apply it now, before the first step.
-        if self._loaded_state is not None:
-            states = self._loaded_state.get("optimizers", [])
-            converted = [
-                tracker.load_state_dict(state) for tracker, state in zip(self._trackers.values(), states, strict=False)
-            ]
-            if any(converted):
-                rank_zero_warn("CPropCallback: " + LEGACY_LAYOUT_WARNING.format(old="exp_avg_sq", new="exp_var"))
-            self._loaded_state = None
+        loaded = self.take_loaded_state()
+        if loaded is not None:
+            for tracker, state in zip(self._trackers.values(), loaded.get("optimizers", []), strict=False):
+                tracker.load_state_dict(state)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -199,29 +204,8 @@ class CPropCallback(Callback):
         return hook
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        if self._loaded_state is not None:  # loaded, not applied yet
-            return self._loaded_state
-        return {
-            **self._settings(),
-            "optimizers": [tracker.state_dict() for tracker in self._trackers.values()],
-        }
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {**self.settings(), "optimizers": [tracker.state_dict() for tracker in self._trackers.values()]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Runs after on_fit_start but before the optimizers' own state is final: applied in on_train_start.
-        current = self._settings()
-        saved = {name: state_dict.get(name, value) for name, value in current.items()}  # older ones lack c and eps
-        if saved != current:
-            rank_zero_warn(
-                f"CPropCallback: the checkpoint was saved with {_listed(saved, current)}; this run uses "
-                f"{_listed(current, saved)}, which apply from the resumed step on (the statistics carry on)."
-            )
-        self._loaded_state = state_dict
-
-    def _settings(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         return {"beta": self.beta, "c": self.c, "eps": self.eps, "cdf": self.cdf}
-
-
-def _listed(settings: dict[str, Any], other: dict[str, Any]) -> str:
-    """``name=value`` for the settings that differ from ``other``."""
-    return ", ".join(f"{name}={value!r}" for name, value in settings.items() if other[name] != value)

@@ -12,7 +12,6 @@ collects each param group's tensors, and one function per implementation (``_sin
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -20,20 +19,19 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .._internal.adam_direction import add_adam_direction_
-from .._internal.chunks import TensorList
+from .._internal.chunks import Chunks, TensorList, default_chunk_bytes
 from .._internal.compat import group_by_device_and_dtype, new_step_count, view_as_real_
-from .._internal.scalars import as_float, step_counts_as_floats
+from .._internal.optimizers import flat_params
+from .._internal.scalars import as_float
 from .._internal.validation import argument_error, check_flag, check_real, check_real_pair
 from ..optim.base import BaseOptimizer, increment_step_counts_, use_foreach
 from .statistics import (
-    LEGACY_LAYOUT_WARNING,
     ConformityCDF,
     check_conformity_args,
     conformity_scale_,
     update_mean_,
     update_statistics_,
     update_variance_,
-    variance_from_square_mean,
 )
 
 __all__ = ["CPropAdam", "CPropSGD"]
@@ -44,38 +42,22 @@ def _real(tensor: Tensor) -> Tensor:
     return torch.view_as_real(tensor) if torch.is_complex(tensor) else tensor
 
 
-def _convert_old_statistics(optimizer: Optimizer, owner: str) -> None:
-    """Loaded states with the old CProp statistics (m and v = EMA(g^2)) get ``cprop_exp_var`` instead, with one
-    warning; a state that has steps but neither, or a param group without CProp's options, is refused. v is
-    ``cprop_exp_avg_sq``, or Adam's ``exp_avg_sq`` where CPropAdam shared it (beta2 == cprop_beta); m is
-    ``cprop_exp_avg``, or Adam's ``exp_avg`` (beta1)."""
+def _refuse_a_foreign_state(optimizer: Optimizer, owner: str) -> None:
+    """A loaded state_dict that is not this optimizer's (torch's Adam's, or one without CProp's statistics) is refused
+    at load, instead of CProp starting again from zero statistics or failing with a KeyError at the next step."""
     for index, group in enumerate(optimizer.param_groups):
         if "cprop_beta" not in group:
             raise ValueError(
                 f"{owner}: the loaded state_dict is not a {owner}'s: param group {index} has no 'cprop_beta' "
                 f"(its options: {sorted(k for k in group if k != 'params')})"
             )
-    converted: set[str] = set()
-    params = (p for group in optimizer.param_groups for p in group["params"])
-    groups = (group for group in optimizer.param_groups for _ in group["params"])
-    for index, (p, group) in enumerate(zip(params, groups, strict=True)):
+    for index, p in enumerate(flat_params(optimizer)):
         state = optimizer.state.get(p)
-        if not state or "step" not in state or "cprop_exp_var" in state:
-            continue
-        beta, betas = group["cprop_beta"], group.get("betas", (None, None))
-        mean_name = "exp_avg" if betas[0] == beta else "cprop_exp_avg"
-        square_name = "exp_avg_sq" if betas[1] == beta and "cprop_exp_avg_sq" not in state else "cprop_exp_avg_sq"
-        if mean_name not in state or square_name not in state:
+        if state and "step" in state and "cprop_exp_var" not in state:
             raise ValueError(
-                f"{owner}: the loaded state of parameter {index} has no CProp statistics: expected {mean_name!r} "
-                f"with 'cprop_exp_var' (or, from an older version, {square_name!r}), got {sorted(state)}"
+                f"{owner}: the loaded state of parameter {index} has no CProp statistics: expected 'cprop_exp_var', "
+                f"got {sorted(state)}"
             )
-        square = state[square_name] if square_name == "exp_avg_sq" else state.pop(square_name)
-        state["cprop_exp_var"] = variance_from_square_mean(state[mean_name], square, float(state["step"]), beta)
-        converted.add(square_name)
-    if converted:
-        old = " / ".join(sorted(converted))
-        warnings.warn(f"{owner}: " + LEGACY_LAYOUT_WARNING.format(old=old, new="cprop_exp_var"), stacklevel=4)
 
 
 _SGD_STATE = ("cprop_exp_avg", "cprop_exp_var", "step", "cprop_scale")
@@ -120,10 +102,8 @@ class CPropSGD(BaseOptimizer):
     ``cprop_exp_var`` (the moving variance, bias-corrected as m: ``cprop_exp_var / (1 - cprop_beta^step)`` is the
     official ``v_hat - m_hat^2``), ``step`` (their gradient count t; named as torch names it, so that
     ``load_state_dict`` keeps it a float32 CPU tensor instead of casting it to the parameter's dtype) and
-    ``cprop_scale`` (the scale of the last step). A state_dict saved by an earlier version (``cprop_exp_avg_sq``,
-    the moving average of g^2) loads with a warning, its variance converted approximately.
-    XGrad's rule (:class:`lightning_xgrad.cprop.rules.CPropSGDRule`) reads dW = ``cprop_scale * momentum_buffer``.
-    """
+    ``cprop_scale`` (the scale of the last step). XGrad's rule (:class:`lightning_xgrad.cprop.rules.CPropSGDRule`) reads
+    dW = ``cprop_scale * momentum_buffer``."""
 
     def __init__(
         self,
@@ -168,10 +148,8 @@ class CPropSGD(BaseOptimizer):
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-        _convert_old_statistics(self, "CPropSGD")
+        super().__setstate__(state)  # what load_state_dict ends with
+        _refuse_a_foreign_state(self, "CPropSGD")
 
     def _init_group(self, params: list[Tensor], columns: dict[str, list[Any]]) -> None:
         """Collect the parameters and their state (created lazily) into ``columns``."""
@@ -230,13 +208,13 @@ def _single_tensor_cprop_sgd(
 ) -> None:
     """One CPropSGD step on one param group, one tensor at a time; fills ``momentum_buffers``' ``None`` entries."""
     increment_step_counts_(step_counts)
-    ts = step_counts_as_floats(step_counts)
+    ts = [float(t) for t in step_counts]
     r_grads, r_exp_avgs, r_exp_vars, r_scales = (
         [_real(t) for t in column] for column in (grads, exp_avgs, exp_vars, scales)
     )
     # the statistics see the raw gradient, before weight decay (official order)
-    update_statistics_(r_exp_avgs, r_exp_vars, r_grads, ts, cprop_beta, foreach=False)
-    conformity_scale_(r_scales, r_exp_avgs, r_exp_vars, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf, foreach=False)
+    update_statistics_(r_exp_avgs, r_exp_vars, r_grads, ts, cprop_beta, chunks=None)
+    conformity_scale_(r_scales, r_exp_avgs, r_exp_vars, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf, chunks=None)
     for i, (param, grad, scale) in enumerate(zip(params, grads, r_scales, strict=True)):
         direction = grad if weight_decay == 0 else grad.add(param, alpha=weight_decay)
         if momentum != 0:
@@ -275,10 +253,11 @@ def _multi_tensor_cprop_sgd(
             view_as_real_(d_params, d_grads, d_m, d_var, d_scales)
 
         increment_step_counts_(d_steps)
-        ts = step_counts_as_floats(d_steps)
+        ts = [float(t) for t in d_steps]
+        chunks = Chunks(d_params, default_chunk_bytes(d_params[0].device))
         # the statistics see the raw gradient, before weight decay (official order)
-        update_statistics_(d_m, d_var, d_grads, ts, cprop_beta)
-        conformity_scale_(d_scales, d_m, d_var, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf)
+        update_statistics_(d_m, d_var, d_grads, ts, cprop_beta, chunks=chunks)
+        conformity_scale_(d_scales, d_m, d_var, ts, cprop_beta, cprop_c, cprop_eps, cprop_cdf, chunks=chunks)
 
         directions: TensorList = d_grads
         if weight_decay != 0:
@@ -347,9 +326,7 @@ class CPropAdam(BaseOptimizer):
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) as torch's Adam;
     ``cprop_exp_avg`` only where ``cprop_beta`` differs from beta1; ``cprop_exp_var`` (the moving variance,
     bias-corrected as the mean: ``cprop_exp_var / (1 - cprop_beta^step)`` is the official ``v_hat - m_hat^2``);
-    ``cprop_scale``, the scale of the last step. A state_dict saved by an earlier version (the moving average of
-    g^2 as ``cprop_exp_avg_sq``, or Adam's ``exp_avg_sq`` where beta2 equals cprop_beta) loads with a warning, its
-    variance converted approximately. XGrad's rule (:class:`lightning_xgrad.cprop.rules.CPropAdamRule`) reads
+    ``cprop_scale``, the scale of the last step. XGrad's rule (:class:`lightning_xgrad.cprop.rules.CPropAdamRule`) reads
     dW = ``cprop_scale * m_hat / (sqrt(v_hat) + eps)``.
     """
 
@@ -393,10 +370,8 @@ class CPropAdam(BaseOptimizer):
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-        _convert_old_statistics(self, "CPropAdam")
+        super().__setstate__(state)  # what load_state_dict ends with
+        _refuse_a_foreign_state(self, "CPropAdam")
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], columns: dict[str, list[Any]]) -> None:
         """Collect the parameters and their state (created lazily) into ``columns``; the CProp mean is Adam's own
@@ -467,7 +442,7 @@ def _single_tensor_cprop_adam(
     """One CPropAdam step on one param group, one tensor at a time (see :func:`_multi_tensor_cprop_adam`)."""
     shared_mean = cprop_exp_avgs[0] is exp_avgs[0]
     increment_step_counts_(step_counts)
-    ks = step_counts_as_floats(step_counts)
+    ks = [float(k) for k in step_counts]
     r_params, r_grads, r_m, r_v, r_vmax, r_cm, r_cv, r_scales = (
         [_real(t) for t in column]
         for column in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, cprop_exp_avgs, cprop_exp_vars, scales)
@@ -478,14 +453,14 @@ def _single_tensor_cprop_adam(
                 param.mul_(1 - lr * weight_decay)
         else:  # L2: into the moments and the statistics, never into p.grad
             r_grads = [grad.add(param, alpha=weight_decay) for grad, param in zip(r_grads, r_params, strict=True)]
-    update_variance_(r_cv, r_cm, r_grads, ks, cprop_beta, foreach=False)  # reads the mean before it moves
+    update_variance_(r_cv, r_cm, r_grads, ks, cprop_beta, chunks=None)  # reads the mean before it moves
     update_mean_(r_m, r_grads, beta1, foreach=False)
     if not shared_mean:
         update_mean_(r_cm, r_grads, cprop_beta, foreach=False)
     for v, grad in zip(r_v, r_grads, strict=True):
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     del r_grads
-    conformity_scale_(r_scales, r_cm, r_cv, ks, cprop_beta, cprop_c, cprop_eps, cprop_cdf, foreach=False)
+    conformity_scale_(r_scales, r_cm, r_cv, ks, cprop_beta, cprop_c, cprop_eps, cprop_cdf, chunks=None)
     for param, m, v, vmax, scale, k in zip(r_params, r_m, r_v, r_vmax, r_scales, ks, strict=True):
         if amsgrad:
             torch.maximum(vmax, v, out=vmax)
@@ -526,26 +501,34 @@ def _multi_tensor_cprop_adam(
             view_as_real_(d_params, grads_of_device, d_m, d_v, d_vmax, d_cm, d_cv, d_scales)
 
         increment_step_counts_(d_steps)
-        ks = step_counts_as_floats(d_steps)
+        ks = [float(k) for k in d_steps]
+        chunks = Chunks(d_params, default_chunk_bytes(d_params[0].device))
         d_grads: TensorList = grads_of_device
         if weight_decay != 0:
             if decoupled_weight_decay:
                 torch._foreach_mul_(d_params, 1 - lr * weight_decay)
             else:  # L2: into the moments and the statistics, never into p.grad
                 d_grads = torch._foreach_add(d_grads, d_params, alpha=weight_decay)
-        update_variance_(d_cv, d_cm, d_grads, ks, cprop_beta)  # reads the mean before it moves
-        update_mean_(d_m, d_grads, beta1)
+        update_variance_(d_cv, d_cm, d_grads, ks, cprop_beta, chunks=chunks)  # reads the mean before it moves
+        update_mean_(d_m, d_grads, beta1, foreach=True)
         if not shared_mean:
-            update_mean_(d_cm, d_grads, cprop_beta)
+            update_mean_(d_cm, d_grads, cprop_beta, foreach=True)
         torch._foreach_mul_(d_v, beta2)
         torch._foreach_addcmul_(d_v, d_grads, d_grads, value=1 - beta2)
         del d_grads
-        conformity_scale_(d_scales, d_cm, d_cv, ks, cprop_beta, cprop_c, cprop_eps, cprop_cdf)
+        conformity_scale_(d_scales, d_cm, d_cv, ks, cprop_beta, cprop_c, cprop_eps, cprop_cdf, chunks=chunks)
         if amsgrad:
             torch._foreach_maximum_(d_vmax, d_v)
 
         neg_step_sizes = [-lr / (1.0 - beta1**k) for k in ks]
         sqrt_bc2 = [math.sqrt(1.0 - beta2**k) for k in ks]
         add_adam_direction_(
-            d_params, d_m, d_vmax, neg_step_sizes, sqrt_bias_correction2=sqrt_bc2, eps=eps, scales=d_scales
+            d_params,
+            d_m,
+            d_vmax,
+            neg_step_sizes,
+            sqrt_bias_correction2=sqrt_bc2,
+            eps=eps,
+            scales=d_scales,
+            chunks=chunks,
         )

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from .._internal.adam_direction import add_adam_direction_
-from .._internal.scalars import step_counts_as_floats
+from .._internal.chunks import Chunks
 from ..rules.adam import AdamRule
+from ..rules.compiled import CompiledPrediction
 from ..rules.momentum import SGDRule
 
 
@@ -31,10 +32,13 @@ class CPropSGDRule(SGDRule):
         return state["momentum_buffer"], state["cprop_scale"]
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
         buffers, scales = columns
-        torch._foreach_addcmul_(params, buffers, scales, value=alpha)
+        torch._foreach_addcmul_(params, buffers, scales, value=alpha)  # in place, no temporaries: one call
+
+    def compiled_prediction(self) -> CompiledPrediction | None:
+        return None  # the momentum kernel knows no scale
 
 
 class CPropAdamRule(AdamRule):
@@ -49,11 +53,11 @@ class CPropAdamRule(AdamRule):
         return (*adam, state["cprop_scale"])
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
-        exp_avgs, second_moments, step_counts, scales = columns
+        exp_avgs, second_moments, steps, scales = columns
         beta1, beta2 = (float(b) for b in group["betas"])
-        ks = step_counts_as_floats(step_counts)  # CPropAdam keeps its step counts on the CPU
+        ks = steps.floats()  # CPropAdam keeps its step counts on the CPU
         sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in ks]
         step_sizes = [alpha / (1.0 - beta1**k) for k in ks]
         add_adam_direction_(
@@ -64,4 +68,8 @@ class CPropAdamRule(AdamRule):
             sqrt_bias_correction2=sqrt_bc2,
             eps=self.outer_eps(group),
             scales=scales,
+            chunks=chunks,
         )
+
+    def compiled_prediction(self) -> CompiledPrediction | None:
+        return None  # the Adam kernel knows no scale

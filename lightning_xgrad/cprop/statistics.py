@@ -42,14 +42,12 @@ float64: within 2e-6 of how far 20 steps moved the weights in the tests, where t
 5e-3 to 0.3 of it away.
 
 The moving average m is the official one, so ``CPropAdam`` still shares Adam's ``exp_avg`` where the decays agree;
-``exp_var`` replaces v (Adam's ``exp_avg_sq`` can no longer double as a CProp statistic). States saved with the old
-(m, v) layout are converted on load by :func:`variance_from_square_mean`, approximately.
+``exp_var`` replaces v (Adam's ``exp_avg_sq`` cannot double as a CProp statistic).
 
 The functions take lists of tensors that share a device and dtype (the optimizers' and the callback's buckets) and work
-in place; ``foreach=True`` runs ``torch._foreach_*`` kernels on chunks of the lists of at most ``max(largest tensor,
-chunk_bytes)`` bytes (:func:`~lightning_xgrad._internal.chunks.chunk_slices`; by default the budget a planned list
-carries, else 32 MiB), with one temporary per tensor of a chunk; ``foreach=False`` one tensor at a time (the optimizers'
-single-tensor path)."""
+in place. Given the ``chunks`` of the lists (:class:`~lightning_xgrad._internal.chunks.Chunks`), they run
+``torch._foreach_*`` kernels chunk by chunk, with one temporary per tensor of a chunk; given ``None``, one tensor at a
+time (the optimizers' single-tensor path)."""
 
 from __future__ import annotations
 
@@ -60,13 +58,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .._internal.chunks import TensorList, chunk_slices
+from .._internal.chunks import Chunks, TensorList
 from .._internal.scalars import uniform
 from .._internal.validation import argument_error, check_choice, check_real
 
 __all__ = [
     "CDF_CHOICES",
-    "LEGACY_LAYOUT_WARNING",
     "ConformityCDF",
     "check_conformity_args",
     "conformity_scale_",
@@ -75,7 +72,6 @@ __all__ = [
     "update_mean_",
     "update_statistics_",
     "update_variance_",
-    "variance_from_square_mean",
 ]
 
 ConformityCDF = Literal["normal", "bft"]
@@ -84,12 +80,6 @@ CDF_CHOICES: tuple[str, ...] = ("normal", "bft")
 #: u = BFT_CUBIC * z^3 + BFT_LINEAR * z (max abs error 1.4e-4)
 BFT_CUBIC = 0.07056
 BFT_LINEAR = 1.5976
-#: The warning when statistics saved with the old (m, v) layout are converted (its start names the owner).
-LEGACY_LAYOUT_WARNING = (
-    "converted CProp statistics saved in the old layout (the moving average of g^2, {old!r}) into the exact "
-    "variance {new!r}: the conversion is approximate (v_hat - m_hat^2 keeps the rounding of v; the exact value 0 is "
-    "used after one gradient); later steps update it exactly. Save a new checkpoint to keep the new layout."
-)
 
 
 def check_conformity_args(owner: str, beta: Any, c: Any, eps: Any, cdf: Any, prefix: str = "") -> None:
@@ -102,7 +92,7 @@ def check_conformity_args(owner: str, beta: Any, c: Any, eps: Any, cdf: Any, pre
 
 
 @torch.no_grad()
-def update_mean_(exp_avgs: list[Tensor], grads: TensorList, beta: float, *, foreach: bool = True) -> None:
+def update_mean_(exp_avgs: list[Tensor], grads: TensorList, beta: float, *, foreach: bool) -> None:
     """``m = beta * m + (1 - beta) * g`` in place, with the official code's operations (``mul_`` then ``add_``)."""
     if foreach:
         if grads:
@@ -132,25 +122,25 @@ def update_variance_(
     step_counts: Sequence[float],
     beta: float,
     *,
-    foreach: bool = True,
-    chunk_bytes: int | None = None,
+    chunks: Chunks | None,
 ) -> None:
     """Fold g into the variance: ``exp_var = beta * exp_var + (1 - beta) * r_t * (g - m_hat_{t-1})^2`` in place.
 
     Call it *before* the mean is updated (it reads m_hat_{t-1} from ``exp_avgs``); ``step_counts[i]`` is t for tensor i,
-    counting this gradient (t >= 1). Temporaries: delta for one chunk (foreach) or one tensor.
+    counting this gradient (t >= 1). Temporaries: delta for one chunk of ``chunks`` (those of the lists), or for one
+    tensor with ``chunks=None``.
     """
     if not grads:
         return
     mean_factors, weights = _variance_coefficients(step_counts, beta)
-    if not foreach:
+    if chunks is None:
         columns = zip(exp_vars, exp_avgs, grads, mean_factors, weights, strict=True)
         for exp_var, exp_avg, grad, factor, weight in columns:
             delta = grad.add(exp_avg, alpha=factor)
             exp_var.mul_(beta).addcmul_(delta, delta, value=weight)
         return
     torch._foreach_mul_(exp_vars, beta)
-    for part in chunk_slices(exp_vars, chunk_bytes):  # the gradients' sizes: a planned list keeps its chunks
+    for part in chunks:
         mean_factor = uniform(mean_factors[part])
         if isinstance(mean_factor, float):
             deltas = torch._foreach_add(grads[part], exp_avgs[part], alpha=mean_factor)
@@ -168,13 +158,12 @@ def update_statistics_(
     step_counts: Sequence[float],
     beta: float,
     *,
-    foreach: bool = True,
-    chunk_bytes: int | None = None,
+    chunks: Chunks | None,
 ) -> None:
     """Fold one gradient per tensor into the mean and the variance; ``step_counts[i]`` is t for tensor i, counting this
-    gradient (the caller counts it first: t += 1, then this)."""
-    update_variance_(exp_vars, exp_avgs, grads, step_counts, beta, foreach=foreach, chunk_bytes=chunk_bytes)
-    update_mean_(exp_avgs, grads, beta, foreach=foreach)
+    gradient (the caller counts it first: t += 1, then this). ``chunks``: as for :func:`update_variance_`."""
+    update_variance_(exp_vars, exp_avgs, grads, step_counts, beta, chunks=chunks)
+    update_mean_(exp_avgs, grads, beta, foreach=chunks is not None)
 
 
 def _scale_coefficients(step_counts: Sequence[float], beta: float, eps: float) -> tuple[list[float], list[float]]:
@@ -199,22 +188,22 @@ def conformity_scale_(
     eps: float,
     cdf: ConformityCDF,
     *,
-    foreach: bool = True,
-    chunk_bytes: int | None = None,
+    chunks: Chunks | None,
 ) -> None:
     """Write CProp's scale into ``scales`` from the statistics and each tensor's gradient count ``step_counts`` (t >= 1,
     counting the gradient just folded in). The scale tensors double as the workspace for the standard error, so
-    the only temporary is m_hat for one chunk (foreach) or one tensor."""
+    the only temporary is m_hat for one chunk of ``chunks`` (those of the lists), or for one tensor with
+    ``chunks=None``."""
     if not scales:
         return
     corrections, factors = _scale_coefficients(step_counts, beta, eps)
-    if not foreach:
+    if chunks is None:
         for out, exp_avg, exp_var, bc, factor in zip(scales, exp_avgs, exp_vars, corrections, factors, strict=True):
             z = exp_avg.div(bc)  # m_hat
             torch.mul(exp_var, factor, out=out).sqrt_().add_(eps)  # se
             _tensor_scale_from_z_(out, z.div_(out), c, cdf)
         return
-    for part in chunk_slices(scales, chunk_bytes):
+    for part in chunks:
         outs = scales[part]
         zs = torch._foreach_div(exp_avgs[part], uniform(corrections[part]))  # m_hat
         torch._foreach_copy_(outs, exp_vars[part])
@@ -270,21 +259,6 @@ def scale_from_z(z: Tensor, c: float = 1.0, cdf: ConformityCDF = "bft") -> Tenso
     out = torch.empty_like(z)
     _tensor_scale_from_z_(out, z, c, cdf)
     return out
-
-
-@torch.no_grad()
-def variance_from_square_mean(exp_avg: Tensor, exp_avg_sq: Tensor, step: float, beta: float) -> Tensor:
-    """``exp_var`` from statistics saved in the old layout, m and v = EMA(g^2) after ``step`` gradients:
-    ``(1 - beta^t) * max(v_hat - m_hat^2, 0)``, computed in float64, in ``exp_avg``'s dtype.
-
-    Approximate: it keeps the rounding that v carried (the reason the layout changed); with at most one gradient
-    the exact value, 0, is used.
-    """
-    if step <= 1:
-        return torch.zeros_like(exp_avg)
-    bc = 1.0 - beta**step
-    m_hat, v_hat = exp_avg.double() / bc, exp_avg_sq.double() / bc
-    return ((v_hat - m_hat * m_hat).clamp_min(0.0) * bc).to(exp_avg.dtype)
 
 
 @torch.no_grad()

@@ -6,6 +6,10 @@ callback drives from Lightning's hooks. Before the update it copies W_before (:m
 after it, it folds the gradients into the statistics, computes the scale and rescales the update just applied,
 ``W = W_before + scale * (W - W_before)`` (:meth:`~OptimizerConformity.scale_update`). The scales are kept in a live
 mapping handed in at construction, which XGrad's predictor reads.
+
+The parameters with a gradient are planned into buckets as the predictor plans its own: by device and dtype
+(torch's grouping), W_before in a :class:`~lightning_xgrad.prediction.snapshot.ParameterSnapshot`, each bucket with
+its chunks and its step counts, rebuilt only when the set of parameters with a gradient changes.
 """
 
 from __future__ import annotations
@@ -16,18 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._internal.chunks import ChunkedList
-from .._internal.scalars import ScalarColumn, step_counts_as_floats
+from .._internal.chunks import Chunks, budget_for
+from .._internal.compat import group_by_device_and_dtype
+from .._internal.optimizers import flat_params
+from .._internal.scalars import StepCounts
 from .._internal.sharding import DTensor, local_tensor
-from .statistics import (
-    ConformityCDF,
-    conformity_scale_,
-    scale_applied_update_,
-    update_statistics_,
-    variance_from_square_mean,
-)
+from ..prediction.snapshot import ParameterSnapshot
+from .statistics import ConformityCDF, conformity_scale_, scale_applied_update_, update_statistics_
 
 __all__ = ["OptimizerConformity"]
+
+#: a parameter's statistics, in the order they are planned into a bucket
+_STATISTICS = ("exp_avg", "exp_var", "step", "scale")
 
 
 @dataclass(eq=False)
@@ -39,8 +43,9 @@ class _Bucket:
     befores: list[Tensor]
     exp_avgs: list[Tensor]
     exp_vars: list[Tensor]
-    step_counts: list[Tensor]
+    steps: StepCounts
     scales: list[Tensor]
+    chunks: Chunks
 
 
 class OptimizerConformity:
@@ -50,7 +55,6 @@ class OptimizerConformity:
         optimizer: the optimizer whose updates are scaled.
         scales: the live mapping filled here, parameter -> scale of its last update (what XGrad's predictor reads).
         beta, c, eps, cdf: CProp's settings (:func:`~lightning_xgrad.cprop.statistics.conformity_scale_`).
-        owner: the name errors start with.
         chunk_bytes: the temporaries of the foreach ops stay within ``max(largest tensor, chunk_bytes)`` bytes
             (``None``: the default of the parameters' device).
     """
@@ -63,16 +67,14 @@ class OptimizerConformity:
         c: float,
         eps: float,
         cdf: ConformityCDF,
-        owner: str = "CPropCallback",
         chunk_bytes: int | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.scales = scales
         self.beta, self.c, self.eps, self.cdf = beta, c, eps, cdf
-        self.owner = owner
         self.chunk_bytes = chunk_bytes
         self.state: dict[Tensor, dict[str, Tensor]] = {}
-        self._befores: dict[Tensor, Tensor] = {}
+        self._befores = ParameterSnapshot()
         self._plan_key: tuple[int, ...] | None = None
         self._buckets: list[_Bucket] = []
         self.in_step = False  # between the optimizer's step pre-hook and post-hook
@@ -80,7 +82,7 @@ class OptimizerConformity:
 
     # ------------------------------------------------------------------ plan
     def _with_grad(self) -> list[Tensor]:
-        return [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and p.grad is not None]
+        return [p for p in flat_params(self.optimizer) if p.requires_grad and p.grad is not None]
 
     def _entry(self, p: Tensor, local: Tensor) -> dict[str, Tensor]:
         entry = self.state.get(p)
@@ -100,26 +102,19 @@ class OptimizerConformity:
         key = tuple(map(id, owners))
         if key == self._plan_key:
             return
-        grouped: dict[tuple[Any, ...], _Bucket] = {}
-        for p in owners:
-            local = local_tensor(p)
-            entry = self._entry(p, local)
-            before = self._befores.get(p)
-            if before is None or before.shape != local.shape or before.dtype != local.dtype:
-                before = self._befores[p] = torch.empty_like(local).detach()
-            bucket = grouped.setdefault((local.device, local.dtype), _Bucket([], [], [], [], [], [], []))
-            bucket.owners.append(p)
-            bucket.params.append(local)
-            bucket.befores.append(before)
-            bucket.exp_avgs.append(entry["exp_avg"])
-            bucket.exp_vars.append(entry["exp_var"])
-            bucket.step_counts.append(entry["step"])
-            bucket.scales.append(entry["scale"])
-        for bucket in grouped.values():
-            bucket.step_counts = ScalarColumn(bucket.step_counts)  # read through NumPy views every step
-            bucket.exp_vars = ChunkedList(bucket.exp_vars, self.chunk_bytes)  # chunked once, for every step
-            bucket.scales = ChunkedList(bucket.scales, self.chunk_bytes)
-        self._buckets = list(grouped.values())
+        local = [local_tensor(p) for p in owners]
+        entries = [self._entry(p, t) for p, t in zip(owners, local, strict=True)]
+        befores = self._befores.buffers_for(owners, local)
+        columns = [[entry[name] for entry in entries] for name in _STATISTICS]
+        self._buckets = []
+        for (params, bucket_befores, exp_avgs, exp_vars, steps, scales), indices in group_by_device_and_dtype(
+            [local, befores, *columns]
+        ):
+            bucket_owners = [owners[i] for i in indices]
+            chunks = Chunks(params, budget_for(self.chunk_bytes, params))
+            self._buckets.append(
+                _Bucket(bucket_owners, params, bucket_befores, exp_avgs, exp_vars, StepCounts(steps), scales, chunks)
+            )
         self._plan_key = key
 
     def release(self) -> None:
@@ -135,7 +130,7 @@ class OptimizerConformity:
         """W_before <- W for the parameters that have a gradient now (call with the real weights in place)."""
         self._ensure_plan(self._with_grad())
         for bucket in self._buckets:
-            torch._foreach_copy_(bucket.befores, bucket.params)
+            ParameterSnapshot.save(bucket.params, bucket.befores)
         self.snapshot_taken = True
 
     @torch.no_grad()
@@ -146,22 +141,21 @@ class OptimizerConformity:
         if not self.snapshot_taken:  # the optimizer never evaluated its closure: nothing to rescale from
             return
         self.snapshot_taken = False
+        settings = (self.beta, self.c, self.eps, self.cdf)
         for bucket in self._buckets:
             grads = [local_tensor(p.grad) for p in bucket.owners]
-            torch._foreach_add_(bucket.step_counts, 1.0)
-            ts = step_counts_as_floats(bucket.step_counts)
-            update_statistics_(bucket.exp_avgs, bucket.exp_vars, grads, ts, self.beta)
-            settings = (self.beta, self.c, self.eps, self.cdf)
-            conformity_scale_(bucket.scales, bucket.exp_avgs, bucket.exp_vars, ts, *settings)
+            torch._foreach_add_(bucket.steps.tensors, 1.0)
+            ts = bucket.steps.floats()
+            update_statistics_(bucket.exp_avgs, bucket.exp_vars, grads, ts, self.beta, chunks=bucket.chunks)
+            conformity_scale_(bucket.scales, bucket.exp_avgs, bucket.exp_vars, ts, *settings, chunks=bucket.chunks)
             scale_applied_update_(bucket.params, bucket.befores, bucket.scales)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[int, dict[str, Any]]:
         """Statistics by flat parameter index in param-group order, as ``optimizer.state_dict()`` numbers them.
         Sharded (DTensor) parameters are left out: a resume restarts their statistics."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         out: dict[int, dict[str, Any]] = {}
-        for index, p in enumerate(params):
+        for index, p in enumerate(flat_params(self.optimizer)):
             entry = self.state.get(p)
             if entry is None or isinstance(p, DTensor):
                 continue
@@ -174,31 +168,13 @@ class OptimizerConformity:
         return out
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> bool:
-        """Load :meth:`state_dict`'s output; the scales stay the same tensors XGradCallback holds. Entries saved by
-        an earlier version (``exp_avg_sq``, the moving average of g^2, instead of ``exp_var``) are converted
-        approximately, and the return value says whether any was (the caller warns: ``LEGACY_LAYOUT_WARNING``); an
-        entry with neither is refused."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        converted = False
+    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
+        """Load :meth:`state_dict`'s output; the scales stay the same tensors XGradCallback holds."""
+        params = flat_params(self.optimizer)
         for index, saved in state.items():
-            if "exp_var" not in saved and "exp_avg_sq" not in saved:
-                raise ValueError(
-                    f"{self.owner}: the checkpoint's statistics of parameter {index} have neither 'exp_var' nor the "
-                    f"older 'exp_avg_sq', got {sorted(saved)}"
-                )
             p = params[int(index)]
             entry = self._entry(p, local_tensor(p))
-            step = float(saved["step"])
-            for name in ("exp_avg", "scale"):
+            for name in ("exp_avg", "exp_var", "scale"):
                 entry[name].copy_(saved[name])
-            if "exp_var" in saved:
-                entry["exp_var"].copy_(saved["exp_var"])
-            else:
-                entry["exp_var"].copy_(
-                    variance_from_square_mean(saved["exp_avg"], saved["exp_avg_sq"], step, self.beta)
-                )
-                converted = True
-            entry["step"].fill_(step)
+            entry["step"].fill_(float(saved["step"]))
         self._plan_key = None
-        return converted

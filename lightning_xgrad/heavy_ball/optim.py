@@ -47,9 +47,9 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from .._internal.adam_direction import add_adam_direction_
-from .._internal.chunks import TensorList, chunk_slices
+from .._internal.chunks import Chunks, TensorList, budget_for, default_chunk_bytes
 from .._internal.compat import new_step_count
-from .._internal.scalars import as_float, step_counts_as_floats
+from .._internal.scalars import as_float
 from .._internal.sharding import DTensor, local_tensor, ranks_holding
 from .._internal.validation import check_real
 from ..optim.base import BaseOptimizer, gradients, increment_step_counts_
@@ -122,7 +122,8 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         for index, group in enumerate(self.param_groups):
             params = self._params_with_grad(group)
             owners, known, previous = self._against_previous(params, params, "prev_point")
-            self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous, chunk_bytes)
+            budget = budget_for(chunk_bytes, known)
+            self._pending_distances[index] = _sum_of_squared_differences(owners, known, previous, budget)
             if previous:
                 torch._foreach_copy_(previous, known)
 
@@ -135,7 +136,7 @@ class _AdaptiveHeavyBall(BaseOptimizer):
         for index, group in enumerate(self.param_groups):
             params = self._params_with_grad(group)
             owners, grads, previous = self._against_previous(params, gradients(params), "prev_grad")
-            differences.append(_sum_of_squared_differences(owners, grads, previous))
+            differences.append(_sum_of_squared_differences(owners, grads, previous, budget_for(None, grads)))
             distances.append(self._pending_distances.get(index))
             if previous:
                 torch._foreach_copy_(previous, grads)
@@ -164,10 +165,10 @@ class _AdaptiveHeavyBall(BaseOptimizer):
 
 
 def _sum_of_squared_differences(
-    owners: list[Tensor], values: list[Tensor], previous: list[Tensor], chunk_bytes: int | None = None
+    owners: list[Tensor], values: list[Tensor], previous: list[Tensor], budget: int
 ) -> Tensor | None:
     """``sum_i ||values[i] - previous[i]||^2`` as a 0-dim tensor (float32 or wider), ``None`` for empty lists; the
-    differences one chunk of at most ``max(largest tensor, chunk_bytes)`` bytes at a time.
+    differences one chunk of at most ``max(largest tensor, budget)`` bytes at a time.
 
     For DTensor parameters (``owners``) the sum is this rank's share of the global one: each local shard's squares
     divided by the number of ranks holding the same elements, so that the all-reduce counts replicated elements once.
@@ -178,7 +179,7 @@ def _sum_of_squared_differences(
     for other in {value.dtype for value in values}:  # per dtype, not per tensor: each promotion is an ATen call
         dtype = torch.promote_types(dtype, other)
     norms: list[Tensor] = []
-    for part in chunk_slices(values, chunk_bytes):  # the differences of one chunk alive at a time
+    for part in Chunks(values, budget):  # the differences of one chunk alive at a time
         norms.extend(torch._foreach_norm(torch._foreach_sub(values[part], previous[part]), 2, dtype=dtype))
     device = norms[0].device
     if any(n.device != device for n in norms):  # a group spread over devices
@@ -336,27 +337,30 @@ class AdaptiveHeavyBallAdam(_AdaptiveHeavyBall):
         torch._foreach_lerp_(exp_avgs, grads, [weight] * len(exp_avgs))
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-        add_heavy_ball_adam_direction_(local_params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, -lr)
+        steps = [float(k) for k in step_counts]
+        chunks = Chunks(local_params, default_chunk_bytes(local_params[0].device))
+        add_heavy_ball_adam_direction_(local_params, exp_avgs, exp_avg_sqs, steps, products, beta2, eps, -lr, chunks)
 
 
 def add_heavy_ball_adam_direction_(
     params: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    step_counts: Sequence[Tensor],
+    steps: Sequence[float],
     products: list[Tensor],
     beta2: float,
     eps: float,
     alpha: float,
+    chunks: Chunks,
 ) -> None:
     """In place: ``params += alpha * (m / (1 - P)) / (sqrt(v / (1 - beta2**t)) + eps)``, per parameter: the direction
     of ``AdaptiveHeavyBallAdam``, whose optimizer applies it with ``alpha = -lr`` and whose XGrad rule adds it with
-    ``alpha = -steps * lr``. The step counts t are read on the host (CPU tensors, as torch's Adam keeps them); the
-    momentum products P stay 0-dim tensors on their device.
+    ``alpha = -steps * lr``. The step counts t are floats (read on the host: CPU tensors, as torch's Adam keeps them);
+    the momentum products P stay 0-dim tensors on their device. ``chunks`` are those of ``params``.
     """
     if alpha == 0:
         return
-    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in step_counts_as_floats(step_counts)]
+    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in steps]
     # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom: a few foreach ops on the 0-dim
     # products, whatever their number
     divisors: TensorList = torch._foreach_neg(products)
@@ -368,4 +372,6 @@ def add_heavy_ball_adam_direction_(
             divisors = torch.stack(divisors).to(dtype).unbind()
         else:
             divisors = [d.to(dtype) for d in divisors]
-    add_adam_direction_(params, exp_avgs, exp_avg_sqs, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=list(divisors))
+    add_adam_direction_(
+        params, exp_avgs, exp_avg_sqs, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=list(divisors), chunks=chunks
+    )

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .._internal.chunks import Chunks
 from ..rules.base import PredictionRule
 from ..rules.momentum import MomentumBufferRule
 from .optim import add_heavy_ball_adam_direction_
@@ -29,6 +30,7 @@ class HeavyBallAdamRule(PredictionRule):
     """``AdaptiveHeavyBallAdam``: dW = ``(m / (1 - P_t)) / (sqrt(v / (1 - beta2^t)) + eps)``."""
 
     name = "heavy_ball_adam"
+    step_column = 2
 
     def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
         if "exp_avg" not in state or "step" not in state:
@@ -36,8 +38,10 @@ class HeavyBallAdamRule(PredictionRule):
         return state["exp_avg"], state["exp_avg_sq"], state["step"], state["beta1_product"]
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
-        exp_avgs, exp_avg_sqs, step_counts, products = columns
+        exp_avgs, exp_avg_sqs, steps, products = columns
         beta2, eps = group["beta2"], group["eps"]
-        add_heavy_ball_adam_direction_(params, exp_avgs, exp_avg_sqs, step_counts, products, beta2, eps, alpha)
+        add_heavy_ball_adam_direction_(
+            params, exp_avgs, exp_avg_sqs, steps.floats(), products, beta2, eps, alpha, chunks
+        )

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from .._internal.adam_direction import add_adam_direction_
-from .._internal.chunks import TensorList
+from .._internal.chunks import Chunks, TensorList, default_chunk_bytes
 from .._internal.compat import group_by_device_and_dtype, new_step_count, view_as_real_
 from .._internal.scalars import as_float
 from .._internal.validation import check_flag, check_real, check_real_pair
@@ -273,5 +273,10 @@ def _multi_tensor_adam3(
         bias_correction2_sqrts = [math.sqrt(1 - beta2**k) for k in ks]
 
         add_adam_direction_(
-            device_params, device_exp_avgs, device_exp_avg_sqs, step_sizes, sqrt_bias_correction2=bias_correction2_sqrts
+            device_params,
+            device_exp_avgs,
+            device_exp_avg_sqs,
+            step_sizes,
+            sqrt_bias_correction2=bias_correction2_sqrts,
+            chunks=Chunks(device_params, default_chunk_bytes(device_params[0].device)),
         )

@@ -1,9 +1,8 @@
-"""The two kinds of bucket an :class:`~lightning_xgrad.prediction.predictor.OptimizerPredictor` plans its parameters
-into.
+"""The plan of an :class:`~lightning_xgrad.prediction.predictor.OptimizerPredictor`: its parameters in buckets.
 
 A bucket is the parameters of one param group on one device and dtype, predicted the same way, with their snapshot
-buffers. Each kind knows how to predict, how to restore (after an update, ``stepped=True``, or after none), and what
-it needs in a checkpoint:
+buffers and the chunks every foreach walk over them takes (cut once, for the predictor's byte budget). Each kind knows
+how to predict, how to restore (after an update, ``stepped=True``, or after none), and what it needs in a checkpoint:
 
 - :class:`StateBucket`: dW from the optimizer's state through a :class:`~lightning_xgrad.rules.PredictionRule`; the
   buffers hold the real weights while predicted, and nothing is carried from one step to the next.
@@ -24,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._internal.chunks import ChunkedList
-from .._internal.scalars import ScalarColumn, as_float
+from .._internal.chunks import Chunks, budget_for
+from .._internal.compat import group_by_device_and_dtype
+from .._internal.scalars import StepCounts, as_float
 from .._internal.sharding import local_tensor
-from ..rules import PredictionRule, extrapolate_, rewind_
+from ..rules import TRAJECTORY, PredictionRule
 from ..rules.compiled import CompiledPrediction
-from ..rules.trajectory import trajectory_lr
 from .snapshot import ParameterSnapshot
 
 __all__ = ["Bucket", "Plan", "StateBucket", "TrajectoryBucket"]
@@ -44,10 +43,11 @@ class Bucket:
     group_index: int
     #: the parameters as the optimizer holds them (keys for the snapshot and for state_dict hooks)
     owners: list[Tensor]
-    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters; chunked once for the
-    #: plan's budget (a :class:`~lightning_xgrad._internal.chunks.ChunkedList`), which every foreach walk over them uses
+    #: the tensors the math runs on: the parameters, or their local shards for DTensor parameters
     params: list[Tensor]
     buffers: list[Tensor]
+    #: the chunks of ``params`` (and of every list parallel to it), for the plan's budget
+    chunks: Chunks
     #: the parameters hold W_hat and the buffers the real W
     modified: bool = field(default=False, init=False)
     #: the parameters' version counters when W_hat was last written, while an edit check is on
@@ -78,7 +78,7 @@ class Bucket:
     def swap(self) -> None:
         """Exchange predicted and real weights (validation or a checkpoint mid-step, and back)."""
         if self.modified:
-            ParameterSnapshot.swap(self.params, self.buffers)
+            ParameterSnapshot.swap(self.params, self.buffers, self.chunks)
 
     def record_versions(self) -> None:
         """Remember the version counters of the parameters holding W_hat now (every in-place write bumps one)."""
@@ -107,10 +107,10 @@ class Bucket:
 @dataclass(eq=False)
 class StateBucket(Bucket):
     """Predicted from the optimizer's state by ``rule``; ``columns[j][i]`` is entry j of the rule's
-    ``state_tensors`` for parameter i."""
+    ``state_tensors`` for parameter i (the rule's step column as a :class:`StepCounts`)."""
 
     rule: PredictionRule = field(kw_only=True)
-    columns: tuple[list[Any], ...] = field(kw_only=True)
+    columns: tuple[Any, ...] = field(kw_only=True)
     #: the rule's compiled snapshot-and-predict, when compiling was asked for and the rule has one
     kernel: CompiledPrediction | None = field(default=None, kw_only=True)
 
@@ -124,7 +124,7 @@ class StateBucket(Bucket):
         else:
             ParameterSnapshot.save(self.params, self.buffers)
             self.modified = True  # the buffers hold the real weights: restorable from here on
-            self.rule.add_direction_(self.params, self.columns, group, alpha)
+            self.rule.add_direction_(self.params, self.columns, group, alpha, self.chunks)
         if scales:
             self._scale(scales)
 
@@ -171,10 +171,10 @@ class TrajectoryBucket(Bucket):
         lr_then = self.lr_then
         if not enabled or not lr_then:
             return
-        lr_now = trajectory_lr(group["lr"])
+        lr_now = TRAJECTORY.lr(group["lr"])
         if lr_now == 0:
             return
-        extrapolate_(self.params, self.buffers, steps * lr_now / lr_then)
+        TRAJECTORY.extrapolate_(self.params, self.buffers, steps * lr_now / lr_then, self.chunks)
         self.lr_predicted = steps * lr_now
         self.modified = True
         self.pending = False
@@ -191,9 +191,9 @@ class TrajectoryBucket(Bucket):
                 ParameterSnapshot.restore(self.params, self.buffers)
             elif self.pending:
                 ParameterSnapshot.save(self.params, self.buffers)
-            self.lr_then = trajectory_lr(group["lr"])
+            self.lr_then = TRAJECTORY.lr(group["lr"])
         elif self.modified:  # no update happened: keep the displacement the prediction applied
-            rewind_(self.params, self.buffers)
+            TRAJECTORY.rewind_(self.params, self.buffers, self.chunks)
             self.lr_then = self.lr_predicted
         # unmodified and abandoned: the buffers still hold the start of the last step, nothing to do
 
@@ -220,8 +220,9 @@ class Plan:
     snapshot: ParameterSnapshot
     #: the optimizer's per-parameter state the plan is read from
     state: Mapping[Tensor, Any]
-    #: out-of-place temporaries of one foreach call stay within ``max(largest tensor, chunk_bytes)``
-    chunk_bytes: int | None = None  # None: the default of the parameters' device
+    #: out-of-place temporaries of one foreach call stay within ``max(largest tensor, chunk_bytes)``; ``None``: the
+    #: default of each bucket's device
+    chunk_bytes: int | None
     buckets: list[Bucket] = field(default_factory=list)
     #: state entries that exist but lack what the rule needs, with their size when planned
     partial: list[tuple[Any, int]] = field(default_factory=list)
@@ -255,7 +256,8 @@ class Plan:
     ) -> None:
         """Buckets for param group ``index`` predicted by ``rule``; parameters without the state the rule needs are
         left out. ``kernels`` caches compiled predictions by bucket (``None``: no compiling)."""
-        grouped: dict[tuple[Any, ...], tuple[list[Tensor], list[tuple[Any, ...]]]] = {}
+        owners: list[Tensor] = []
+        rows: list[tuple[Any, ...]] = []
         for p in params:
             entry = self.state.get(p)
             row = rule.state_tensors(entry if entry is not None else {})
@@ -263,33 +265,48 @@ class Plan:
                 if entry is not None:
                     self.partial.append((entry, len(entry)))
                 continue
-            owners, rows = grouped.setdefault((index, p.device, p.dtype), ([], []))
             owners.append(p)
             rows.append(tuple(local_tensor(value) for value in row))
-        for key, (owners, rows) in grouped.items():
-            columns = tuple(
-                ScalarColumn(column) if ScalarColumn.suits(column) else list(column)
-                for column in zip(*rows, strict=True)
-            )
+        if not owners:
+            return
+        local = [local_tensor(p) for p in owners]
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        for (bucket_params,), indices in group_by_device_and_dtype([local]):
+            bucket_owners = [owners[i] for i in indices]
+            bucket_columns: list[Any] = [[column[i] for i in indices] for column in columns]  # any entries: not grouped
+            if rule.step_column is not None:
+                bucket_columns[rule.step_column] = StepCounts(bucket_columns[rule.step_column])
             kernel = None
             if kernels is not None:
+                key = (index, bucket_params[0].device, bucket_params[0].dtype)
                 if key not in kernels:
                     kernels[key] = rule.compiled_prediction()
                 kernel = kernels[key]
-            local, buffers = self._buffers(owners)
-            self.buckets.append(StateBucket(index, owners, local, buffers, rule=rule, columns=columns, kernel=kernel))
+            buffers = self.snapshot.buffers_for(bucket_owners, bucket_params)
+            chunks = self._chunks(bucket_params)
+            self.buckets.append(
+                StateBucket(
+                    index, bucket_owners, bucket_params, buffers, chunks, rule=rule, columns=tuple(bucket_columns),
+                    kernel=kernel,
+                )
+            )  # fmt: skip
 
     def add_trajectory_group(self, index: int, params: list[Tensor], known_lr: Mapping[Tensor, float]) -> None:
         """Buckets for param group ``index`` predicted by the trajectory rule; ``known_lr`` is the lr of the last
         update of the parameters whose buffers hold the weights before it (a bucket shares one)."""
-        grouped: dict[tuple[Any, ...], list[Tensor]] = {}
+        by_lr: dict[float | None, list[Tensor]] = {}
         for p in params:
-            grouped.setdefault((p.device, p.dtype, known_lr.get(p)), []).append(p)
-        for (_, _, lr_then), owners in grouped.items():
-            local, buffers = self._buffers(owners)
-            self.buckets.append(TrajectoryBucket(index, owners, local, buffers, lr_then=lr_then))
+            by_lr.setdefault(known_lr.get(p), []).append(p)
+        for lr_then, owners in by_lr.items():
+            local = [local_tensor(p) for p in owners]
+            for (bucket_params,), indices in group_by_device_and_dtype([local]):
+                bucket_owners = [owners[i] for i in indices]
+                buffers = self.snapshot.buffers_for(bucket_owners, bucket_params)
+                self.buckets.append(
+                    TrajectoryBucket(
+                        index, bucket_owners, bucket_params, buffers, self._chunks(bucket_params), lr_then=lr_then
+                    )
+                )
 
-    def _buffers(self, owners: list[Tensor]) -> tuple[ChunkedList, list[Tensor]]:
-        """The tensors the math runs on, chunked once for the plan's budget, and their snapshot buffers."""
-        local = ChunkedList([local_tensor(p) for p in owners], self.chunk_bytes)
-        return local, self.snapshot.buffers_for(owners, local)
+    def _chunks(self, params: list[Tensor]) -> Chunks:
+        return Chunks(params, budget_for(self.chunk_bytes, params))

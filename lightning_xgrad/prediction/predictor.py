@@ -16,7 +16,7 @@ state entries with the planned ones, in C loops (no hashing, and nothing of the 
 has no optimizer state yet (a module unused in forward) is left out of the plan until its state appears. Foreach
 temporaries are bounded by ``chunk_bytes`` (:mod:`lightning_xgrad._internal.chunks`).
 
-The predictor guards the optimizer's step (through its step hooks, :mod:`lightning_xgrad._internal.step_hooks`): a step
+The predictor guards the optimizer's step (through its step hooks, :mod:`lightning_xgrad._internal.optimizers`): a step
 taken while the parameters hold W_hat restores the real weights first (a step with a closure: right after the
 closure ran), so the update always lands on W. And it watches W_hat: a change made in place to a predicted
 parameter between the prediction and the restore (which the restore would silently discard) is noticed through the
@@ -31,7 +31,7 @@ from __future__ import annotations
 import operator
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from types import MappingProxyType
 from typing import Any, Literal, get_args
@@ -40,12 +40,11 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from .._internal.optimizers import flat_params, register_step_hooks, step_closure, unwrap_optimizer, with_closure
 from .._internal.sharding import DTensor, local_tensor
-from .._internal.step_hooks import register_step_hooks, step_closure, with_closure
 from .._internal.validation import argument_error, check_choice, check_flag, check_int
-from .._internal.wrappers import unwrap_optimizer
 from ..protocols import DirectionScales, GradientPointObserver
-from ..rules import PredictionRule, rule_for
+from ..rules import TRAJECTORY, PredictionRule, TrajectoryRule, rule_for
 from ..rules.compiled import CompiledPrediction
 from .plan import Bucket, Plan
 from .quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction, PredictionQuality
@@ -176,6 +175,7 @@ class OptimizerPredictor:
         #: trajectory memory loaded from a checkpoint, for the next plan: parameter -> lr of the update before it
         self._loaded_lr: dict[Tensor, float] = {}
         registered = None if rule == "trajectory" else rule_for(self.optimizer)
+        #: the state rule of the optimizer's class, bound to it; ``None``: the trajectory rule for every group
         self._state_rule = None if registered is None else registered.bind(self.optimizer)
         #: predictions made, for the schedule of the edit checks; whether this one is checked; warned once
         self._predictions = 0
@@ -201,17 +201,15 @@ class OptimizerPredictor:
         )
 
     # ------------------------------------------------------------------ rules
-    def group_rule(self, group: dict[str, Any]) -> PredictionRule | None:
-        """The state rule used for a param group, ``None`` for the trajectory rule."""
+    def group_rule(self, group: dict[str, Any]) -> PredictionRule | TrajectoryRule:
+        """The rule a param group is predicted with: the state rule where there is one and it handles the group's
+        options, else the trajectory rule."""
         rule = self._state_rule
-        return rule if rule is not None and rule.handles(group) else None
+        return rule if rule is not None and rule.handles(group) else TRAJECTORY
 
     def describe(self) -> str:
         """Which rule each param group gets, for the log line."""
-        names = []
-        for group in self.optimizer.param_groups:
-            rule = self.group_rule(group)
-            names.append("trajectory" if rule is None else rule.name)
+        names = [self.group_rule(group).name for group in self.optimizer.param_groups]
         if len(set(names)) == 1:
             return names[0]
         return ", ".join(f"group {i}: {name}" for i, name in enumerate(names))
@@ -256,10 +254,10 @@ class OptimizerPredictor:
         for index, group in enumerate(self.optimizer.param_groups):
             params = [p for p in group["params"] if p.requires_grad]
             rule = self.group_rule(group)
-            if rule is None:
-                plan.add_trajectory_group(index, params, known_lr)
-            else:
+            if isinstance(rule, PredictionRule):
                 plan.add_state_group(index, params, rule, self._kernels if self.compile else None)
+            else:
+                plan.add_trajectory_group(index, params, known_lr)
         self._buckets = plan.buckets
         self._plan = plan
         self._plan_key = key
@@ -479,7 +477,7 @@ class OptimizerPredictor:
         previous: dict[int, Tensor] = {}
         lr_then: dict[int, float] = {}
         if self.phase == "idle":
-            index = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+            index = {p: i for i, p in enumerate(flat_params(self.optimizer))}
             for bucket in self._buckets:
                 for p, buffer, lr in bucket.checkpoint():
                     if isinstance(p, DTensor):  # a rank's shard is not a checkpoint entry: skip one prediction
@@ -491,13 +489,26 @@ class OptimizerPredictor:
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load :meth:`state_dict`'s output; call it once the optimizer holds its parameters."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = flat_params(self.optimizer)
         for i, value in state.get("previous", {}).items():
             p = params[int(i)]
             self.snapshot.buffers_for([p], [local_tensor(p)])[0].copy_(value)
             self._loaded_lr[p] = float(state["lr_then"][i])
         self._buckets = []
         self.invalidate()
+
+
+def restore_all(predictors: Iterable[OptimizerPredictor], stepped: bool) -> None:
+    """:meth:`OptimizerPredictor.restore` every predictor even if one fails; the first failure is raised after all
+    were tried."""
+    errors = []
+    for predictor in predictors:
+        try:
+            predictor.restore(stepped=stepped)
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 class _Measurement:

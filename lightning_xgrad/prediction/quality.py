@@ -1,7 +1,8 @@
-"""How well a prediction tracked the update the optimizer then applied, over every predicted parameter, on all ranks.
+"""How far a prediction moved the weights, and how well it tracked the update the optimizer then applied, over every
+predicted parameter, on all ranks.
 
-With ``d = W_hat - W`` the predicted displacement and ``u = W_next - W`` the update the optimizer applied right after
-(``s`` the steps predicted):
+:func:`relative_shift` is ``||W_hat - W|| / ||W||``. With ``d = W_hat - W`` the predicted displacement and
+``u = W_next - W`` the update the optimizer applied right after (``s`` the steps predicted):
 
 - the cosine ``<d, u> / (||d|| ||u||)``: 1 when the prediction points where the weights went, near 0 or negative
   when it extrapolated noise;
@@ -25,9 +26,9 @@ offset of its own, m the smallest prime that brings it within the share (a prime
 it, so the sampled columns move from row to row instead of repeating one column). :meth:`HeldPrediction.compare` forms
 the same sums over the same positions of W (the snapshot) and W_next (the parameters), each tensor's sums scaled by its
 elements over its sampled elements; the cosine and the error, ratios of those sums, are then estimates. The other
-temporaries are one chunk (:func:`~lightning_xgrad._internal.chunks.chunk_slices`, with the prediction's
-``chunk_bytes``) of the (sampled) ``u``, for half-precision parameters a float32 chunk of ``d`` too, and, for a
-non-contiguous tensor only, a copy of that one tensor while it is sampled.
+temporaries are one chunk (:class:`~lightning_xgrad._internal.chunks.Chunks`, for the prediction's ``chunk_bytes``)
+of the (sampled) ``u``, for half-precision parameters a float32 chunk of ``d`` too, and, for a non-contiguous tensor
+only, a copy of that one tensor while it is sampled.
 
 Sums run on each rank's local tensors; with DTensor parameters they are summed over the ranks (one ``all_reduce``),
 counting replicated elements once. Pure torch.
@@ -42,7 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._internal.chunks import TensorList, chunk_slices
+from .._internal.chunks import Chunks, TensorList, budget_for
+from .._internal.compat import group_by_device_and_dtype
 from .._internal.sharding import sum_over_ranks
 from .._internal.validation import argument_error
 
@@ -50,6 +52,7 @@ __all__ = [
     "DEFAULT_METRICS_MAX_BYTES",
     "HeldPrediction",
     "PredictionQuality",
+    "relative_shift",
     "sampling_strides",
 ]
 
@@ -73,12 +76,10 @@ class HeldPrediction:
 
     Build it from :meth:`~lightning_xgrad.OptimizerPredictor.predicted_params` while the prediction is in place (just
     before the restore); call :meth:`compare` after the optimizer's step, while the snapshot buffers still hold W, and
-    :meth:`release` (or drop it) when done. ``max_bytes=None`` always holds all of W_hat; ``chunk_bytes`` is the
-    budget of :meth:`compare`'s temporaries (by default that of the parameters' device,
-    :func:`~lightning_xgrad._internal.chunks.default_chunk_bytes`);
-    ``owner`` and ``name`` say whose argument ``max_bytes`` is in the error raised when it cannot hold one element of
-    each tensor.
-    """
+    :meth:`release` (or drop it) when done. ``max_bytes=None`` always holds all of W_hat; ``chunk_bytes`` is the budget
+    of :meth:`compare`'s temporaries (``None``: the default of the parameters' device,
+    :func:`~lightning_xgrad._internal.chunks.default_chunk_bytes`); ``owner`` and ``name`` say whose argument
+    ``max_bytes`` is in the error raised when it cannot hold one element of each tensor."""
 
     def __init__(
         self,
@@ -93,7 +94,8 @@ class HeldPrediction:
         self.params = [local for _, local, _ in predicted]
         #: the snapshot buffers: W from the restore on
         self.real = [real for _, _, real in predicted]
-        self.chunk_bytes = chunk_bytes
+        #: the byte budget of :meth:`compare`'s temporaries
+        self.budget = budget_for(chunk_bytes, self.params)
         #: per tensor, every ``strides[i]``-th element is held (1: all of it); all 1: all of W_hat, exact values
         self.strides = sampling_strides(self.params, max_bytes, owner, name)
         #: where each tensor's sample starts in its flattened data
@@ -141,7 +143,7 @@ class HeldPrediction:
                 [self._sampled(self.real, i) for i in indices],
                 [self.predicted[i] for i in indices],
                 steps,
-                self.chunk_bytes,
+                self.budget,
             )
         self.release()
         device = rows[0].device
@@ -214,11 +216,8 @@ def _prime_at_least(n: int) -> int:
 
 
 def _grouped(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` by device and dtype, in first-seen order (foreach kernels take one of each)."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return list(groups.values())
+    """Indices of ``tensors`` by device and dtype (foreach kernels take one of each)."""
+    return [indices for _, indices in group_by_device_and_dtype([tensors])]
 
 
 def _copy_grouped(targets: list[Tensor], sources: list[Tensor]) -> None:
@@ -227,16 +226,16 @@ def _copy_grouped(targets: list[Tensor], sources: list[Tensor]) -> None:
 
 
 def _partial_sums(
-    after: list[Tensor], before: list[Tensor], predicted: list[Tensor], steps: int, chunk_bytes: int | None
+    after: list[Tensor], before: list[Tensor], predicted: list[Tensor], steps: int, budget: int
 ) -> list[Tensor]:
     """One row per tensor (all of one device and dtype), ``[|d|^2, |u|^2, <d, u>, |d - steps*u|^2]`` with
     ``d = predicted - before`` and ``u = after - before``, walking the list in chunks of at most
-    ``max(largest tensor, chunk_bytes)`` bytes (one ``(chunk, 4)`` tensor per chunk). ``predicted`` is overwritten;
+    ``max(largest tensor, budget)`` bytes (one ``(chunk, 4)`` tensor per chunk). ``predicted`` is overwritten;
     the temporaries are one chunk of ``u`` (and, for half-precision tensors, one float32 chunk of ``d``)."""
     # half precision: differences and sums in float32 (where the difference of two half-precision numbers is exact)
     upcast = after[0].dtype.itemsize < 4
     rows: list[Tensor] = []
-    for part in chunk_slices(after, chunk_bytes):
+    for part in Chunks(after, budget):
         d: TensorList
         u: TensorList
         if upcast:
@@ -262,3 +261,21 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     if a.is_contiguous() and b.is_contiguous():
         return torch.dot(a.view(-1), b.view(-1))
     return (a * b).sum()
+
+
+@torch.no_grad()
+def relative_shift(predicted: Sequence[tuple[Tensor, Tensor, Tensor]], chunk_bytes: int | None = None) -> float:
+    """``||W_hat - W|| / ||W||`` from ``(parameter, predicted local tensor, real local value)`` triples (what
+    :meth:`~lightning_xgrad.OptimizerPredictor.predicted_params` returns); needs at least one triple. The differences
+    are formed one chunk of at most ``max(largest tensor, chunk_bytes)`` bytes at a time (``None``: the default of
+    the tensors' device)."""
+    values = [local for _, local, _ in predicted]
+    real = [value for _, _, value in predicted]
+    squares: list[Tensor] = []
+    for part in Chunks(values, budget_for(chunk_bytes, values)):  # one chunk of differences alive at a time
+        squares += [d.float().square().sum() for d in torch._foreach_sub(values[part], real[part])]
+    shift = torch.stack(squares)
+    norm = torch.stack([r.float().square().sum() for r in real])
+    # logging steps only: with sharded parameters, one all_reduce of the two sums (replicated elements counted once)
+    shift_squares, real_squares = sum_over_ranks([p for p, _, _ in predicted], torch.stack([shift, norm], dim=1))
+    return float(shift_squares.sqrt() / real_squares.sqrt().clamp_min(1e-30))

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .._internal.chunks import chunk_slices
+from .._internal.chunks import Chunks
 
 
 class ParameterSnapshot:
@@ -61,10 +61,9 @@ class ParameterSnapshot:
 
     @staticmethod
     @torch.no_grad()
-    def swap(params: list[Tensor], buffers: list[Tensor]) -> None:
-        """Exchange the values of params and buffers, with temporaries of at most ``max(largest tensor, chunk_bytes)``
-        (the budget ``params`` was planned with, else the default: :mod:`lightning_xgrad._internal.chunks`)."""
-        for part in chunk_slices(params):
+    def swap(params: list[Tensor], buffers: list[Tensor], chunks: Chunks) -> None:
+        """Exchange the values of params and buffers, with the temporaries of one of ``params``' chunks at a time."""
+        for part in chunks:
             held = [torch.empty_like(p) for p in params[part]]
             torch._foreach_copy_(held, params[part])
             torch._foreach_copy_(params[part], buffers[part])

@@ -9,6 +9,7 @@ Pure torch.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,16 +20,21 @@ from torch.utils.hooks import RemovableHandle
 
 from .._internal.sharding import DTensor, local_tensor
 
-__all__ = ["RealWeightsHook", "register_real_weights_hook"]
+__all__ = ["RealWeightsHook", "register_real_weights_hooks"]
 
 #: the real local values of the parameters holding a prediction now, by parameter
 RealValues = Callable[[], Mapping[Tensor, Tensor]]
 
 
-def register_real_weights_hook(module: nn.Module, real_values: RealValues) -> RemovableHandle:
-    """Make ``module.state_dict()`` report the real values of ``module``'s own parameters; ``real_values`` is a bound
-    method, held weakly (the hook keeps neither its owner nor the module alive)."""
-    return module.register_state_dict_post_hook(RealWeightsHook(real_values, module))
+def register_real_weights_hooks(root: nn.Module, real_values: RealValues) -> list[RemovableHandle]:
+    """Make every ``state_dict()`` of ``root`` and of its submodules report real values: a hook on each module that
+    owns parameters, for its own ones. ``real_values`` is a bound method, held weakly (the hooks keep neither its
+    owner nor the modules alive)."""
+    return [
+        module.register_state_dict_post_hook(RealWeightsHook(real_values, module))
+        for module in root.modules()
+        if any(True for _ in module.parameters(recurse=False))
+    ]
 
 
 class RealWeightsHook:
@@ -74,12 +80,11 @@ class RealWeightsHook:
             state_dict[key] = value.detach()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RealWeightsHook:
-        # A module's parameters are copied before its hooks (``_parameters`` precedes ``_state_dict_hooks``).
+        # ``copy.deepcopy(param, memo)`` returns the copy the module's own copying made, or makes it now and leaves it
+        # in the memo for the module to take (whichever of the two comes first): the copy gets the real values.
         with torch.no_grad():
             for param, value in self._own_real_values():
-                copied = memo.get(id(param))
-                if copied is not None:
-                    local_tensor(copied).copy_(value)
+                local_tensor(copy.deepcopy(param, memo)).copy_(value)
         return RealWeightsHook(None, None)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -14,14 +14,14 @@ import importlib
 
 import torch
 
+from .._internal.optimizers import unwrap_optimizer
 from .._internal.validation import argument_error
-from .._internal.wrappers import unwrap_optimizer
 from .adam import AdamRule
 from .adamax import AdamaxRule
 from .base import PredictionRule
 from .momentum import MomentumBufferRule, RMSpropRule, SGDRule
 from .radam import RAdamRule
-from .trajectory import extrapolate_, rewind_
+from .trajectory import TRAJECTORY, TrajectoryRule
 
 _REGISTRY: dict[type[torch.optim.Optimizer], PredictionRule] = {
     torch.optim.SGD: SGDRule(),
@@ -53,8 +53,9 @@ def register_rule(optimizer_class: type[torch.optim.Optimizer], rule: Prediction
 
 
 def rule_for(optimizer: torch.optim.Optimizer) -> PredictionRule | None:
-    """The state rule registered for this optimizer's exact class, or ``None`` for the trajectory rule (Fabric's and
-    Lightning's wrappers are looked through)."""
+    """The state rule registered for this optimizer's exact class, or ``None`` when none is (the trajectory rule then
+    applies); Fabric's and Lightning's wrappers are looked through. The caller binds it
+    (:meth:`PredictionRule.bind`)."""
     cls = type(unwrap_optimizer(optimizer))
     rule = _REGISTRY.get(cls)
     if rule is None and (target := _BY_CLASS_PATH.get(f"{cls.__module__}.{cls.__qualname__}")) is not None:
@@ -65,6 +66,7 @@ def rule_for(optimizer: torch.optim.Optimizer) -> PredictionRule | None:
 
 
 __all__ = [
+    "TRAJECTORY",
     "AdamRule",
     "AdamaxRule",
     "MomentumBufferRule",
@@ -72,8 +74,7 @@ __all__ = [
     "RAdamRule",
     "RMSpropRule",
     "SGDRule",
-    "extrapolate_",
+    "TrajectoryRule",
     "register_rule",
-    "rewind_",
     "rule_for",
 ]

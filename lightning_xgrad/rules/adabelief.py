@@ -40,8 +40,10 @@ import torch
 from torch import Tensor
 
 from .._internal.adam_direction import add_adam_direction_
+from .._internal.chunks import Chunks
 from .._internal.scalars import as_float
 from .base import PredictionRule
+from .radam import rectification
 
 
 class AdaBeliefRule(PredictionRule):
@@ -77,7 +79,7 @@ class AdaBeliefRule(PredictionRule):
         return state["exp_avg"], state["exp_avg_var"], state.get("max_exp_avg_var")
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
         exp_avgs, exp_avg_vars, max_exp_avg_vars = columns
         k = as_float(group.get("step", 0))
@@ -95,15 +97,11 @@ class AdaBeliefRule(PredictionRule):
         if not group.get("rectify", False):
             sqrt_bc2, step_size = math.sqrt(bias_correction2), alpha / bias_correction1
         else:
-            rho_inf = 2.0 / (1.0 - beta2) - 1.0
-            beta2_k = beta2**k
-            rho = rho_inf - 2.0 * k * beta2_k / (1.0 - beta2_k)
+            rho, r_squared = rectification(k, beta2)
             if rho < float(self.n_sma_threshold):  # type: ignore[arg-type]  # handles() guarantees it is set
                 if self.degenerated_to_sgd:
                     torch._foreach_add_(params, exp_avgs, alpha=alpha / bias_correction1)
                 return
-            r = math.sqrt(
-                (1.0 - beta2_k) * (rho - 4.0) / (rho_inf - 4.0) * (rho - 2.0) / rho * rho_inf / (rho_inf - 2.0)
-            )
+            r = math.sqrt(bias_correction2 * r_squared)
             sqrt_bc2, step_size = 1.0, alpha * r / bias_correction1
-        add_adam_direction_(params, exp_avgs, second, step_size, sqrt_bias_correction2=sqrt_bc2, eps=eps)
+        add_adam_direction_(params, exp_avgs, second, step_size, sqrt_bias_correction2=sqrt_bc2, eps=eps, chunks=chunks)

@@ -15,15 +15,30 @@ import torch
 from torch import Tensor
 
 from .._internal.adam_direction import add_adam_direction_
-from .._internal.scalars import on_accelerator, step_counts_as_floats, uniform
+from .._internal.chunks import Chunks
+from .._internal.scalars import StepCounts, one_minus_powers, uniform
 from .base import PredictionRule
 from .compiled import CompiledPrediction, adam_kernel
+
+
+def adam_scalars(
+    steps: Sequence[float], beta1: float, beta2: float, eps: float, alpha: float
+) -> tuple[float | list[float], float | list[float]]:
+    """Per-tensor ``(eps', step')`` such that ``alpha * m_hat / (sqrt(v_hat) + eps) == step' * m / (sqrt(v) + eps')``
+    at step counts ``steps``: the bias corrections ride on scalars, which saves a pass over v. Single floats when every
+    tensor is at the same step (the usual case), so foreach ops take their cheaper scalar overloads."""
+    if isinstance(k := uniform(list(steps)), float):
+        sqrt_bc2 = math.sqrt(1.0 - beta2**k)
+        return eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k)
+    sqrt_bc2s = [math.sqrt(1.0 - beta2**k) for k in steps]
+    return [eps * c for c in sqrt_bc2s], [alpha * c / (1.0 - beta1**k) for c, k in zip(sqrt_bc2s, steps, strict=True)]
 
 
 class AdamRule(PredictionRule):
     """Adam, AdamW (also with ``amsgrad``, ``maximize``, ``foreach``, ``fused`` and ``capturable``)."""
 
     name = "adam"
+    step_column = 2
 
     def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
         if "exp_avg" not in state or "step" not in state:
@@ -36,67 +51,46 @@ class AdamRule(PredictionRule):
         return float(group["eps"])
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
-        exp_avgs, second_moments, step_counts = columns
+        exp_avgs, second_moments, steps = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         eps = self.outer_eps(group)
-        if on_accelerator(step_counts):
-            self._add_with_device_steps(params, exp_avgs, second_moments, step_counts, beta1, beta2, eps, alpha)
+        if not steps.host_readable:
+            _add_with_device_steps(params, exp_avgs, second_moments, steps, beta1, beta2, eps, alpha, chunks)
             return
-        eps_folded, step_size = self._scalars(step_counts, beta1, beta2, eps, alpha)
-        add_adam_direction_(params, exp_avgs, second_moments, step_size, eps=eps_folded)
-
-    @staticmethod
-    def _scalars(
-        step_counts: Sequence[Any], beta1: float, beta2: float, eps: float, alpha: float
-    ) -> tuple[float | list[float], float | list[float]]:
-        """Per-tensor ``(eps', step')`` such that ``alpha * m_hat / (sqrt(v_hat) + eps) == step' * m / (sqrt(v) +
-        eps')``: the bias corrections ride on scalars, which saves a pass over v. Single floats when every tensor is
-        at the same step (the usual case), so foreach ops take their cheaper scalar overloads."""
-        ks = step_counts_as_floats(step_counts)
-        if isinstance(k := uniform(ks), float):
-            sqrt_bc2 = math.sqrt(1.0 - beta2**k)
-            return eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k)
-        sqrt_bc2s = [math.sqrt(1.0 - beta2**k) for k in ks]
-        return [eps * c for c in sqrt_bc2s], [alpha * c / (1.0 - beta1**k) for c, k in zip(sqrt_bc2s, ks, strict=True)]
+        eps_folded, step_size = adam_scalars(steps.floats(), beta1, beta2, eps, alpha)
+        add_adam_direction_(params, exp_avgs, second_moments, step_size, eps=eps_folded, chunks=chunks)
 
     def compiled_prediction(self) -> CompiledPrediction | None:
-        if type(self).add_direction_ is not AdamRule.add_direction_:  # a subclass with its own direction
-            return None
         return CompiledPrediction(adam_kernel, 2, self._kernel_scalars)
 
-    def _kernel_scalars(
-        self, columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
-    ) -> list[list[float]] | None:
-        step_counts = columns[2]
-        if on_accelerator(step_counts):
+    def _kernel_scalars(self, columns: Sequence[Any], group: dict[str, Any], alpha: float) -> list[list[float]] | None:
+        steps: StepCounts = columns[2]
+        if not steps.host_readable:
             return None  # reading accelerator steps would sync: the eager no-sync path instead
         beta1, beta2 = (float(b) for b in group["betas"])
-        eps, step = self._scalars(step_counts, beta1, beta2, self.outer_eps(group), alpha)
-        n = len(step_counts)
+        eps, step = adam_scalars(steps.floats(), beta1, beta2, self.outer_eps(group), alpha)
+        n = len(steps)
         return [eps if isinstance(eps, list) else [eps] * n, step if isinstance(step, list) else [step] * n]
 
-    @staticmethod
-    def _add_with_device_steps(
-        params: list[Tensor],
-        exp_avgs: list[Tensor],
-        second_moments: list[Tensor],
-        step_counts: list[Tensor],
-        beta1: float,
-        beta2: float,
-        eps: float,
-        alpha: float,
-    ) -> None:
-        """Steps that live on the accelerator (capturable or fused Adam): bias corrections as tensors, no sync."""
-        bc1 = torch._foreach_pow(beta1, step_counts)
-        torch._foreach_neg_(bc1)
-        torch._foreach_add_(bc1, 1.0)
-        sqrt_bc2 = torch._foreach_pow(beta2, step_counts)
-        torch._foreach_neg_(sqrt_bc2)
-        torch._foreach_add_(sqrt_bc2, 1.0)
-        torch._foreach_sqrt_(sqrt_bc2)
-        torch._foreach_div_(bc1, alpha)  # bc1 / alpha: the divisor that turns m / denom into alpha * m_hat / denom
-        add_adam_direction_(
-            params, exp_avgs, second_moments, sqrt_bias_correction2=list(sqrt_bc2), eps=eps, divisors=list(bc1)
-        )
+
+def _add_with_device_steps(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    second_moments: list[Tensor],
+    steps: StepCounts,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    alpha: float,
+    chunks: Chunks,
+) -> None:
+    """Steps that live on the accelerator (capturable or fused Adam): bias corrections as tensors, no sync."""
+    bc1 = one_minus_powers(beta1, steps.tensors)
+    sqrt_bc2 = one_minus_powers(beta2, steps.tensors)
+    torch._foreach_sqrt_(sqrt_bc2)
+    torch._foreach_div_(bc1, alpha)  # bc1 / alpha: the divisor that turns m / denom into alpha * m_hat / denom
+    add_adam_direction_(
+        params, exp_avgs, second_moments, sqrt_bias_correction2=sqrt_bc2, eps=eps, divisors=bc1, chunks=chunks
+    )

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._internal.chunks import chunk_slices
-from .._internal.scalars import on_accelerator, step_counts_as_floats
+from .._internal.chunks import Chunks
+from .._internal.scalars import one_minus_powers
 from .base import PredictionRule
 
 
@@ -23,6 +23,7 @@ class AdamaxRule(PredictionRule):
     """torch.optim.Adamax (also capturable, with ``step`` on the accelerator: no host read)."""
 
     name = "adamax"
+    step_column = 2
 
     def state_tensors(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
         if "exp_avg" not in state or "exp_inf" not in state:
@@ -30,22 +31,20 @@ class AdamaxRule(PredictionRule):
         return state["exp_avg"], state["exp_inf"], state["step"]
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
-        exp_avgs, exp_infs, step_counts = columns
+        exp_avgs, exp_infs, steps = columns
         beta1 = float(group["betas"][0])
-        if on_accelerator(step_counts):
-            if alpha == 0:
-                return
-            # (1 - b1^k) / alpha per tensor, on the device: the divisor that turns m / u into alpha * m / (bc1 * u)
-            divisors = torch._foreach_pow(beta1, step_counts)
-            torch._foreach_neg_(divisors)
-            torch._foreach_add_(divisors, 1.0)
-            torch._foreach_div_(divisors, alpha)
-            for part in chunk_slices(params):
-                denom = torch._foreach_mul(exp_infs[part], divisors[part])
-                torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)
-                del denom  # one chunk of temporaries alive at a time
+        if steps.host_readable:
+            step_sizes = [alpha / (1.0 - beta1**k) for k in steps.floats()]
+            torch._foreach_addcdiv_(params, exp_avgs, exp_infs, step_sizes)  # in place, no temporaries: one call
             return
-        step_sizes = [alpha / (1.0 - beta1**k) for k in step_counts_as_floats(step_counts)]
-        torch._foreach_addcdiv_(params, exp_avgs, exp_infs, step_sizes)  # in place, no temporaries: one call
+        if alpha == 0:
+            return
+        # (1 - b1^k) / alpha per tensor, on the device: the divisor that turns m / u into alpha * m / (bc1 * u)
+        divisors = one_minus_powers(beta1, steps.tensors)
+        torch._foreach_div_(divisors, alpha)
+        for part in chunks:
+            denom = torch._foreach_mul(exp_infs[part], divisors[part])
+            torch._foreach_addcdiv_(params[part], exp_avgs[part], denom)
+            del denom  # one chunk of temporaries alive at a time

@@ -1,4 +1,4 @@
-"""The contract every prediction rule fulfils: add ``alpha * dW`` to parameters, read from optimizer state.
+"""The contract every state rule fulfils: add ``alpha * dW`` to parameters, read from the optimizer's state.
 
 dW is the optimizer's most recent update direction per unit learning rate, without decoupled weight decay, so the
 predicted weights are ``W_hat = W + alpha * dW`` with ``alpha = -steps * lr``. Rules are pure torch: they can be
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from .._internal.chunks import Chunks
+
 if TYPE_CHECKING:
     from .compiled import CompiledPrediction
 
@@ -20,13 +22,19 @@ if TYPE_CHECKING:
 class PredictionRule(ABC):
     """How to read dW for one optimizer family from its per-parameter state.
 
-    The caller (the callback, or any training loop) collects, once per change of the optimizer's state, the tuple
-    :meth:`state_tensors` returns for each parameter, transposes them into columns, and then calls
+    The caller (the predictor, or any training loop) collects, once per change of the optimizer's state, the tuple
+    :meth:`state_tensors` returns for each parameter, transposes them into columns (the column at
+    :attr:`step_column`, if any, as a :class:`~lightning_xgrad._internal.scalars.StepCounts`), and then calls
     :meth:`add_direction_` every step with the parameters of one param group that share a device and dtype.
     """
 
     #: short name shown in logs and in the README's table
     name: str = "rule"
+    #: state rules read dW from the optimizer's state (the trajectory rule, its counterpart, does not)
+    reads_state: bool = True
+    #: the position in :meth:`state_tensors` of the per-parameter step count, which the caller then hands over as a
+    #: :class:`~lightning_xgrad._internal.scalars.StepCounts` (read without device syncs); ``None``: no step column
+    step_column: int | None = None
 
     def bind(self, optimizer: Any) -> PredictionRule:
         """The rule to use for this optimizer instance: itself, unless the optimizer keeps options outside its param
@@ -43,13 +51,15 @@ class PredictionRule(ABC):
 
     @abstractmethod
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
-        """In place: ``params[i] += alpha * dW[i]``; ``columns[j][i]`` is entry j of :meth:`state_tensors`."""
+        """In place: ``params[i] += alpha * dW[i]``; ``columns[j][i]`` is entry j of :meth:`state_tensors`.
+        ``chunks`` are those of ``params``: the bound on the temporaries of out-of-place foreach ops."""
 
     def compiled_prediction(self) -> CompiledPrediction | None:
         """A :class:`~lightning_xgrad.rules.compiled.CompiledPrediction` that snapshots and predicts in one pass, or
-        ``None`` (the default): the predictor then copies and calls :meth:`add_direction_`."""
+        ``None`` (the default): the predictor then copies and calls :meth:`add_direction_`. A subclass that changes
+        :meth:`add_direction_` overrides this too (returning ``None`` unless it has a kernel of its own)."""
         return None
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 #: per-step scalars of a bucket, ``[rows][tensors]``, or ``None`` when the rule cannot give them without a sync
-ScalarsOf = Callable[[Sequence[list[Any]], dict[str, Any], float], list[list[float]] | None]
+ScalarsOf = Callable[[Sequence[Any], dict[str, Any], float], list[list[float]] | None]
 
 
 def adam_kernel(
@@ -50,7 +50,7 @@ class CompiledPrediction:
         self,
         params: list[Tensor],
         buffers: list[Tensor],
-        columns: Sequence[list[Any]],
+        columns: Sequence[Any],
         group: dict[str, Any],
         alpha: float,
     ) -> bool:
@@ -61,6 +61,5 @@ class CompiledPrediction:
         values = torch.tensor(scalars, dtype=torch.float32)
         if params[0].device.type != "cpu":
             values = values.pin_memory().to(params[0].device, non_blocking=True)
-        # plain lists: torch 2.6's dynamo cannot index a list subclass (the predictor's ChunkedList) in a full graph
-        self._kernel(list(params), list(buffers), *[list(column) for column in columns[: self._columns]], values)
+        self._kernel(params, buffers, *columns[: self._columns], values)
         return True

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._internal.chunks import Chunks
 from .base import PredictionRule
 from .compiled import CompiledPrediction, momentum_kernel
 
@@ -28,13 +29,11 @@ class MomentumBufferRule(PredictionRule):
         return None if buffer is None else (buffer,)
 
     def add_direction_(
-        self, params: list[Tensor], columns: Sequence[list[Any]], group: dict[str, Any], alpha: float
+        self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
-        torch._foreach_add_(params, columns[0], alpha=alpha)
+        torch._foreach_add_(params, columns[0], alpha=alpha)  # in place, no temporaries: one call
 
     def compiled_prediction(self) -> CompiledPrediction | None:
-        if type(self).add_direction_ is not MomentumBufferRule.add_direction_:  # a subclass with its own direction
-            return None
         return CompiledPrediction(momentum_kernel, 1, lambda columns, group, alpha: [[alpha] * len(columns[0])])
 
 

@@ -1,13 +1,23 @@
-"""Step hooks on a user's optimizer, found where the optimizer really has them.
+"""What the package reads off a user's optimizer, feature-detected, without changing it.
 
-torch runs the hooks of ``register_step_pre_hook`` and ``register_step_post_hook`` from the wrapper that
-``Optimizer.__init__`` puts around the class's ``step`` (``Optimizer._patch_step_function``, which marks it
-``hooked``). An optimizer that subclasses ``torch.optim.Optimizer`` without calling its ``__init__`` (timm's
-``Lookahead``) has no hook registries, and one that makes its own registries without patching ``step`` has hooks
-that never run. Such optimizers are usually wrappers: their ``step`` calls an inner optimizer's, and the inner one
-shares their param groups, so its hooks run around the update of the very same parameters. The owner of the hooks is
-therefore the optimizer itself where its hooks are live, else such an inner optimizer (an attribute of the wrapper,
-looked for recursively), else nobody: the caller then does without. Nothing is added to the user's objects. Pure torch.
+- **Wrappers**: ``Fabric.setup`` returns a ``_FabricOptimizer`` and Lightning's ``self.optimizers()`` a
+  ``LightningOptimizer``; both build a class per optimizer class (``FabricAdamW``, ``LightningAdamW``) that derives
+  from the wrapper and from the optimizer's class, and keep the real optimizer in their ``optimizer`` property. Rules
+  are matched on the exact class of the real optimizer, so these wrappers are taken off first (recognised by class
+  path, so nothing here imports Lightning). Any other subclass (one a user wrote) may change the update: it stays what
+  it is, and gets the trajectory rule unless a rule is registered for it.
+- **Parameters**: the flat list in param-group order, the numbering ``optimizer.state_dict()`` uses.
+- **Step hooks**: torch runs the hooks of ``register_step_pre_hook`` and ``register_step_post_hook`` from the
+  wrapper that ``Optimizer.__init__`` puts around the class's ``step`` (``Optimizer._patch_step_function``, which marks
+  it ``hooked``). An optimizer that subclasses ``torch.optim.Optimizer`` without calling its ``__init__`` (timm's
+  ``Lookahead``) has no hook registries, and one that makes its own registries without patching ``step`` has hooks
+  that never run. Such optimizers are usually wrappers: their ``step`` calls an inner optimizer's, and the inner one
+  shares their param groups, so its hooks run around the update of the very same parameters. The owner of the hooks
+  is therefore the optimizer itself where its hooks are live, else such an inner optimizer (an attribute of the
+  wrapper, looked for recursively), else nobody: the caller then does without. Nothing is added to the user's
+  objects.
+
+Pure torch.
 """
 
 from __future__ import annotations
@@ -17,9 +27,45 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["StepHook", "register_step_hooks", "step_closure", "step_hook_owner", "with_closure"]
+__all__ = [
+    "StepHook",
+    "flat_params",
+    "register_step_hooks",
+    "step_closure",
+    "step_hook_owner",
+    "unwrap_optimizer",
+    "with_closure",
+]
+
+#: "module.QualName" of the wrapper classes whose ``optimizer`` property is the wrapped optimizer
+_KNOWN_WRAPPERS = frozenset(
+    {
+        "lightning.fabric.wrappers._FabricOptimizer",
+        "lightning_fabric.wrappers._FabricOptimizer",  # the standalone lightning-fabric package
+        "lightning.pytorch.core.optimizer.LightningOptimizer",
+        "pytorch_lightning.core.optimizer.LightningOptimizer",  # the standalone pytorch-lightning package
+    }
+)
+
+
+def _is_known_wrapper(optimizer: Any) -> bool:
+    return any(f"{cls.__module__}.{cls.__qualname__}" in _KNOWN_WRAPPERS for cls in type(optimizer).__mro__)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside Fabric's and Lightning's wrappers (nested ones too); anything else unchanged."""
+    while _is_known_wrapper(optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def flat_params(optimizer: Any) -> list[Tensor]:
+    """Every parameter of ``optimizer`` in param-group order: position i is parameter i of its ``state_dict()``."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
 
 #: ``hook(optimizer, args, kwargs)``, as torch calls step hooks (a pre-hook may return new ``(args, kwargs)``)
 StepHook = Callable[[torch.optim.Optimizer, tuple[Any, ...], dict[str, Any]], Any]
