@@ -25,15 +25,10 @@ at most 2x from 40 to 4000), host reads of tensor values, kernel launches on CUD
 the largest tensor and over max(largest tensor, chunk_bytes), and the time cost of one unused trainable module (a
 parameter without optimizer state).
 
-A third (``--only double_buffer``) times predict() + restore() of the package (copy-in/copy-out) against an
-experimental double-buffer restore (:class:`DoubleBufferPrediction`: parameters pointed at W_hat's storage and back)
-on the optimizer-bound mlp with AdamW and SGD momentum, and writes why the package does not adopt it.
-
     python benchmarks/overhead.py --publish                    # the published run (both measurements)
     python benchmarks/overhead.py --only steps --runs 2 --steps 20 --cases mlp-adamw
     python benchmarks/overhead.py --only calls                 # ATen calls per step, 8 min on 2 busy cores
     python benchmarks/overhead.py --only calls --calls-sizes 40 400 --calls-rules AdamW "SGD momentum"
-    python benchmarks/overhead.py --only double_buffer         # the double-buffer restore experiment, ~1 min
     python benchmarks/overhead.py --replot benchmarks/results/overhead.json --publish  # redraw the plot only
 
 ``benchmarks/gpu_check.sh`` runs both on CUDA (``--cases mlp-adamw_fused`` is AdamW with ``fused=True``,
@@ -76,7 +71,7 @@ XGRAD_VARIANTS = ("xgrad", "xgrad-compiled")
 OPTIMIZERS = ("adamw", "sgd")
 #: what ``--cases`` also accepts: AdamW with ``fused=True`` (for the GPU check)
 OPTIMIZER_CHOICES = (*OPTIMIZERS, "adamw_fused")
-MEASUREMENTS = ("steps", "calls", "double_buffer")
+MEASUREMENTS = ("steps", "calls")
 MODELS = ("mlp", "cnn")
 
 
@@ -630,237 +625,12 @@ def calls_report(calls: dict[str, Any], command: str, device: str) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- double-buffer restore (issue 14, item 5)
-#: the optimizers of the double-buffer experiment, on the optimizer-bound mlp
-DOUBLE_BUFFER_FAMILIES = ("AdamW", "SGD momentum")
-#: the speed-up of the hooks that would justify the double buffer as an option (issue 14, item 5)
-DOUBLE_BUFFER_TARGET = 1.3
+# ---------------------------------------------------------------------- targets
 #: issue 14's targets for the hooks over the optimizer's update on the optimizer-bound mlp, by (optimizer, variant)
 HOOKS_OVER_UPDATE_TARGETS = {("adamw", "xgrad"): 0.6, ("adamw", "xgrad-compiled"): 0.45}
 HOOKS_OVER_UPDATE_TARGETS |= {("sgd", "xgrad"): 0.9, ("sgd", "xgrad-compiled"): 0.9}
 #: the whole-step overhead target on the compute-bound cnn
 STEP_OVERHEAD_TARGET = 0.01
-DOUBLE_BUFFER_ROUNDS = 3
-DOUBLE_BUFFER_REPEATS = 20
-
-
-class DoubleBufferPrediction:
-    """An experiment, not part of the package: predict without copy-in/copy-out. W_hat is computed out of place
-    into new storage, each parameter is pointed at it (``p.data = w_hat``) for forward and backward, and pointed
-    back at its untouched real storage at restore. The foreach calls are the package's (its AdamW scalars, its
-    chunks), less the snapshot and restore copies: AdamW 8 passes over the parameters instead of 12, SGD momentum 3
-    instead of 7. One param group, Adam/AdamW or SGD momentum, every parameter with state.
-
-    ``spare=True``: no allocation per step. W_hat is written into a second buffer kept between steps (a copy of W,
-    then the package's in-place update of it) and the parameters and that buffer trade storages: only the restore
-    copy is saved (AdamW 10 passes, SGD momentum 5)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, steps: int = 1, spare: bool = False) -> None:
-        (group,) = optimizer.param_groups
-        self.group = group
-        self.steps = steps
-        self.spare: list[Tensor] | None = [torch.empty_like(p) for p in group["params"]] if spare else None
-        self.params: list[Tensor] = list(group["params"])
-        states = [optimizer.state[p] for p in self.params]
-        self.adam = "exp_avg" in states[0]
-        if self.adam:
-            self.exp_avgs = [s["exp_avg"] for s in states]
-            self.exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            self.step_counts = [s["step"] for s in states]
-        else:
-            self.buffers = [s["momentum_buffer"] for s in states]
-        self.real: list[Tensor] = []
-
-    @torch.no_grad()
-    def predict(self) -> None:
-        from lightning_xgrad._internal.chunks import ChunkedList, chunk_slices
-        from lightning_xgrad.rules.adam import AdamRule
-
-        real = [p.data for p in self.params]
-        alpha = -self.steps * self.group["lr"]
-        spare = self.spare
-        if spare is not None:
-            torch._foreach_copy_(spare, real)
-        if self.adam:
-            beta1, beta2 = self.group["betas"]
-            eps, size = AdamRule._scalars(self.step_counts, beta1, beta2, self.group["eps"], alpha)
-            assert isinstance(eps, float) and isinstance(size, float)
-            predicted: list[Tensor] = []
-            for part in chunk_slices(ChunkedList(real)):
-                denom = torch._foreach_sqrt(self.exp_avg_sqs[part])
-                torch._foreach_add_(denom, eps)
-                if spare is not None:
-                    torch._foreach_addcdiv_(spare[part], self.exp_avgs[part], denom, value=size)
-                else:
-                    predicted += torch._foreach_addcdiv(real[part], self.exp_avgs[part], denom, value=size)
-                del denom
-        elif spare is not None:
-            torch._foreach_add_(spare, self.buffers, alpha=alpha)
-        else:
-            predicted = list(torch._foreach_add(real, self.buffers, alpha=alpha))
-        self.swap(predicted if spare is None else spare)
-        self.real = real
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        if self.spare is not None:
-            self.spare = [p.data for p in self.params]  # W_hat's storage: next step's spare
-        self.swap(self.real)
-        self.real = []
-
-    def swap(self, storages: list[Tensor]) -> None:
-        """Point every parameter at new storage: one ``set_data`` per tensor, a Python loop over the tensors."""
-        for p, data in zip(self.params, storages, strict=True):
-            p.data = data
-
-
-def measure_double_buffer(
-    families: Sequence[str], rounds: int, repeats: int, device: torch.device, model: Callable[[], nn.Module] = mlp
-) -> dict[str, Any]:
-    """predict() + restore() of the package (copy-in/copy-out) against :class:`DoubleBufferPrediction` on the same
-    optimizer state, alternating call by call; ``rounds`` rounds of ``repeats`` each (medians per round, to see the
-    machine's drift), the time of the storage swaps alone, and a check that both predict the same W_hat bit for bit
-    and restore the real weights bit for bit."""
-    factories = rule_families(device)
-    results: dict[str, Any] = {}
-    for family in families:
-        torch.manual_seed(0)
-        params = _on(device, model())
-        bench = PredictionBench(factories[family], params, device)
-        doubles = {
-            "double": DoubleBufferPrediction(bench.optimizer),
-            "spare": DoubleBufferPrediction(bench.optimizer, spare=True),
-        }
-        real = [p.detach().clone() for p in params]
-        storages = [p.data_ptr() for p in params]
-        bench.predictor.predict()
-        copy_predicted = [p.detach().clone() for p in params]
-        bench.predictor.restore()
-        same_prediction = same_restore = True
-        for double in [*doubles.values(), doubles["spare"]]:  # the spare one twice: its buffers trade places
-            double.predict()
-            same_prediction &= all(torch.equal(p, q) for p, q in zip(params, copy_predicted, strict=True))
-            double.restore()
-            same_restore &= all(torch.equal(p, q) for p, q in zip(params, real, strict=True))
-            same_restore &= [p.data_ptr() for p in params] == storages
-
-        def timed(work: Callable[[], None]) -> float:
-            _sync(device)
-            start = time.perf_counter()
-            work()
-            _sync(device)
-            return time.perf_counter() - start
-
-        per_round: dict[str, list[float]] = {"copy": [], "double": [], "spare": [], "swaps": []}
-        for _ in tqdm(range(rounds), desc=f"double buffer {family}", unit="round"):
-            times: dict[str, list[float]] = {key: [] for key in per_round}
-            for _ in range(repeats):
-                times["copy"].append(timed(bench.hooks))
-                for key, db in doubles.items():
-                    times[key].append(timed(lambda db=db: (db.predict(), db.restore())))
-                data = [p.data for p in params]
-                times["swaps"].append(timed(lambda d=data, db=doubles["double"]: (db.swap(d), db.swap(d))))
-            for key, values in times.items():
-                per_round[key].append(1e3 * median(values))
-        results[family] = {
-            "tensors": len(params),
-            "param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "rounds_ms": per_round,
-            "copy_ms": median(per_round["copy"]),
-            "double_ms": median(per_round["double"]),
-            "spare_ms": median(per_round["spare"]),
-            "swaps_ms": median(per_round["swaps"]),
-            "speedup": median([c / d for c, d in zip(per_round["copy"], per_round["double"], strict=True)]),
-            "spare_speedup": median([c / d for c, d in zip(per_round["copy"], per_round["spare"], strict=True)]),
-            "same_prediction": same_prediction,
-            "same_restore": same_restore,
-        }
-    return {"rounds": rounds, "repeats": repeats, "target": DOUBLE_BUFFER_TARGET, "families": results}
-
-
-def double_buffer_report(data: dict[str, Any], command: str, device: str) -> str:
-    """The double-buffer measurement as markdown, with the verdict and why the option is refused or offered."""
-    rows = data["families"]
-    target = data["target"]
-    adopt = all(max(r["speedup"], r["spare_speedup"]) >= target for r in rows.values())
-    lines = [
-        "# Double-buffer restore (issue 14, item 5)",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {device}, torch {torch.__version__}, Python {platform.python_version()}.",
-        "",
-        "The package's predict() + restore() (*copy*: snapshot W, write W_hat in place, copy W back) against two "
-        "experimental double buffers (`DoubleBufferPrediction` in benchmarks/overhead.py) that point each parameter "
-        "at W_hat's storage with `p.data = w_hat` and back at its real storage at restore, with the package's "
-        "foreach calls otherwise:",
-        "",
-        "- *fresh*: W_hat computed out of place into new storage every step (AdamW 8 passes over the parameters "
-        "instead of 12, SGD momentum 3 instead of 7, plus an allocation of the parameters' size);",
-        "- *spare*: W_hat written into a second buffer kept between steps (a copy of W, updated in place), which "
-        "trades storages with the parameters: only the restore copy is saved (AdamW 10 passes, SGD momentum 5).",
-        "",
-        "Optimizer-bound mlp of the step timing, after the optimizer's warm-up steps; the variants alternate call by "
-        f"call, {data['rounds']} rounds of {data['repeats']} calls; medians per round, the median over rounds with "
-        "min-max over rounds in brackets; *swaps*: the `p.data` swaps of one predict() + restore() alone. The "
-        "speed-up is copy over the variant (median of the per-round ratios).",
-        "",
-        "| optimizer | tensors | params | copy ms | fresh ms | spare ms | swaps ms | speed-up fresh / spare "
-        f"(≥ {target:g}x to adopt) | same W_hat, same restore |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def cell(row: dict[str, Any], key: str, label: str) -> str:
-        values = row["rounds_ms"][key]
-        return f"{row[label + '_ms']:.3f} [{min(values):.3f}, {max(values):.3f}]"
-
-    def verdict(speedup: float) -> str:
-        return f"{speedup:.2f}x {'✓' if speedup >= target else '✗'}"
-
-    for family, row in rows.items():
-        lines.append(
-            f"| {family} | {row['tensors']} | {_mib(row['param_bytes'])} | {cell(row, 'copy', 'copy')} | "
-            f"{cell(row, 'double', 'double')} | {cell(row, 'spare', 'spare')} | {cell(row, 'swaps', 'swaps')} | "
-            f"{verdict(row['speedup'])} / {verdict(row['spare_speedup'])} | "
-            f"{'yes' if row['same_prediction'] else 'NO'}, {'yes' if row['same_restore'] else 'NO'} |"
-        )
-    passing = [family for family, r in rows.items() if max(r["speedup"], r["spare_speedup"]) >= target]
-    failing = [family for family in rows if family not in passing]
-    if adopt:
-        verdict_text = f"at least {target:g}x faster for every optimizer measured here."
-    elif passing:
-        verdict_text = (
-            f"{target:g}x or more for {', '.join(passing)}, less for {', '.join(failing)} (the Adam family's "
-            "out-of-place W_hat, or its copy into the spare buffer, costs about what the restore copy saves)."
-        )
-    else:
-        verdict_text = f"below {target:g}x for every optimizer measured here."
-    lines += [
-        "",
-        f"Verdict: {verdict_text} The package keeps copy-in/copy-out and offers no double-buffer option: "
-        + (f"the gain is not there for {', '.join(failing)}; " if failing else "")
-        + "the `p.data` swaps are Python work per tensor at every step (what the plan removed); and swapping the "
-        "storage behind every parameter twice a step is wrong wherever something holds a parameter's storage "
-        "rather than the Parameter object, which the package cannot always detect (a silent wrong result, where "
-        "copy-in/copy-out is always right):",
-        "",
-        "- FSDP2 (`fully_shard`) all-gathers from its own padded shard storage (`FSDPParam._sharded_param_data`), "
-        "of which the sharded parameter's local tensor is a view, and re-reads the parameter only at lazy init: a "
-        "parameter pointed at W_hat would still be gathered with its real weights, a silent plain step;",
-        '- CUDA graphs (`torch.compile(mode="reduce-overhead")`, captured optimizer steps) replay fixed addresses: '
-        "a graph would read the old storage, or cudagraph trees re-record at every step;",
-        "- any other alias of a parameter's storage (a view kept by a module, weight tying through views rather "
-        "than a shared Parameter, flat parameter buffers as in FSDP1, DeepSpeed or Megatron-style contiguous "
-        "buffers) keeps the real weights while the Parameter holds W_hat;",
-        "- the in-place path's guarantees in the README (the same storage, updated in place, so that compiled "
-        "graphs, hooks and optimizers keyed by parameter see the same tensor) no longer hold between predict and "
-        "restore, and a `.data` swap is invisible to autograd's version counter.",
-        "",
-        "Where it is safe (one process, eager or compiled without CUDA graphs, parameters not aliased), it saves "
-        "the snapshot and restore copies; the remaining cost is the out-of-place W_hat (a fresh allocation each "
-        "step, which a GPU's caching allocator makes cheap and a CPU's may not) and one `set_data` per parameter "
-        "and swap, a Python loop that grows with the number of tensors.",
-    ]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- one run
@@ -1116,18 +886,6 @@ def main(argv: list[str] | None = None) -> None:
         help="used tensors next to the unused module, a multiple of 4 (default: %(default)s)",
     )
     parser.add_argument(
-        "--double-buffer-rounds",
-        type=int,
-        default=DOUBLE_BUFFER_ROUNDS,
-        help="rounds of the double-buffer measurement (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--double-buffer-repeats",
-        type=int,
-        default=DOUBLE_BUFFER_REPEATS,
-        help="alternating predict() + restore() calls per variant and round (default: %(default)s)",
-    )
-    parser.add_argument(
         "--chunk-bytes",
         type=int,
         help="the predictor's chunk_bytes in the calls measurement (default: the package's default budget)",
@@ -1153,7 +911,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     steps = args.only in (None, "steps")
     calls = args.only in (None, "calls")
-    double_buffer = args.only in (None, "double_buffer")
     if args.publish and args.only is not None and args.name == "overhead":
         parser.error(
             f"--publish with --only {args.only} would replace the published overhead.md, which holds both "
@@ -1164,8 +921,6 @@ def main(argv: list[str] | None = None) -> None:
             "--runs must be >= 1, --steps >= 2 (steps alternate) and --warmup >= 4 (the first prediction, at step 2, "
             "allocates the snapshot: memory is measured after it)"
         )
-    if double_buffer and (args.double_buffer_rounds < 1 or args.double_buffer_repeats < 1):
-        parser.error("--double-buffer-rounds and --double-buffer-repeats must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     families = list(rule_families(torch.device(args.device)))
@@ -1214,11 +969,6 @@ def main(argv: list[str] | None = None) -> None:
             args.chunk_bytes,
         )
         sections.append(calls_report(data["calls"], command, device))
-    if double_buffer:
-        data["double_buffer"] = measure_double_buffer(
-            DOUBLE_BUFFER_FAMILIES, args.double_buffer_rounds, args.double_buffer_repeats, torch.device(args.device)
-        )
-        sections.append(double_buffer_report(data["double_buffer"], command, device))
     markdown = "\n\n".join(sections)
     for folder in targets:
         folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -320,59 +319,6 @@ def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(over
     assert _row(text, "SGD momentum")[6] == "0.00 ✓"  # transient / max(largest, budget)
     assert "Budget: `chunk_bytes` = 4096 (4.0 KiB)" in text
     assert "## An unused trainable module" in text and "CUDA kernel launches" not in text  # CPU: no launches
-
-
-@pytest.mark.parametrize("spare", [False, True])
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_double_buffer_predicts_the_formula_and_gives_the_real_storage_back(overhead, optimizer: str, spare) -> None:
-    """The experiment times the same prediction: W_hat as the formula gives it by hand (float64), on the storage the
-    parameter points at between predict() and restore(); restore() points every parameter back at its own storage,
-    untouched (same address, same bits)."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (5, 3, 7)]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
-    else:
-        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    group, lr = opt.param_groups[0], opt.param_groups[0]["lr"]
-    expected = []
-    for p in params:
-        state = opt.state[p]
-        if optimizer == "adamw":
-            (b1, b2), k = group["betas"], float(state["step"])
-            m_hat, v_hat = state["exp_avg"] / (1 - b1**k), state["exp_avg_sq"] / (1 - b2**k)
-            expected.append(p.detach() - 2 * lr * m_hat / (v_hat.sqrt() + group["eps"]))
-        else:
-            expected.append(p.detach() - 2 * lr * state["momentum_buffer"])
-    real = [p.detach().clone() for p in params]
-    storages = [p.data_ptr() for p in params]
-    double = overhead.DoubleBufferPrediction(opt, steps=2, spare=spare)
-    for _ in range(2):  # twice: the spare buffer and the parameters trade storages
-        double.predict()
-        assert all(p.data_ptr() != address for p, address in zip(params, storages, strict=True))
-        for p, want in zip(params, expected, strict=True):
-            torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
-        double.restore()
-        assert [p.data_ptr() for p in params] == storages
-        assert all(torch.equal(p.detach(), r) for p, r in zip(params, real, strict=True))
-
-
-def test_double_buffer_run_writes_the_timings_the_check_and_the_verdict(overhead, tmp_path) -> None:
-    args = ["--only", "double_buffer", "--double-buffer-rounds", "2", "--double-buffer-repeats", "1"]
-    overhead.main([*args, "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "overhead.json").read_text())["double_buffer"]
-    assert (data["rounds"], data["repeats"], data["target"]) == (2, 1, 1.3)
-    assert set(data["families"]) == {"AdamW", "SGD momentum"}
-    for row in data["families"].values():
-        assert row["tensors"] == 200 and row["same_prediction"] and row["same_restore"]
-        assert all(len(times) == 2 for times in row["rounds_ms"].values())
-        assert row["copy_ms"] == statistics.median(row["rounds_ms"]["copy"]) > 0
-    text = (tmp_path / "overhead.md").read_text()
-    assert _row(text, "AdamW")[-1] == "yes, yes" and "Verdict:" in text and "FSDP2" in text
 
 
 def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) -> None:
