@@ -169,9 +169,12 @@ def test_replot_redraws_the_plot_from_a_results_json(convergence, tmp_path) -> N
 
 @pytest.fixture(scope="module")
 def overhead():
-    from benchmarks import overhead
+    """The overhead benchmark's modules: ``models``, ``calls`` and ``cli``."""
+    from types import SimpleNamespace
 
-    return overhead
+    from benchmarks.overhead import calls, cli, models
+
+    return SimpleNamespace(models=models, calls=calls, cli=cli)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -181,7 +184,7 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
 
     from lightning_xgrad import OptimizerPredictor
 
-    module = overhead.Classifier("cnn", optimizer)
+    module = overhead.models.Classifier("cnn", optimizer)
     opt = module.configure_optimizers()
     params = list(module.parameters())
     torch.manual_seed(0)
@@ -194,7 +197,7 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
     predictor.predict()
     expected = [p.detach().clone() for p in params]
     predictor.restore()
-    naive = overhead.NaiveXGrad(steps=1)
+    naive = overhead.models.NaiveXGrad(steps=1)
     naive.on_train_batch_start(SimpleNamespace(optimizers=[opt]), module, None, 0)
     for p, want, before in zip(params, expected, real, strict=True):
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
@@ -205,12 +208,12 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
 
 def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, new_run_folder) -> None:
     status = _git_status()
-    overhead.main(["--only", "steps", "--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4"])
+    overhead.cli.main(["steps", "--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4"])
     assert _git_status() == status  # results in the git-ignored scratch folder only
     tmp_path = new_run_folder()
     data = json.loads((tmp_path / "overhead.json").read_text())
     row = data["summary"]["cnn-sgd"]
-    param_bytes = sum(p.numel() * p.element_size() for p in overhead.cnn().parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in overhead.models.cnn().parameters())
     assert row["param_bytes"] == param_bytes
     for variant in ("xgrad", "xgrad-compiled"):
         assert row[variant]["persistent_bytes"] == param_bytes  # one snapshot buffer per parameter
@@ -241,17 +244,18 @@ def test_count_calls_counts_the_operators_python_dispatches_and_host_reads(overh
             x.sub_(1.0)
         float(xs[0].sum())  # sum and item: 2, and one host read
 
-    count = overhead.count_calls(work, CPU)
+    count = overhead.calls.count_calls(work, CPU)
     assert (count.aten, count.scalar_reads) == (1 + 1 + 5 + 2, 1)
     assert count.launches is None and count.kernels is None  # CUDA only
 
 
 def _calls(overhead, family: str, tensors: int, chunk_bytes: int | None = None) -> int:
     torch.manual_seed(0)
-    params = list(overhead.blocks(tensors).parameters())
-    bench = overhead.PredictionBench(overhead.rule_families(CPU)[family], params, CPU, chunk_bytes=chunk_bytes)
+    params = list(overhead.calls.blocks(tensors).parameters())
+    factory = overhead.calls.rule_families(CPU)[family]
+    bench = overhead.calls.PredictionBench(factory, params, CPU, chunk_bytes=chunk_bytes)
     assert all(bench.optimizer.state[p] for p in bench.used)  # the warm-up steps gave every parameter its state
-    return bench.measured(lambda work: overhead.count_calls(work, CPU)).aten
+    return bench.measured(lambda work: overhead.calls.count_calls(work, CPU)).aten
 
 
 @pytest.mark.parametrize("tensors", [4, 40])
@@ -296,7 +300,7 @@ def test_the_heavy_ball_secant_is_chunked_by_the_predictors_budget(overhead, fam
 def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(overhead, tmp_path) -> None:
     sizes = ["--calls-sizes", "4", "8", "--calls-unused-tensors", "8", "--calls-repeats", "1"]
     rules = ["--calls-rules", "SGD momentum", "AdamW", "--chunk-bytes", "4096"]
-    overhead.main(["--only", "calls", *sizes, *rules, "--out", str(tmp_path)])
+    overhead.cli.main(["calls", *sizes, *rules, "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.json", "overhead.md"]  # no step timing: no plot
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert "summary" not in data
@@ -324,7 +328,7 @@ def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(over
 def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) -> None:
     published = {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()}
     with pytest.raises(SystemExit):
-        overhead.main(["--only", "calls", "--publish", "--calls-sizes", "4", "--calls-rules", "Adamax"])
+        overhead.cli.main(["calls", "--publish", "--calls-sizes", "4", "--calls-rules", "Adamax"])
     assert "would replace the published overhead.md" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == published
 
@@ -332,7 +336,7 @@ def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) 
 def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants(overhead, tmp_path) -> None:
     tiny = ["--runs", "1", "--steps", "2", "--warmup", "4", "--device", "cpu", "--out", str(tmp_path)]
     case = ["--cases", "mlp-adamw_fused", "--variants", "xgrad", "--precision", "bf16-mixed"]
-    overhead.main(["--only", "steps", *case, *tiny])
+    overhead.cli.main(["steps", *case, *tiny])
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert data["precision"] == "bf16-mixed" and "calls" not in data
     row = data["summary"]["mlp-adamw_fused"]
@@ -342,8 +346,21 @@ def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
 
 
+def test_replot_redraws_the_overhead_plot_from_the_published_json(overhead, tmp_path, capsys) -> None:
+    published = REPO / "benchmarks" / "results" / "overhead.json"
+    overhead.cli.main(["replot", str(published), "--out", str(tmp_path / "out")])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["overhead.png"]
+    assert (tmp_path / "out" / "overhead.png").stat().st_size > 10_000
+    calls_only = tmp_path / "calls.json"
+    calls_only.write_text(json.dumps({"calls": json.loads(published.read_text())["calls"]}))
+    with pytest.raises(SystemExit):
+        overhead.cli.main(["replot", str(calls_only), "--out", str(tmp_path / "none")])
+    assert "holds no step timing to plot" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_fused_case_trains_with_a_fused_adamw(overhead) -> None:
-    optimizer = overhead.Classifier("mlp", "adamw_fused").configure_optimizers()
+    optimizer = overhead.models.Classifier("mlp", "adamw_fused").configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
 
 
