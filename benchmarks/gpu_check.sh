@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): on a CUDA machine, in under 8 minutes, run
+# The GPU check: on a CUDA machine, in under 8 minutes, run
 #   test_cuda      tests/test_cuda.py (fused Adam, 16-mixed, FSDP1 refused, no host-device sync in a predicted step
 #                  under torch.cuda.set_sync_debug_mode("error"), compile=True on CUDA)
-#   calls          benchmarks/overhead.py --only calls on CUDA: ATen calls and kernel launches per predict()+restore()
+#   calls          python -m benchmarks.overhead calls on CUDA: ATen calls and kernel launches per predict()+restore()
 #                  for every rule family at 40/400/4000 tensors, transient memory, the unused-module case
-#   overhead       benchmarks/overhead.py's Trainer timing on CUDA: the optimizer-bound MLP with AdamW foreach, AdamW
+#   overhead       python -m benchmarks.overhead steps on CUDA: the optimizer-bound MLP with AdamW foreach, AdamW
 #                  fused and SGD momentum, each with XGradCallback, XGradCallback(compile=True) and the naive XGrad
 #   overhead-bf16  the same under precision="bf16-mixed" (AdamW foreach, SGD momentum)
 # and write every log and result, the machine's nvidia-smi and the versions into one folder, printed at the end.
@@ -177,11 +177,11 @@ with open(os.path.join(sys.argv[1], "nvidia-smi.txt"), "w") as file:
 '
 run_stage env 30 "$PY" -c "$MACHINE" "$OUT"
 run_stage test_cuda 150 "$PY" -m pytest tests/test_cuda.py -q -rA -p no:cacheprovider --junitxml="$OUT/test_cuda.xml"
-run_stage calls 120 "$PY" benchmarks/overhead.py --only calls --device "$DEVICE" "${CALLS_ARGS[@]}" \
+run_stage calls 120 "$PY" -m benchmarks.overhead calls --device "$DEVICE" "${CALLS_ARGS[@]}" \
     --out "$OUT" --name calls
-run_stage overhead 100 "$PY" benchmarks/overhead.py --only steps --device "$DEVICE" --cases "${OVERHEAD_CASES[@]}" \
+run_stage overhead 100 "$PY" -m benchmarks.overhead steps --device "$DEVICE" --cases "${OVERHEAD_CASES[@]}" \
     ${VARIANT_ARGS[@]+"${VARIANT_ARGS[@]}"} "${STEP_ARGS[@]}" --out "$OUT" --name overhead
-run_stage overhead-bf16 60 "$PY" benchmarks/overhead.py --only steps --device "$DEVICE" --precision bf16-mixed \
+run_stage overhead-bf16 60 "$PY" -m benchmarks.overhead steps --device "$DEVICE" --precision bf16-mixed \
     --cases "${BF16_CASES[@]}" ${VARIANT_ARGS[@]+"${VARIANT_ARGS[@]}"} "${STEP_ARGS[@]}" --out "$OUT" \
     --name overhead-bf16
 

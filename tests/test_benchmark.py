@@ -8,7 +8,6 @@ import csv
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -170,9 +169,12 @@ def test_replot_redraws_the_plot_from_a_results_json(convergence, tmp_path) -> N
 
 @pytest.fixture(scope="module")
 def overhead():
-    from benchmarks import overhead
+    """The overhead benchmark's modules: ``models``, ``calls`` and ``cli``."""
+    from types import SimpleNamespace
 
-    return overhead
+    from benchmarks.overhead import calls, cli, models
+
+    return SimpleNamespace(models=models, calls=calls, cli=cli)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -182,7 +184,7 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
 
     from lightning_xgrad import OptimizerPredictor
 
-    module = overhead.Classifier("cnn", optimizer)
+    module = overhead.models.Classifier("cnn", optimizer)
     opt = module.configure_optimizers()
     params = list(module.parameters())
     torch.manual_seed(0)
@@ -195,7 +197,7 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
     predictor.predict()
     expected = [p.detach().clone() for p in params]
     predictor.restore()
-    naive = overhead.NaiveXGrad(steps=1)
+    naive = overhead.models.NaiveXGrad(steps=1)
     naive.on_train_batch_start(SimpleNamespace(optimizers=[opt]), module, None, 0)
     for p, want, before in zip(params, expected, real, strict=True):
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
@@ -206,12 +208,12 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
 
 def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, new_run_folder) -> None:
     status = _git_status()
-    overhead.main(["--only", "steps", "--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4"])
+    overhead.cli.main(["steps", "--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4"])
     assert _git_status() == status  # results in the git-ignored scratch folder only
     tmp_path = new_run_folder()
     data = json.loads((tmp_path / "overhead.json").read_text())
     row = data["summary"]["cnn-sgd"]
-    param_bytes = sum(p.numel() * p.element_size() for p in overhead.cnn().parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in overhead.models.cnn().parameters())
     assert row["param_bytes"] == param_bytes
     for variant in ("xgrad", "xgrad-compiled"):
         assert row[variant]["persistent_bytes"] == param_bytes  # one snapshot buffer per parameter
@@ -242,17 +244,18 @@ def test_count_calls_counts_the_operators_python_dispatches_and_host_reads(overh
             x.sub_(1.0)
         float(xs[0].sum())  # sum and item: 2, and one host read
 
-    count = overhead.count_calls(work, CPU)
+    count = overhead.calls.count_calls(work, CPU)
     assert (count.aten, count.scalar_reads) == (1 + 1 + 5 + 2, 1)
     assert count.launches is None and count.kernels is None  # CUDA only
 
 
 def _calls(overhead, family: str, tensors: int, chunk_bytes: int | None = None) -> int:
     torch.manual_seed(0)
-    params = list(overhead.blocks(tensors).parameters())
-    bench = overhead.PredictionBench(overhead.rule_families(CPU)[family], params, CPU, chunk_bytes=chunk_bytes)
+    params = list(overhead.calls.blocks(tensors).parameters())
+    factory = overhead.calls.rule_families(CPU)[family]
+    bench = overhead.calls.PredictionBench(factory, params, CPU, chunk_bytes=chunk_bytes)
     assert all(bench.optimizer.state[p] for p in bench.used)  # the warm-up steps gave every parameter its state
-    return bench.measured(lambda work: overhead.count_calls(work, CPU)).aten
+    return bench.measured(lambda work: overhead.calls.count_calls(work, CPU)).aten
 
 
 @pytest.mark.parametrize("tensors", [4, 40])
@@ -297,7 +300,7 @@ def test_the_heavy_ball_secant_is_chunked_by_the_predictors_budget(overhead, fam
 def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(overhead, tmp_path) -> None:
     sizes = ["--calls-sizes", "4", "8", "--calls-unused-tensors", "8", "--calls-repeats", "1"]
     rules = ["--calls-rules", "SGD momentum", "AdamW", "--chunk-bytes", "4096"]
-    overhead.main(["--only", "calls", *sizes, *rules, "--out", str(tmp_path)])
+    overhead.cli.main(["calls", *sizes, *rules, "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.json", "overhead.md"]  # no step timing: no plot
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert "summary" not in data
@@ -322,63 +325,10 @@ def test_calls_only_run_writes_calls_growth_transient_and_the_unused_module(over
     assert "## An unused trainable module" in text and "CUDA kernel launches" not in text  # CPU: no launches
 
 
-@pytest.mark.parametrize("spare", [False, True])
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_double_buffer_predicts_the_formula_and_gives_the_real_storage_back(overhead, optimizer: str, spare) -> None:
-    """The experiment times the same prediction: W_hat as the formula gives it by hand (float64), on the storage the
-    parameter points at between predict() and restore(); restore() points every parameter back at its own storage,
-    untouched (same address, same bits)."""
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.float64)) for n in (5, 3, 7)]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
-    else:
-        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        opt.step()
-    group, lr = opt.param_groups[0], opt.param_groups[0]["lr"]
-    expected = []
-    for p in params:
-        state = opt.state[p]
-        if optimizer == "adamw":
-            (b1, b2), k = group["betas"], float(state["step"])
-            m_hat, v_hat = state["exp_avg"] / (1 - b1**k), state["exp_avg_sq"] / (1 - b2**k)
-            expected.append(p.detach() - 2 * lr * m_hat / (v_hat.sqrt() + group["eps"]))
-        else:
-            expected.append(p.detach() - 2 * lr * state["momentum_buffer"])
-    real = [p.detach().clone() for p in params]
-    storages = [p.data_ptr() for p in params]
-    double = overhead.DoubleBufferPrediction(opt, steps=2, spare=spare)
-    for _ in range(2):  # twice: the spare buffer and the parameters trade storages
-        double.predict()
-        assert all(p.data_ptr() != address for p, address in zip(params, storages, strict=True))
-        for p, want in zip(params, expected, strict=True):
-            torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
-        double.restore()
-        assert [p.data_ptr() for p in params] == storages
-        assert all(torch.equal(p.detach(), r) for p, r in zip(params, real, strict=True))
-
-
-def test_double_buffer_run_writes_the_timings_the_check_and_the_verdict(overhead, tmp_path) -> None:
-    args = ["--only", "double_buffer", "--double-buffer-rounds", "2", "--double-buffer-repeats", "1"]
-    overhead.main([*args, "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "overhead.json").read_text())["double_buffer"]
-    assert (data["rounds"], data["repeats"], data["target"]) == (2, 1, 1.3)
-    assert set(data["families"]) == {"AdamW", "SGD momentum"}
-    for row in data["families"].values():
-        assert row["tensors"] == 200 and row["same_prediction"] and row["same_restore"]
-        assert all(len(times) == 2 for times in row["rounds_ms"].values())
-        assert row["copy_ms"] == statistics.median(row["rounds_ms"]["copy"]) > 0
-    text = (tmp_path / "overhead.md").read_text()
-    assert _row(text, "AdamW")[-1] == "yes, yes" and "Verdict:" in text and "FSDP2" in text
-
-
 def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) -> None:
     published = {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()}
     with pytest.raises(SystemExit):
-        overhead.main(["--only", "calls", "--publish", "--calls-sizes", "4", "--calls-rules", "Adamax"])
+        overhead.cli.main(["calls", "--publish", "--calls-sizes", "4", "--calls-rules", "Adamax"])
     assert "would replace the published overhead.md" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == published
 
@@ -386,7 +336,7 @@ def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) 
 def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants(overhead, tmp_path) -> None:
     tiny = ["--runs", "1", "--steps", "2", "--warmup", "4", "--device", "cpu", "--out", str(tmp_path)]
     case = ["--cases", "mlp-adamw_fused", "--variants", "xgrad", "--precision", "bf16-mixed"]
-    overhead.main(["--only", "steps", *case, *tiny])
+    overhead.cli.main(["steps", *case, *tiny])
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert data["precision"] == "bf16-mixed" and "calls" not in data
     row = data["summary"]["mlp-adamw_fused"]
@@ -396,8 +346,21 @@ def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
 
 
+def test_replot_redraws_the_overhead_plot_from_the_published_json(overhead, tmp_path, capsys) -> None:
+    published = REPO / "benchmarks" / "results" / "overhead.json"
+    overhead.cli.main(["replot", str(published), "--out", str(tmp_path / "out")])
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["overhead.png"]
+    assert (tmp_path / "out" / "overhead.png").stat().st_size > 10_000
+    calls_only = tmp_path / "calls.json"
+    calls_only.write_text(json.dumps({"calls": json.loads(published.read_text())["calls"]}))
+    with pytest.raises(SystemExit):
+        overhead.cli.main(["replot", str(calls_only), "--out", str(tmp_path / "none")])
+    assert "holds no step timing to plot" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_fused_case_trains_with_a_fused_adamw(overhead) -> None:
-    optimizer = overhead.Classifier("mlp", "adamw_fused").configure_optimizers()
+    optimizer = overhead.models.Classifier("mlp", "adamw_fused").configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
 
 

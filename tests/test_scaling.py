@@ -92,7 +92,7 @@ def aten_calls(step: Callable[[], Any]) -> int:
 
 def transient_bytes(step: Callable[[], Any]) -> int:
     """Peak bytes allocated inside ``step`` beyond what was allocated before it (the profiler's allocation and free
-    events, summed in time order: what benchmarks/overhead.py measures)."""
+    events, summed in time order: what benchmarks/overhead/measure.py measures)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
     live = peak = 0
