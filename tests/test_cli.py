@@ -98,7 +98,7 @@ def test_yaml_sets_the_chunk_budget_of_both_callbacks(tmp_path, monkeypatch: pyt
 
     def spy(self, trainer, *args):
         original(self, trainer, *args)
-        seen.extend(p.chunk_bytes for p in self._predictors.values())
+        seen.extend(p.chunk_bytes for p in self._predictors)
 
     monkeypatch.setattr(XGradCallback, "on_train_batch_start", spy)
     cli.trainer.fit(cli.model)

@@ -1,8 +1,9 @@
-"""What both measurements share: a device sync, a synchronized timer, the median, and the peak memory a block of
-code allocates."""
+"""What both measurements share: a device sync, a synchronized timer, the median, and two memory counters: the peak
+a block of code allocates, and the bytes a call frees."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -48,3 +49,30 @@ def transient_bytes(device: torch.device, record: Callable[[int], None]) -> Iter
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     record(peak)
+
+
+def _live_storages() -> dict[tuple[str, int], int]:
+    """(device, address) -> bytes of the storage of every tensor that a Python object holds, after a collection."""
+    gc.collect()
+    storages: dict[tuple[str, int], int] = {}
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.Tensor):
+            continue
+        try:
+            storage = obj.untyped_storage()
+            address = storage.data_ptr()
+        except Exception:  # sparse, nested, fake or meta tensors: no plain storage to count
+            continue
+        if address:
+            storages[str(obj.device), address] = storage.nbytes()
+    return storages
+
+
+def freed_bytes(work: Callable[[], Any]) -> int:
+    """Bytes of the tensor storages that ``work()`` frees: held by Python objects before it, by none after. It looks
+    at every live tensor (the garbage collector's objects), so it needs no access to what held them; it takes a
+    fraction of a second, so it belongs outside anything timed."""
+    before = _live_storages()
+    work()
+    after = _live_storages()
+    return sum(nbytes for key, nbytes in before.items() if key not in after)

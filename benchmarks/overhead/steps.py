@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from lightning_xgrad import XGradCallback
 
-from .measure import median, sync, transient_bytes
+from .measure import freed_bytes, median, sync, transient_bytes
 from .models import Classifier, NaiveXGrad, Synthetic, param_stats
 
 VARIANTS = ("xgrad", "xgrad-compiled", "naive")
@@ -38,6 +38,7 @@ class StepTimes:
     update: list[float] = field(default_factory=list)
     step: list[float] = field(default_factory=list)
     transient: list[int] = field(default_factory=list)
+    #: bytes XGradCallback frees at teardown: what it held between steps (0 for the naive XGrad, which holds none)
     persistent: int = 0
     #: hook time of the first predicted step (compilation, first allocations), per run
     first_hooks: list[float] = field(default_factory=list)
@@ -106,6 +107,15 @@ class Probe(Callback):
 
             setattr(callback, name, timed)
 
+    def held(self, callback: Callback) -> None:
+        """Record what ``callback`` frees at teardown (after the last step, untimed): what it held between steps."""
+        original = callback.teardown
+
+        def teardown(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            self.times.persistent = freed_bytes(lambda: original(trainer, pl_module, stage))
+
+        callback.teardown = teardown  # type: ignore[method-assign]
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._handle = trainer.optimizers[0].register_step_post_hook(self._after_update)
 
@@ -135,9 +145,6 @@ class Probe(Callback):
             self._last_active_time = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for callback in trainer.callbacks:
-            if isinstance(callback, XGradCallback):
-                self.times.persistent = callback._snapshot.nbytes
         self._handle.remove()
 
 
@@ -152,6 +159,7 @@ def run_once(model: str, optimizer: str, variant: str, args: argparse.Namespace,
     if variant in XGRAD_VARIANTS:
         xgrad = XGradCallback(steps=1, compile=variant == "xgrad-compiled")
         probe.wrap(xgrad, ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"))
+        probe.held(xgrad)
         callbacks.append(xgrad)
     elif variant == "naive":
         naive = NaiveXGrad(steps=1)

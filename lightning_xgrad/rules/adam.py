@@ -63,9 +63,9 @@ class AdamRule(PredictionRule):
         add_adam_direction_(params, exp_avgs, second_moments, step_size, eps=eps_folded, chunks=chunks)
 
     def compiled_prediction(self) -> CompiledPrediction | None:
-        return CompiledPrediction(adam_kernel, 2, self._kernel_scalars)
+        return CompiledPrediction(adam_kernel, 2, self.kernel_scalars)
 
-    def _kernel_scalars(self, columns: Sequence[Any], group: dict[str, Any], alpha: float) -> list[list[float]] | None:
+    def kernel_scalars(self, columns: Sequence[Any], group: dict[str, Any], alpha: float) -> list[list[float]] | None:
         steps: StepCounts = columns[2]
         if not steps.host_readable:
             return None  # reading accelerator steps would sync: the eager no-sync path instead
