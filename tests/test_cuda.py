@@ -3,7 +3,7 @@
 - 16-mixed with Lightning's own CUDA GradScaler, and fused Adam (its ``step`` lives on the GPU, so the Adam rule
   takes its no-sync tensor path): the Trainer with the callback ends where the plain-PyTorch reference does.
 - FSDPStrategy (FSDP1) is refused in a real Trainer with the message that points to ModelParallelStrategy.
-- No host-device sync in a training step (issue 14, item 3): steps under ``torch.cuda.set_sync_debug_mode("error")``
+- No host-device sync in a training step: steps under ``torch.cuda.set_sync_debug_mode("error")``
   with the callback and AdamW (foreach, fused), SGD momentum, capturable Adam, the optimizers of
   ``lightning_xgrad.optim``, CPropCallback, bf16-mixed and ``compile=True``; each step is also checked to predict and
   restore (a test that predicts nothing would pass trivially).

@@ -1,5 +1,5 @@
 """No host-device sync in a training step: the predictor's hooks, the optimizers of ``lightning_xgrad.optim`` and the
-callbacks never read a tensor's value on the host (issue 14, item 3).
+callbacks never read a tensor's value on the host.
 
 On a GPU each such read (``.item()``, ``float(t)``, ``bool(t)`` in a Python branch, a 0-dim tensor passed where torch
 takes a Python number) waits for every queued kernel. On the CPU the same reads are visible as calls of

@@ -1,4 +1,4 @@
-"""What a step costs as the model grows: ATen calls, temporaries, and the plan (issue 14, items 1 and 2).
+"""What a step costs as the model grows: ATen calls, temporaries, and the plan.
 
 - Temporaries are chunked by a byte budget (``chunk_bytes``): every chunk of an out-of-place foreach op holds at most
   ``max(largest tensor, chunk_bytes)`` bytes, so the calls per ``predict()`` + ``restore()`` grow at most 2x from 40

@@ -3,12 +3,10 @@ r"""Adaptive heavy-ball momentum (Sun, Ling, Shi, Li and Wang, arXiv 2110.09057)
 "Training Deep Neural Networks with Adaptive Momentum Inspired by the Quadratic Optimization" picks the momentum
 coefficient at every step from a curvature estimate instead of a tuned constant. For a quadratic with largest
 curvature L, heavy ball with step lr converges fastest with ``beta = (1 - sqrt(lr * L))^2``; the method estimates L
-from the last two gradients (a secant) and clips the result below 1. No official code is known, and only the paper's
-abstract and the start of its introduction could be read while this module was written (not its algorithm boxes nor
-its equations for L_k): what is implemented is the formula of this project's design notes, stated exactly below and
-in :class:`AdaptiveHeavyBallSGD` and :class:`AdaptiveHeavyBallAdam`. The heavy-ball form and the Adam form it
-modifies are the ones the paper's introduction starts from; whether the paper estimates L_k exactly like this (which
-gradients, per group or global, any smoothing of L_k) could not be checked.
+from the last two gradients (a secant) and clips the result below 1. No official code is known. What is implemented
+is the formula stated exactly below and in :class:`AdaptiveHeavyBallSGD` and :class:`AdaptiveHeavyBallAdam`: the
+heavy-ball form and the Adam form it modifies are the ones the paper's introduction starts from; the details of the
+paper's estimate of L_k (which gradients, per group or global, any smoothing) are not verified against its equations.
 
 The momentum of step k, per param group (lr is per group, so the curvature is estimated per group)::
 
