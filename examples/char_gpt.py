@@ -20,13 +20,25 @@ validation is the first ``val_batches`` (32) batches of non-overlapping windows 
 its 118,762 characters). For scale, a unigram model (training-split character frequencies) has a validation
 perplexity of 20.78 on 3.11.7 (``CharTextDataModule.unigram_perplexity()``).
 
+Tuning split: ``tuning_fraction`` > 0 holds out that fraction of every module's text, just before its validation part,
+from training: every module's text is then training | tuning | validation. ``val_split="tuning"`` validates on it
+instead of the validation split, so hyperparameters can be picked on text that neither the runs being tuned train on
+nor the reported validation holds. The default, ``tuning_fraction=0``, carves nothing: the splits are the ones above.
+
 Model (``CharGPT``): a decoder-only transformer in the GPT-2 layout: token and learned position embeddings,
 ``n_layer`` pre-LayerNorm blocks of causal self-attention (``F.scaled_dot_product_attention(is_causal=True)``)
 and a 4x GELU MLP, a final LayerNorm and a linear head tied to the token embedding (``tie_weights``); 0.42 M
 parameters by default. No dropout by default, so baseline and XGrad runs from one seed differ only in the weights
 the gradients are taken at. AdamW (decay on matrices only, not on biases, LayerNorms or embeddings) with a linear
 warm-up over ``warmup_steps`` and a cosine decay to ``min_lr_ratio * lr`` at the last step
-(``trainer.estimated_stepping_batches``), stepped every batch. Logged: ``train_loss`` every step, and after every
+(``trainer.estimated_stepping_batches``), stepped every batch. ``optimizer`` picks the alternatives a user might
+train with instead, with the same parameter groups and betas: ``"nadam"`` (``torch.optim.NAdam`` with decoupled
+weight decay, same schedule), ``"lookahead_adamw"`` (pytorch-optimizer's ``Lookahead`` over the same AdamW, k=5,
+alpha=0.5; same schedule) and ``"schedulefree_adamw"`` (``schedulefree.AdamWScheduleFree`` with its own linear warm-up
+over ``warmup_steps`` and no scheduler: it needs none). Schedule-free keeps the gradient point y in the parameters
+while training and the average x, the weights it reports, otherwise: the model switches it as its README says,
+``train()`` when training starts or resumes, ``eval()`` before every validation and when training ends, and
+checkpoints hold x. Logged: ``train_loss`` every step, and after every
 validation ``val_loss`` (mean per-character cross-entropy, nats) and ``val_ppl = exp(val_loss)``.
 
 The vocabulary size and the context length come from the data: ``CharGPTCLI`` links ``data.vocab_size`` to
@@ -55,7 +67,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -93,6 +105,11 @@ STDLIB_MODULES: tuple[str, ...] = (
 CONFIG = Path(__file__).resolve().parent / "configs" / "char_gpt.yaml"
 #: the id of every character outside the vocabulary
 UNKNOWN_ID = 0
+#: the splits validation can run on
+ValSplit = Literal["val", "tuning"]
+#: the optimizers ``CharGPT`` trains with
+OptimizerName = Literal["adamw", "nadam", "schedulefree_adamw", "lookahead_adamw"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 
 def stdlib_sources(modules: tuple[str, ...] = STDLIB_MODULES) -> list[str]:
@@ -135,6 +152,8 @@ class CharTextDataModule(L.LightningDataModule):
 
     ``max_chars`` keeps only the first ``max_chars`` characters of the concatenated text (before the split);
     ``vocab_size``, ``num_chars`` and the splits are read from the text on first use (about 0.1 s).
+    ``tuning_fraction`` holds that fraction of every module's text out of training (the tuning split) and
+    ``val_split`` names the split validation runs on: ``"val"`` (the reported one) or ``"tuning"``.
     """
 
     def __init__(
@@ -148,10 +167,21 @@ class CharTextDataModule(L.LightningDataModule):
         train_batches_per_epoch: int = 100,
         val_batches: int = 32,
         min_char_count: int = 10,
+        tuning_fraction: float = 0.0,
+        val_split: ValSplit = "val",
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if not 0.0 <= tuning_fraction < 1.0 - val_fraction:
+            raise ValueError(
+                f"tuning_fraction must be in [0, 1 - val_fraction) = [0, {1.0 - val_fraction:g}), "
+                f"got {tuning_fraction!r}"
+            )
+        if val_split not in get_args(ValSplit):
+            raise ValueError(f"val_split must be one of {get_args(ValSplit)}, got {val_split!r}")
+        if val_split == "tuning" and tuning_fraction == 0.0:
+            raise ValueError('val_split="tuning" needs a tuning split: set tuning_fraction > 0')
         for name, value in [
             ("block_size", block_size),
             ("batch_size", batch_size),
@@ -172,8 +202,11 @@ class CharTextDataModule(L.LightningDataModule):
         self.train_batches_per_epoch = train_batches_per_epoch
         self.val_batches = val_batches
         self.min_char_count = min_char_count
+        self.tuning_fraction = tuning_fraction
+        self.val_split = val_split
         self._vocab: str | None = None
         self._train_ids: Tensor | None = None
+        self._tuning_ids: Tensor | None = None
         self._val_ids: Tensor | None = None
 
     def _load(self) -> None:
@@ -195,13 +228,15 @@ class CharTextDataModule(L.LightningDataModule):
         table = torch.full((len(counts),), UNKNOWN_ID, dtype=torch.int64)
         table[_code_points(self._vocab)] = torch.arange(1, len(self._vocab) + 1)
         ids = table[codes]
-        train, val, start = [], [], 0
+        train, tuning, val, start = [], [], [], 0
         for text in texts:
             cut = start + len(text) - round(len(text) * self.val_fraction)  # the last val_fraction of every module
-            train.append(ids[start:cut])
+            tuning_cut = cut - round(len(text) * self.tuning_fraction)  # the tuning_fraction before it
+            train.append(ids[start:tuning_cut])
+            tuning.append(ids[tuning_cut:cut])
             val.append(ids[cut : start + len(text)])
             start += len(text)
-        self._train_ids, self._val_ids = torch.cat(train), torch.cat(val)
+        self._train_ids, self._tuning_ids, self._val_ids = torch.cat(train), torch.cat(tuning), torch.cat(val)
 
     @property
     def vocab(self) -> str:
@@ -221,6 +256,13 @@ class CharTextDataModule(L.LightningDataModule):
         return self._train_ids
 
     @property
+    def tuning_ids(self) -> Tensor:
+        """The tuning split (empty when ``tuning_fraction`` is 0): never in the training windows."""
+        self._load()
+        assert self._tuning_ids is not None
+        return self._tuning_ids
+
+    @property
     def val_ids(self) -> Tensor:
         self._load()
         assert self._val_ids is not None
@@ -228,8 +270,8 @@ class CharTextDataModule(L.LightningDataModule):
 
     @property
     def num_chars(self) -> int:
-        """Characters in both splits together."""
-        return len(self.train_ids) + len(self.val_ids)
+        """Characters in all splits together."""
+        return len(self.train_ids) + len(self.tuning_ids) + len(self.val_ids)
 
     def decode(self, ids: Tensor) -> str:
         """Ids back to text, ``\\ufffd`` for the unknown id."""
@@ -257,8 +299,10 @@ class CharTextDataModule(L.LightningDataModule):
         return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        starts = torch.arange(0, len(self.val_ids) - self.block_size, self.block_size)
-        windows = _Windows(self.val_ids, self.block_size, starts[: self.val_batches * self.batch_size])
+        """The first ``val_batches`` batches of non-overlapping windows of the split ``val_split`` names."""
+        ids = self.tuning_ids if self.val_split == "tuning" else self.val_ids
+        starts = torch.arange(0, len(ids) - self.block_size, self.block_size)
+        windows = _Windows(ids, self.block_size, starts[: self.val_batches * self.batch_size])
         return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
@@ -326,10 +370,13 @@ class CharGPT(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        optimizer: OptimizerName = "adamw",
     ) -> None:
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if vocab_size < 2 or block_size < 1 or n_layer < 1 or warmup_steps < 0:
             raise ValueError("vocab_size must be at least 2, block_size and n_layer at least 1, warmup_steps >= 0")
         self.save_hyperparameters()
@@ -387,11 +434,22 @@ class CharGPT(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2 and not _is_embedding(self, p)]
         no_decay = [p for p in params if all(p is not q for q in decay)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        betas = tuple(hp.betas)
+        optimizer: torch.optim.Optimizer
+        if hp.optimizer == "schedulefree_adamw":
+            from schedulefree import AdamWScheduleFree
+
+            # its warm-up is its own and it needs no schedule: the lr stays hp.lr after the warm-up
+            return {"optimizer": AdamWScheduleFree(groups, lr=hp.lr, betas=betas, warmup_steps=hp.warmup_steps)}
+        if hp.optimizer == "nadam":
+            optimizer = torch.optim.NAdam(groups, lr=hp.lr, betas=betas, decoupled_weight_decay=True)
+        elif hp.optimizer == "lookahead_adamw":
+            from pytorch_optimizer import Lookahead
+
+            optimizer = Lookahead(torch.optim.AdamW(groups, lr=hp.lr, betas=betas), k=5, alpha=0.5)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=betas)
         total = self.trainer.estimated_stepping_batches
         schedule = functools.partial(
             _warmup_cosine,
@@ -401,6 +459,51 @@ class CharGPT(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_free(self) -> dict[int, Any]:
+        """The trainer's optimizers that have schedule-free's ``train()``/``eval()`` modes, by their index: they hold
+        y (the gradient point) in the parameters while training and x (the average) otherwise."""
+        return {
+            index: optimizer
+            for index, optimizer in enumerate(self.trainer.optimizers)
+            if "train_mode" in optimizer.param_groups[0] and callable(getattr(optimizer, "eval", None))
+        }
+
+    def on_train_start(self) -> None:
+        for optimizer in self._schedule_free().values():
+            optimizer.train()
+
+    def on_validation_start(self) -> None:
+        for optimizer in self._schedule_free().values():
+            optimizer.eval()
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:  # back to training
+            for optimizer in self._schedule_free().values():
+                optimizer.train()
+
+    def on_train_end(self) -> None:
+        for optimizer in self._schedule_free().values():  # the trained model is x
+            optimizer.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved while training holds x with the optimizer in eval mode (``train()`` at the start of a
+        resumed fit moves the parameters back to y); the run itself goes on in train mode."""
+        training = {i: opt for i, opt in self._schedule_free().items() if opt.param_groups[0]["train_mode"]}
+        if not training:
+            return
+        for optimizer in training.values():
+            optimizer.eval()
+        # collected again at x, and copied: the state dict shares storage with the parameters, which train() moves
+        checkpoint["state_dict"] = {
+            key: value.clone() for key, value in self.trainer.strategy.lightning_module_state_dict().items()
+        }
+        states = checkpoint.get("optimizer_states")  # absent from a weights-only checkpoint
+        for index, optimizer in training.items():
+            if states is not None:
+                for group in states[index]["param_groups"]:
+                    group["train_mode"] = False
+            optimizer.train()
 
 
 def _is_embedding(module: nn.Module, param: Tensor) -> bool:
@@ -452,6 +555,8 @@ def _override_flag(key: str, value: Any) -> str:
         if len(groups) != 1:
             raise TypeError(f"train() got an unknown or ambiguous override {key!r} (in {groups or 'no group'})")
         key = f"{groups[0]}.{key}"
+    if isinstance(value, str):  # as typed: a quoted string is not a Literal's value
+        return f"--{key}={value}"
     return f"--{key}={json.dumps(value)}"  # JSON is YAML, which is how the CLI parses values
 
 
