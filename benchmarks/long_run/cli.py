@@ -1,0 +1,130 @@
+"""The command line: both arms over seeds, then the gaps, the report and the figure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.arms import QUICK_FLAGS, Arm, arm_config, prepare_environment, run_arms
+from benchmarks.convergence import RESULTS, RUNS, machine
+from lightning_xgrad.sweep.cli import DEFAULT_LOG_EVERY_N_STEPS
+from lightning_xgrad.sweep.runs import FINISHED, SweepError, json_safe
+
+from . import __doc__ as PACKAGE_DOC
+from .gaps import gap_at, trend
+from .report import LongRun, as_json, curves, markdown, plot
+
+PROGRAM = "python -m benchmarks.long_run"
+BATCHES = 100  # the config's batches per epoch
+#: quick mode: a tiny model, 4 epochs of 5 batches with a 2-step warm-up, 2 seeds
+QUICK_BATCHES, QUICK_EPOCHS, QUICK_WARMUP, QUICK_SEEDS = 5, 4, 2, 2
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, description=PACKAGE_DOC.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=50, metavar="N", help="epochs of 100 steps (default: %(default)s)"
+    )
+    parser.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 (default: %(default)s)")
+    parser.add_argument("--xgrad-steps", type=int, default=1, metavar="S", help="XGrad's s (default: %(default)s)")
+    parser.add_argument(
+        "--at",
+        type=float,
+        nargs="+",
+        default=[0.2, 0.5, 1.0],
+        metavar="FRACTION",
+        help="points of the run where the gap is compared, the last one with each earlier one (default: 0.2 0.5 1)",
+    )
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=DEFAULT_LOG_EVERY_N_STEPS,
+        metavar="N",
+        help="XGradCallback logs its prediction metrics every N steps; 0: not at all (default: %(default)s)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time (default: %(default)s)")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads per run (default: one per core; --jobs 2 on 2 cores: 1)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 20 steps, 2 seeds: not a result")
+    parser.add_argument("--out", type=Path, help="the run folder (default: a new folder under benchmarks/runs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out: finished runs are kept")
+    parser.add_argument("--publish", action="store_true", help="also write the results to benchmarks/results/")
+    parser.add_argument("--name", default="long_run", help="file name stem of the outputs (default: %(default)s)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a results JSON")
+    parser.add_argument("extra", nargs="*", help="more LightningCLI arguments for every run, after --")
+    args = parser.parse_args(argv)
+    if min(args.epochs, args.seeds, args.jobs, args.xgrad_steps) < 1:
+        parser.error("--epochs, --seeds, --jobs and --xgrad-steps must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.log_every_n_steps < 0:
+        parser.error("--log-every-n-steps must be >= 0")
+    if not all(0 < f <= 1 for f in args.at) or len(set(args.at)) < 2:
+        parser.error("--at needs at least two different fractions in (0, 1]")
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the folder of the run to continue")
+    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and not (args.resume or args.replot):
+        parser.error(f"--out {args.out} holds a run: pass --resume to continue it, or choose another folder")
+    if args.quick and args.publish:
+        parser.error("--quick checks that everything runs; its numbers are not results: no --publish")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    targets = [out, RESULTS] if args.publish else [out]
+    if args.replot is not None:
+        data = json.loads(args.replot.read_text())
+        for folder in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            plot(data, folder / f"{args.name}.png")
+        print("wrote " + ", ".join(str(folder / f"{args.name}.png") for folder in targets))
+        return 0
+
+    prepare_environment(args.threads)
+    epochs = QUICK_EPOCHS if args.quick else args.epochs
+    batches = QUICK_BATCHES if args.quick else BATCHES
+    seeds = tuple(range(QUICK_SEEDS if args.quick else args.seeds))
+    warmup = QUICK_WARMUP if args.quick else None  # None: the config's 100 steps
+    quick = (*QUICK_FLAGS, f"--data.train_batches_per_epoch={batches}", f"--model.warmup_steps={warmup}")
+    extra = [*(quick if args.quick else ()), *args.extra]
+    flags = (f"--trainer.max_epochs={epochs}",)
+    labels = ("AdamW", f"AdamW + XGrad s={args.xgrad_steps}")
+    arms = [Arm("adamw", labels[0], flags), Arm("adamw-xgrad", labels[1], flags, args.xgrad_steps)]
+    log_every = args.log_every_n_steps or None
+    command = f"{PROGRAM} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    try:
+        results = run_arms({arm.label: arm_config(arm, seeds, out, extra, log_every) for arm in arms}, args.jobs)
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    baseline, xgrad = results[labels[0]], results[labels[1]]
+    fractions = sorted(set(args.at))
+    by_seed = [dict(zip(seeds, curves(runs), strict=True)) for runs in (baseline, xgrad)]
+    gaps = [gap_at(by_seed[0], by_seed[1], f) for f in fractions]
+    run = LongRun(
+        command, machine(), time.perf_counter() - start, epochs, batches, warmup, args.xgrad_steps, seeds, labels,
+        baseline, xgrad, gaps, [trend(gap, gaps[-1]) for gap in gaps[:-1]], log_every,
+    )  # fmt: skip
+    text, data = markdown(run), as_json(run)
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{args.name}.json").write_text(json.dumps(json_safe(data), indent=1) + "\n")
+        (folder / f"{args.name}.md").write_text(text)
+        plot(data, folder / f"{args.name}.png")
+    print(text)
+    print("wrote " + ", ".join(f"{folder / args.name}.md, .png and .json" for folder in targets))
+    incomplete = sum(r.status != FINISHED for r in [*baseline, *xgrad])
+    if incomplete:
+        print(f"{incomplete} runs have no result: see the report", file=sys.stderr)
+        return 1
+    return 0
