@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from .prediction.predictor import OptimizerPredictor, PredictedWeightsEditedWarning
     from .rules import PredictionRule, register_rule
 
-__version__ = "0.1.0.dev0"
+#: the package's version, its one source: pyproject.toml reads it from here
+__version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _PUBLIC = {
