@@ -11,6 +11,7 @@
 # Each stack gets its own venv under .venv-compat/; results and logs go to compat-results/ (docs/compatibility.md).
 #   make gpu-check                                                 # the GPU check (benchmarks/gpu_check.sh), no install
 #   make gpu-check GPU_CHECK_ARGS="--cpu"                          # its dry run on the CPU
+#   make dist                                                      # sdist + wheel into dist/ (offline), twine check
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -21,7 +22,7 @@ TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)'
 INSTALLED := $(VENV)/.installed
 COMPAT_STACKS ?=
 
-.PHONY: demo test test-compat test-compat-core lint format clean gpu-check
+.PHONY: demo test test-compat test-compat-core lint format clean gpu-check dist
 
 $(TORCH_STAMP):
 	rm -rf $(VENV)
@@ -58,6 +59,11 @@ format: $(INSTALLED)
 # Installs nothing: it runs with .venv if it exists, else the machine's python3 (see the script's header).
 gpu-check:
 	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+dist: $(INSTALLED)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 clean:
 	rm -rf $(VENV) .venv-compat compat-results .pytest_cache .ruff_cache lightning_logs *.egg-info build dist
