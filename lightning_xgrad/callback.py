@@ -68,9 +68,10 @@ class XGradCallback(CheckpointedState, Callback):
             ``trainer.callback_metrics`` (``self.log(..., logger=False)`` from ``on_train_batch_end``), so that
             ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them. ``None`` measures and logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
-            passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
-            first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
-            is off by default; see benchmarks/results/overhead.md for what it saves.
+            passes, for the Adam, AdamW and AdaM3 rules (others stay eager: the momentum rules' eager prediction, one
+            copy and one add, is faster than a compiled one). Costs a compilation at the first predicted step (seconds,
+            up to a minute on a small CPU; inductor caches it for later runs), so it is off by default; see
+            benchmarks/results/overhead.md for what it saves.
         chunk_bytes: the memory budget of the prediction's temporaries, in bytes. Out-of-place foreach ops (Adam's
             denominators, the trajectory rule's differences) walk the parameters in chunks of at most
             ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less
