@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .callback import XGradCallback
     from .cprop.callback import CPropCallback
-    from .prediction.predictor import OptimizerPredictor, PredictedWeightsEditedWarning
+    from .prediction.edits import PredictedWeightsEditedWarning
+    from .prediction.predictor import OptimizerPredictor
     from .rules import PredictionRule, register_rule
 
 #: the package's version, its one source: pyproject.toml reads it from here
@@ -23,7 +24,7 @@ _PUBLIC = {
     "XGradCallback": ".callback",
     "CPropCallback": ".cprop.callback",
     "OptimizerPredictor": ".prediction.predictor",
-    "PredictedWeightsEditedWarning": ".prediction.predictor",
+    "PredictedWeightsEditedWarning": ".prediction.edits",
     "PredictionRule": ".rules",
     "register_rule": ".rules",
 }

@@ -28,7 +28,7 @@ from ._internal.validation import argument_error, check_flag, check_int
 from .callback_checks import check_setup, warn_without_step_hooks
 from .callback_metrics import MetricsLog
 from .callback_predictors import Predictors
-from .prediction.predictor import RuleChoice, check_prediction_args
+from .prediction.arguments import RuleChoice, check_prediction_args
 from .prediction.quality import DEFAULT_METRICS_MAX_BYTES
 from .prediction.state_dict_hook import register_real_weights_hooks
 

@@ -35,10 +35,22 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
         },
     ),
     ("rules and optimizers", {"rules": {"rules.*"}, "optim": {"optim.*"}}),
-    ("companion methods", {"cprop optimizers": {"cprop.optim", "cprop.rules"}, "heavy_ball": {"heavy_ball.*"}}),
+    (
+        "companion methods",
+        {"cprop optimizers": {"cprop.optim", "cprop.functional", "cprop.rules"}, "heavy_ball": {"heavy_ball.*"}},
+    ),
     (
         "per-optimizer drivers",
-        {"prediction": {"prediction.plan", "prediction.predictor"}, "cprop tracker": {"cprop.tracker"}},
+        {
+            "prediction": {
+                "prediction.arguments",
+                "prediction.edits",
+                "prediction.plan",
+                "prediction.predictor",
+                "prediction.step_guard",
+            },
+            "cprop tracker": {"cprop.tracker"},
+        },
     ),
     (
         "callbacks",
