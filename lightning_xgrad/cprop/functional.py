@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._internal.adam_direction import add_adam_direction_
+from .._internal.adam_direction import add_adam_direction_, bias_corrected_step_sizes, sqrt_bias_corrections2
 from .._internal.chunks import Chunks, TensorList, default_chunk_bytes
 from .._internal.compat import group_by_device_and_dtype, view_as_real_
 from ..optim.base import increment_step_counts_
@@ -222,14 +222,12 @@ def _multi_tensor_cprop_adam(
         if amsgrad:
             torch._foreach_maximum_(d_vmax, d_v)
 
-        neg_step_sizes = [-lr / (1.0 - beta1**k) for k in ks]
-        sqrt_bc2 = [math.sqrt(1.0 - beta2**k) for k in ks]
         add_adam_direction_(
             d_params,
             d_m,
             d_vmax,
-            neg_step_sizes,
-            sqrt_bias_correction2=sqrt_bc2,
+            bias_corrected_step_sizes(-lr, beta1, ks),
+            sqrt_bias_correction2=sqrt_bias_corrections2(beta2, ks),
             eps=eps,
             scales=d_scales,
             chunks=chunks,
