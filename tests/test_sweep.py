@@ -99,7 +99,7 @@ def test_a_diverged_run_is_reported_and_results_json_stays_strict_json(tmp_path)
         for s, values in finals.items()
         for seed, v in enumerate(values)
     ]
-    text, _ = write_outputs(config, results, wall=1.0)
+    text, _ = write_outputs(config, results)
 
     def refuse(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
@@ -273,6 +273,18 @@ def test_every_run_gets_its_seed_xgrad_and_both_loggers(sweep) -> None:
         for path in (sweep["tmp"] / "userlogs").rglob("metrics.csv")
     )
     assert user_finals == pytest.approx(sorted(r["val_loss"] for r in records), rel=1e-6)
+
+
+def test_a_resumed_sweep_reports_the_wall_time_of_all_its_runs(sweep) -> None:
+    """Each run's own recorded duration, those of the first invocation too."""
+    seconds = [
+        json.loads((sweep["out"] / "runs" / f"s{s}-seed{seed}" / "status.json").read_text())["seconds"]
+        for seed in (0, 1, 2)
+        for s in (0, 1)
+    ]
+    assert f"6 of 6 runs finished; wall time of the runs {sum(seconds) / 60:.1f} min; " in sweep["markdown"]
+    assert sweep["results"]["runs_wall_seconds"] == round(sum(seconds), 1)
+    assert [run["seconds"] for run in sweep["results"]["runs"]] == seconds
 
 
 def test_table_matches_the_runs_and_the_paired_deltas_by_hand(sweep) -> None:

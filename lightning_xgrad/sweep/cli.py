@@ -179,7 +179,13 @@ def labels(steps: Sequence[int]) -> dict[int, str]:
     return {s: "0 (no XGrad)" if s == 0 else str(s) for s in steps}
 
 
-def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float) -> dict[str, Any]:
+def runs_wall_seconds(results: Sequence[RunResult]) -> float:
+    """The wall time of the runs, from each run's own record: a resumed sweep counts the runs of earlier invocations
+    too, and not the time it spent skipping them."""
+    return sum(r.seconds or 0.0 for r in results)
+
+
+def results_json(config: SweepConfig, results: Sequence[RunResult]) -> dict[str, Any]:
     finals = report.finals_by_steps(results)
     summary = []
     prediction = {metric: report.run_means(results, metric) for metric, _ in report.prediction_columns(results)}
@@ -210,7 +216,7 @@ def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float)
         "steps": list(config.steps),
         "seeds": list(config.seeds),
         "machine": machine(),
-        "wall_seconds": round(wall, 1),
+        "runs_wall_seconds": round(runs_wall_seconds(results), 1),
         "summary": summary,
         "verdict": stats.verdict(finals, config.mode, config.monitor),
         "runs": [r.as_json() for r in results],
@@ -232,14 +238,14 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()} on {platform.system()}"
 
 
-def markdown(config: SweepConfig, results: Sequence[RunResult], wall: float) -> str:
+def markdown(config: SweepConfig, results: Sequence[RunResult]) -> str:
     finished = sum(r.status == FINISHED for r in results)
     lines = [
         f"# XGrad sweep: {config.monitor} ({'lower' if config.mode == 'min' else 'higher'} is better)",
         "",
         f"Command: `{shlex.join(config.command)}`  ",
         f"s: {' '.join(map(str, config.steps))}; seeds: {' '.join(map(str, config.seeds))}; {finished} of "
-        f"{len(results)} runs finished; wall time {wall / 60:.1f} min; {machine()}.",
+        f"{len(results)} runs finished; wall time of the runs {runs_wall_seconds(results) / 60:.1f} min; {machine()}.",
         "",
         *report.table(results, config.monitor, config.mode, labels(config.steps)),
         "",
@@ -255,9 +261,9 @@ def markdown(config: SweepConfig, results: Sequence[RunResult], wall: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(config: SweepConfig, results: Sequence[RunResult], wall: float) -> tuple[str, list[Path]]:
+def write_outputs(config: SweepConfig, results: Sequence[RunResult]) -> tuple[str, list[Path]]:
     """results.md, results.json and curves.png in ``out``; the Markdown and the paths written."""
-    text = markdown(config, results, wall)
+    text = markdown(config, results)
     paths = [config.out / "results.md", config.out / "results.json"]
     curves = {s: {r.seed: r.curve for r in results if r.steps == s and r.status == FINISHED} for s in config.steps}
     legend = {s: "s = 0 (no XGrad)" if s == 0 else f"XGrad s = {s}" for s in config.steps}
@@ -267,7 +273,7 @@ def write_outputs(config: SweepConfig, results: Sequence[RunResult], wall: float
     else:
         text += "\nNo curves.png: matplotlib is not installed (`pip install 'lightning-xgrad[sweep]'`).\n"
     paths[0].write_text(text)
-    paths[1].write_text(json.dumps(json_safe(results_json(config, results, wall)), indent=1) + "\n")
+    paths[1].write_text(json.dumps(json_safe(results_json(config, results)), indent=1) + "\n")
     return text, paths
 
 
@@ -328,7 +334,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = sorted({0, *steps})
     out = args.out if args.out is not None else new_folder(DEFAULT_ROOT)
     config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out, log_every)
-    start = time.perf_counter()
     try:
         results = run_sweep(config, resume=args.resume)
     except SweepError as error:
@@ -337,9 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with --resume --out {out}", file=sys.stderr)
         results = [collect(spec, config.monitor) for spec in config.plan()]
-        write_outputs(config, results, time.perf_counter() - start)
+        write_outputs(config, results)
         return 130
-    text, paths = write_outputs(config, results, time.perf_counter() - start)
+    text, paths = write_outputs(config, results)
     print(text)
     print("wrote " + ", ".join(str(p) for p in paths))
     incomplete = [r for r in results if r.status != FINISHED]
