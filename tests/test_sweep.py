@@ -125,6 +125,18 @@ def test_a_diverged_run_is_reported_and_results_json_stays_strict_json(tmp_path)
         (["--seeds", "-3", "--", "python", "x.py"], "--seeds must be in [0, 2**32)"),
         (["--resume", "--", "python", "x.py"], "--resume needs --out DIR"),
         (["--mode", "up", "--", "python", "x.py"], "argument --mode: invalid choice: 'up'"),
+        (["--out", "o", "--bogus", "--", "python", "x.py"], "error: unrecognized arguments: --bogus\n"),
+        # without `--`, the command's words land in the sweep's options: the error says where they go
+        (
+            ["--steps", "0", "1", "python", "x.py", "fit"],
+            "error: the command to sweep goes after `--` (-- python my_cli.py fit --config my.yaml), and there is "
+            "no `--`: argument --steps: invalid int value: 'python'\n",
+        ),
+        (
+            ["python", "x.py", "fit", "--config", "c.yaml"],
+            "error: the command to sweep goes after `--` (-- python my_cli.py fit --config my.yaml), and there is "
+            "no `--`: unrecognized arguments: python x.py fit --config c.yaml\n",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_run(argv, message, tmp_path, monkeypatch, capsys) -> None:
@@ -164,8 +176,24 @@ def test_module_entry_point_and_console_script() -> None:
         env=env,
     )
     assert process.returncode == 2 and "--seeds has duplicates: [1, 1]" in process.stderr
+    assert process.stderr.startswith("usage: python -m lightning_xgrad.sweep [--steps 0 1 2] ")
+    assert "\npython -m lightning_xgrad.sweep: error: --seeds has duplicates" in process.stderr
     probe = "import sys, lightning_xgrad.sweep; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout == "[]\n"
+
+
+def test_the_console_script_names_itself_in_its_usage_and_errors(tmp_path) -> None:
+    """Run as pip's console script runs it (the entry point checked above): ``main()`` from a script named
+    ``xgrad-sweep``."""
+    script = tmp_path / "bin" / "xgrad-sweep"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom lightning_xgrad.sweep import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    argv = [sys.executable, str(script), "--seeds", "1", "1", "--", "python", "x.py"]
+    process = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert process.returncode == 2
+    assert process.stderr.startswith("usage: xgrad-sweep [--steps 0 1 2] [--seeds 0 1 2] ")
+    assert process.stderr.endswith("\nxgrad-sweep: error: --seeds has duplicates: [1, 1]\n")
 
 
 # ---------------------------------------------------------------------- real sweeps

@@ -40,9 +40,14 @@ DEFAULT_ROOT = Path("xgrad-sweeps")
 #: how often the runs with XGrad log XGradCallback's prediction metrics, by default (every n optimizer steps)
 DEFAULT_LOG_EVERY_N_STEPS = 10
 STATE_FILE = "sweep.json"
+#: the program's name in its usage line and errors when run as ``python -m lightning_xgrad.sweep`` (as the console
+#: script ``xgrad-sweep``, argparse's default, the name it was invoked by, is right)
+MODULE_PROG = "python -m lightning_xgrad.sweep"
+#: an example of the command after ``--``
+EXAMPLE_COMMAND = "-- python my_cli.py fit --config my.yaml"
 USAGE = (
-    "python -m lightning_xgrad.sweep [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] "
-    "[--log-every-n-steps N] [--out DIR] [--resume] -- python my_cli.py fit --config my.yaml [more args]"
+    "%(prog)s [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] [--log-every-n-steps N] "
+    f"[--out DIR] [--resume] {EXAMPLE_COMMAND} [more args]"
 )
 
 
@@ -78,7 +83,7 @@ def validate(
 ) -> None:
     """Refuse bad input before any run starts (ValueError, naming the argument)."""
     if not command:
-        raise ValueError(f"no command after `--`: give the LightningCLI command to sweep, e.g. {USAGE}")
+        raise ValueError(f"no command after `--`: give the LightningCLI command to sweep, e.g. {EXAMPLE_COMMAND}")
     if any(s < 0 for s in steps):
         raise ValueError(f"--steps must be >= 0 (s = 0 is the baseline without XGrad), got {list(steps)}")
     if len(set(steps)) != len(steps):
@@ -287,9 +292,11 @@ def new_folder(root: Path) -> Path:
     return folder
 
 
-def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
+def parser_for(prog: str | None = None) -> argparse.ArgumentParser:
+    """The sweep's options (everything before ``--``); ``prog`` names the program in its usage line and errors
+    (default: how it was invoked, ``xgrad-sweep`` for the console script)."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_xgrad.sweep",
+        prog=prog,
         usage=USAGE,
         description=(
             "Does XGrad help my model, and with which s? Runs a LightningCLI command once per (s, seed), s = 0 "
@@ -298,6 +305,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.
             "CSVLogger into its folder (added to the loggers the command already has). {seed} in the command is "
             "replaced by the run's seed."
         ),
+        exit_on_error=False,  # parse() words the errors: a missing `--` is the likelier cause of most
     )
     parser.add_argument(
         "--steps", type=int, nargs="+", default=[0, 1, 2], help="values of s (default: 0 1 2; 0 is always run)"
@@ -315,14 +323,34 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.
     )
     parser.add_argument("--out", type=Path, help="the sweep's folder (default: a new folder under xgrad-sweeps/)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out: skip finished runs")
+    return parser
+
+
+def parse(
+    argv: Sequence[str], prog: str | None = None
+) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
+    """The sweep's options and the command after ``--``; exits with status 2 and a one-line error on bad options,
+    saying that the command goes after ``--`` when there is none."""
+    parser = parser_for(prog)
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    return parser.parse_args(argv[:split]), argv[split + 1 :], parser
+    try:
+        args, unknown = parser.parse_known_args(argv[:split])
+    except argparse.ArgumentError as error:
+        problem = str(error)
+    else:
+        if not unknown:
+            return args, argv[split + 1 :], parser
+        problem = f"unrecognized arguments: {' '.join(unknown)}"
+    if "--" not in argv:
+        problem = f"the command to sweep goes after `--` ({EXAMPLE_COMMAND}), and there is no `--`: {problem}"
+    parser.error(problem)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns 0 when every run finished with the metric, 1 when some did not, 2 on bad input."""
-    args, command, parser = parse(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line; returns 0 when every run finished with the metric, 1 when some did not, 2 on bad input.
+    ``prog``: the program's name in its messages (default: how it was invoked)."""
+    args, command, parser = parse(sys.argv[1:] if argv is None else argv, prog)
     steps = list(args.steps)
     log_every = args.log_every_n_steps or None  # 0: no logging
     try:
