@@ -154,6 +154,52 @@ def test_a_command_that_is_not_a_lightning_cli_program_is_refused_before_any_run
     assert not out.exists()
 
 
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        (
+            "{dir}/digits.py",  # a script without its interpreter
+            "the command starts with {dir}/digits.py, a file that is not executable: start the command with its "
+            "interpreter (-- python {dir}/digits.py ...), or make it executable",
+        ),
+        (
+            "no-such-program",
+            "the command starts with 'no-such-program', which is neither a file nor a program on PATH: the "
+            "command after `--` starts with the program that runs it (-- python my_cli.py fit ...)",
+        ),
+        (
+            "{dir}/no-such-interpreter.py",  # executable, but its #! names an interpreter that does not exist
+            "the command cannot be started ([Errno 2] No such file or directory: '{dir}/no-such-interpreter.py'): "
+            "start it with its interpreter (-- python my_cli.py ...)",
+        ),
+    ],
+)
+def test_a_command_that_cannot_start_is_refused_in_one_line(first, message, tmp_path, capsys) -> None:
+    (tmp_path / "digits.py").write_text("print('training')\n")
+    _executable(tmp_path / "no-such-interpreter.py", "#!/no/such/python\nprint('training')\n")
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--", first.format(dir=tmp_path), "fit"], prog="xgrad-sweep") == 2
+    assert capsys.readouterr().err == f"xgrad-sweep: error: {message.format(dir=tmp_path)}\n"
+    assert not out.exists()
+
+
+def test_a_program_on_the_working_directory_but_not_on_path_is_named(tmp_path, monkeypatch, capsys) -> None:
+    _executable(tmp_path / "my_cli.py", "#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--", "my_cli.py", "fit"], prog="xgrad-sweep") == 2
+    assert capsys.readouterr().err == (
+        "xgrad-sweep: error: the command starts with my_cli.py, which is not on PATH: write it as ./my_cli.py, or "
+        "start the command with its interpreter (-- python my_cli.py ...)\n"
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "my_cli.py"]
+
+
 def test_an_out_folder_holding_a_sweep_needs_resume(tmp_path, capsys) -> None:
     (tmp_path / "sweep.json").write_text(json.dumps({"command": ["python", "a.py"]}))
     assert main(["--out", str(tmp_path), "--", "python", "a.py"]) == 2

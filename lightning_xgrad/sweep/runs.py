@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shlex
 import shutil
 import statistics
@@ -205,6 +206,30 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def check_executable(program: str) -> None:
+    """The command's first word must be a program the system can start (an interpreter, or an executable script):
+    raises SweepError naming it and what to do, instead of an OSError from the first run."""
+    if shutil.which(program):
+        return
+    path = Path(program)
+    if path.is_dir():
+        raise SweepError(f"the command starts with {program}, a directory: start it with the program to run")
+    if path.is_file() and os.access(path, os.X_OK):  # executable, but a bare name is looked up on PATH only
+        raise SweepError(
+            f"the command starts with {program}, which is not on PATH: write it as ./{program}, or start the "
+            f"command with its interpreter (-- python {program} ...)"
+        )
+    if path.is_file():
+        raise SweepError(
+            f"the command starts with {program}, a file that is not executable: start the command with its "
+            f"interpreter (-- python {program} ...), or make it executable"
+        )
+    raise SweepError(
+        f"the command starts with {program!r}, which is neither a file nor a program on PATH: the command after "
+        "`--` starts with the program that runs it (-- python my_cli.py fit ...)"
+    )
+
+
 def check_command(
     command: Sequence[str], steps: int, seed: int, scratch: Path, log_every_n_steps: int | None = None
 ) -> None:
@@ -215,7 +240,13 @@ def check_command(
 
     spec = RunSpec(steps, seed, scratch, log_every_n_steps)
     argv = [*run_command(command, spec), "--print_config"]
-    process = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    check_executable(argv[0])
+    try:
+        process = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        raise SweepError(
+            f"the command cannot be started ({error}): start it with its interpreter (-- python my_cli.py ...)"
+        ) from None
     if process.returncode != 0:
         output = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
         raise SweepError(
