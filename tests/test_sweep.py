@@ -200,6 +200,31 @@ def test_a_program_on_the_working_directory_but_not_on_path_is_named(tmp_path, m
     assert list(tmp_path.iterdir()) == [tmp_path / "my_cli.py"]
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        # an interpreter that cannot import Lightning (-S: without its site-packages), as from a venv without it
+        (
+            [sys.executable, "-S", str(REPO / "tests" / "sweep_program.py"), "fit"],
+            "the program's environment cannot import lightning (ModuleNotFoundError: No module named 'lightning'); "
+            f"the command runs {sys.executable}: install what the program needs there, or start the command with a "
+            "Python that has it (-- /path/to/python my_cli.py ...):",
+        ),
+        (
+            [sys.executable, "-c", "import sys; print('starting'); raise RuntimeError('no data in ' + sys.argv[1])"],
+            "the command raised RuntimeError: no data in --seed_everything=0 when the sweep checked it with "
+            "--print_config appended:",
+        ),
+    ],
+)
+def test_a_failing_program_is_reported_by_its_own_exception(command, message, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--", *command], prog="xgrad-sweep") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xgrad-sweep: error: {message}\n  $ "), err
+    assert "does not accept the sweep's arguments" not in err and not out.exists()
+
+
 def test_an_out_folder_holding_a_sweep_needs_resume(tmp_path, capsys) -> None:
     (tmp_path / "sweep.json").write_text(json.dumps({"command": ["python", "a.py"]}))
     assert main(["--out", str(tmp_path), "--", "python", "a.py"]) == 2

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -34,6 +35,9 @@ FINISHED, FAILED, NO_METRIC, NOT_RUN = "finished", "failed", "metric not logged"
 INDEX_COLUMNS = ("epoch", "step")
 #: what the metrics XGradCallback logs are named like (``xgrad/prediction_cosine``, ``xgrad/relative_shift``, ...)
 XGRAD_METRIC_PREFIX = "xgrad/"
+#: the line a Python traceback ends with: the exception's name, and its message after ": "
+EXCEPTION_LINE = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?")
+MISSING_MODULE = re.compile(r"No module named '(?P<module>[^']+)'")
 
 
 class SweepError(Exception):
@@ -230,6 +234,52 @@ def check_executable(program: str) -> None:
     )
 
 
+def interpreter(program: str) -> str:
+    """What the command's first word runs: the program as found on PATH, or for a script, its ``#!`` line."""
+    path = shutil.which(program) or program
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(256)
+    except OSError:
+        return path
+    return first[2:].decode(errors="replace").strip() if first.startswith(b"#!") else path
+
+
+def last_exception(output: str) -> str | None:
+    """The exception line of the last Python traceback in ``output`` (``ModuleNotFoundError: No module named
+    'torch'``): what the program itself raised, which says more than the exit status. None without a traceback."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    # the traceback's frames are indented; its first line that is not is the exception
+    line = next((line for line in lines[starts[-1] + 1 :] if line[:1].strip()), "")
+    return line if EXCEPTION_LINE.fullmatch(line) else None
+
+
+def check_failure(argv: Sequence[str], process: subprocess.CompletedProcess[str]) -> str:
+    """Why the ``--print_config`` check failed, the cause first: an environment that cannot import what the program
+    needs, an exception the program raised, or (no traceback: the parser refused them) the sweep's arguments."""
+    output = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
+    detail = f":\n  $ {shlex.join(argv)}\n{output}"
+    exception = last_exception(process.stderr)
+    if exception is None:
+        return (
+            "the command does not accept the sweep's arguments (it must be a LightningCLI program; the sweep "
+            f"checked with --print_config appended){detail}"
+        )
+    name, _, message = exception.partition(": ")
+    if name in ("ModuleNotFoundError", "ImportError"):
+        missing = MISSING_MODULE.fullmatch(message)
+        what = f"cannot import {missing['module'].split('.')[0]}" if missing else "fails at an import"
+        return (
+            f"the program's environment {what} ({exception}); the command runs {interpreter(argv[0])}: install "
+            "what the program needs there, or start the command with a Python that has it "
+            f"(-- /path/to/python my_cli.py ...){detail}"
+        )
+    return f"the command raised {exception} when the sweep checked it with --print_config appended{detail}"
+
+
 def check_command(
     command: Sequence[str], steps: int, seed: int, scratch: Path, log_every_n_steps: int | None = None
 ) -> None:
@@ -248,11 +298,7 @@ def check_command(
             f"the command cannot be started ({error}): start it with its interpreter (-- python my_cli.py ...)"
         ) from None
     if process.returncode != 0:
-        output = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
-        raise SweepError(
-            "the command does not accept the sweep's arguments (it must be a LightningCLI program; the sweep "
-            f"checked with --print_config appended):\n  $ {shlex.join(argv)}\n{output}"
-        )
+        raise SweepError(check_failure(argv, process))
     try:
         config = yaml.safe_load(process.stdout)
     except yaml.YAMLError:
