@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,7 @@ def test_a_diverged_run_is_reported_and_results_json_stays_strict_json(tmp_path)
         (["--seeds", "-3", "--", "python", "x.py"], "--seeds must be in [0, 2**32)"),
         (["--resume", "--", "python", "x.py"], "--resume needs --out DIR"),
         (["--mode", "up", "--", "python", "x.py"], "argument --mode: invalid choice: 'up'"),
+        (["--check-timeout", "0", "--", "python", "x.py"], "argument --check-timeout: must be a number of seconds > 0"),
         (["--out", "o", "--bogus", "--", "python", "x.py"], "error: unrecognized arguments: --bogus\n"),
         # without `--`, the command's words land in the sweep's options: the error says where they go
         (
@@ -198,6 +200,41 @@ def test_a_program_on_the_working_directory_but_not_on_path_is_named(tmp_path, m
         "start the command with its interpreter (-- python my_cli.py ...)\n"
     )
     assert list(tmp_path.iterdir()) == [tmp_path / "my_cli.py"]
+
+
+#: a plain script (not a LightningCLI program) that ignores its arguments and trains for a minute, with a worker
+#: process of its own as a data loader would have; it marks when its training starts, ends, and if the worker lives on
+PLAIN_SCRIPT = """
+import subprocess, sys, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+(folder / "training started").touch()
+worker = "import sys, time; from pathlib import Path; time.sleep(3); Path(sys.argv[1]).touch()"
+subprocess.Popen([sys.executable, "-c", worker, str(folder / "worker lived on")])
+time.sleep(60)
+(folder / "training finished").touch()
+"""
+
+
+def test_a_plain_script_is_stopped_and_refused_within_seconds(tmp_path, capsys) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(PLAIN_SCRIPT)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    argv = ["--out", str(out), "--check-timeout", "2", "--", sys.executable, str(script), str(tmp_path)]
+    assert main(argv, prog="xgrad-sweep") == 2
+    elapsed = time.monotonic() - start
+    assert capsys.readouterr().err == (
+        "xgrad-sweep: error: the command did not answer --print_config within 2 s, so the sweep stopped it before "
+        "any run: a LightningCLI program prints its configuration and exits, a plain script trains instead. Sweep a "
+        "LightningCLI program, or if yours takes longer to start, raise --check-timeout\n"
+    )
+    assert elapsed < 10, elapsed  # the script would train for 60 s
+    assert (tmp_path / "training started").exists() and not out.exists()
+    time.sleep(max(0.0, start + 5 - time.monotonic()))
+    # stopped, its worker too (the whole process group), before its training ended
+    assert not (tmp_path / "worker lived on").exists() and not (tmp_path / "training finished").exists()
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -23,6 +24,7 @@ from typing import Any
 from . import report, stats
 from .plot import CurvePanel, plot_curves
 from .runs import (
+    DEFAULT_CHECK_TIMEOUT_S,
     FINISHED,
     NOT_RUN,
     RunResult,
@@ -47,7 +49,7 @@ MODULE_PROG = "python -m lightning_xgrad.sweep"
 EXAMPLE_COMMAND = "-- python my_cli.py fit --config my.yaml"
 USAGE = (
     "%(prog)s [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] [--log-every-n-steps N] "
-    f"[--out DIR] [--resume] {EXAMPLE_COMMAND} [more args]"
+    f"[--out DIR] [--resume] [--check-timeout SECONDS] {EXAMPLE_COMMAND} [more args]"
 )
 
 
@@ -107,14 +109,15 @@ def run_sweep(
     resume: bool = False,
     check: bool = True,
     desc: str = "runs",
+    check_timeout: float = DEFAULT_CHECK_TIMEOUT_S,
 ) -> list[RunResult]:
     """Run every (s, seed) of ``config`` not finished yet (all of them unless ``resume``), one after the other,
     with a progress bar; return every run's result, in plan order.
 
     A run that fails is reported with the last lines of its log and the sweep goes on. Raises SweepError when
     ``out`` holds another sweep, when the command does not take the sweep's arguments or already has XGradCallback
-    (``check``: one ``--print_config`` call before the first run), and when the first finished run never logged
-    the monitored metric (the message names the metrics it logged)."""
+    (``check``: one ``--print_config`` call before the first run, stopped after ``check_timeout`` seconds), and when
+    the first finished run never logged the monitored metric (the message names the metrics it logged)."""
     from tqdm import tqdm
 
     echo = tqdm.write
@@ -131,7 +134,14 @@ def run_sweep(
         monitor_checked = True
     if check and todo:
         with tempfile.TemporaryDirectory(prefix="xgrad-sweep-check-") as scratch:
-            check_command(config.command, max(config.steps), config.seeds[0], Path(scratch), config.log_every_n_steps)
+            check_command(
+                config.command,
+                max(config.steps),
+                config.seeds[0],
+                Path(scratch),
+                config.log_every_n_steps,
+                check_timeout,
+            )
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / STATE_FILE).write_text(json.dumps({"command": list(config.command)}, indent=1) + "\n")
     with tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True) as bar:
@@ -292,6 +302,17 @@ def new_folder(root: Path) -> Path:
     return folder
 
 
+def positive_seconds(text: str) -> float:
+    """``--check-timeout``'s value: a number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
 def parser_for(prog: str | None = None) -> argparse.ArgumentParser:
     """The sweep's options (everything before ``--``); ``prog`` names the program in its usage line and errors
     (default: how it was invoked, ``xgrad-sweep`` for the console script)."""
@@ -323,6 +344,14 @@ def parser_for(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, help="the sweep's folder (default: a new folder under xgrad-sweeps/)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out: skip finished runs")
+    parser.add_argument(
+        "--check-timeout",
+        type=positive_seconds,
+        default=DEFAULT_CHECK_TIMEOUT_S,
+        metavar="SECONDS",
+        help="before any run, the command is checked with --print_config appended; a program that has not answered "
+        "within SECONDS (it trains instead: not a LightningCLI program) is stopped and refused (default: %(default)g)",
+    )
     return parser
 
 
@@ -363,7 +392,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     out = args.out if args.out is not None else new_folder(DEFAULT_ROOT)
     config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out, log_every)
     try:
-        results = run_sweep(config, resume=args.resume)
+        results = run_sweep(config, resume=args.resume, check_timeout=args.check_timeout)
     except SweepError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ data module or model that takes a seed of its own). The run's output goes to ``l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -18,8 +19,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +38,10 @@ FINISHED, FAILED, NO_METRIC, NOT_RUN = "finished", "failed", "metric not logged"
 INDEX_COLUMNS = ("epoch", "step")
 #: what the metrics XGradCallback logs are named like (``xgrad/prediction_cosine``, ``xgrad/relative_shift``, ...)
 XGRAD_METRIC_PREFIX = "xgrad/"
+#: seconds the ``--print_config`` check may take before the sweep stops the command: a LightningCLI program answers
+#: once its imports are done (torch and Lightning take about 10 s on a busy 2-core machine, more from a cold network
+#: disk); a program that trains instead of answering would otherwise train in full before the sweep can refuse it
+DEFAULT_CHECK_TIMEOUT_S = 60.0
 #: the line a Python traceback ends with: the exception's name, and its message after ": "
 EXCEPTION_LINE = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?")
 MISSING_MODULE = re.compile(r"No module named '(?P<module>[^']+)'")
@@ -245,6 +252,34 @@ def interpreter(program: str) -> str:
     return first[2:].decode(errors="replace").strip() if first.startswith(b"#!") else path
 
 
+def probe(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with its output captured, in a process group of its own. Past ``timeout`` seconds (or on
+    Ctrl-C) the whole group is killed, the program's own worker processes with it, and the exception re-raised:
+    subprocess.TimeoutExpired for the time limit."""
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            _kill_group(process)
+            raise
+    return subprocess.CompletedProcess(list(argv), process.returncode, stdout, stderr)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    if sys.platform == "win32":
+        process.kill()
+        return
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def last_exception(output: str) -> str | None:
     """The exception line of the last Python traceback in ``output`` (``ModuleNotFoundError: No module named
     'torch'``): what the program itself raised, which says more than the exit status. None without a traceback."""
@@ -281,18 +316,31 @@ def check_failure(argv: Sequence[str], process: subprocess.CompletedProcess[str]
 
 
 def check_command(
-    command: Sequence[str], steps: int, seed: int, scratch: Path, log_every_n_steps: int | None = None
+    command: Sequence[str],
+    steps: int,
+    seed: int,
+    scratch: Path,
+    log_every_n_steps: int | None = None,
+    timeout: float = DEFAULT_CHECK_TIMEOUT_S,
 ) -> None:
-    """Run the command once with the sweep's arguments for ``steps`` and ``--print_config`` appended: it parses
-    them without training, and the printed config shows whether XGradCallback is already there (the sweep adds it
-    itself for s > 0 and must leave it out for s = 0). Raises SweepError with what went wrong."""
+    """Run the command once with the sweep's arguments for ``steps`` and ``--print_config`` appended: a LightningCLI
+    program parses them and prints its configuration without training, and the printed config shows whether
+    XGradCallback is already there (the sweep adds it itself for s > 0 and must leave it out for s = 0). A program
+    that has not answered within ``timeout`` seconds is stopped: it is training instead. Raises SweepError with what
+    went wrong."""
     import yaml
 
     spec = RunSpec(steps, seed, scratch, log_every_n_steps)
     argv = [*run_command(command, spec), "--print_config"]
     check_executable(argv[0])
     try:
-        process = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        process = probe(argv, timeout)
+    except subprocess.TimeoutExpired:
+        raise SweepError(
+            f"the command did not answer --print_config within {timeout:g} s, so the sweep stopped it before any "
+            "run: a LightningCLI program prints its configuration and exits, a plain script trains instead. Sweep a "
+            "LightningCLI program, or if yours takes longer to start, raise --check-timeout"
+        ) from None
     except OSError as error:
         raise SweepError(
             f"the command cannot be started ({error}): start it with its interpreter (-- python my_cli.py ...)"
