@@ -237,6 +237,36 @@ def test_a_plain_script_is_stopped_and_refused_within_seconds(tmp_path, capsys) 
     assert not (tmp_path / "worker lived on").exists() and not (tmp_path / "training finished").exists()
 
 
+#: a plain Lightning script: it constructs a Trainer and would then train for a minute
+PLAIN_LIGHTNING_SCRIPT = """
+import sys, time
+from pathlib import Path
+import lightning.pytorch as pl
+
+pl.Trainer(logger=False, enable_checkpointing=False)
+time.sleep(60)
+Path(sys.argv[1], "training finished").touch()
+"""
+
+
+def test_a_plain_lightning_script_is_refused_when_it_constructs_its_trainer(tmp_path, capsys) -> None:
+    """Refused as soon as its Trainer exists, long before the time limit (120 s here)."""
+    script = tmp_path / "train.py"
+    script.write_text(PLAIN_LIGHTNING_SCRIPT)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    argv = ["--out", str(out), "--check-timeout", "120", "--", sys.executable, str(script), str(tmp_path)]
+    assert main(argv, prog="xgrad-sweep") == 2
+    elapsed = time.monotonic() - start
+    assert capsys.readouterr().err == (
+        "xgrad-sweep: error: the command constructed a Lightning Trainer instead of printing its configuration for "
+        "--print_config, so the sweep stopped it before any run: a LightningCLI program prints its configuration and "
+        "exits, a plain script trains. Sweep a LightningCLI program (lightning.pytorch.cli.LightningCLI)\n"
+    )
+    assert elapsed < 50, elapsed  # the imports, not the 60 s of training nor the 120 s limit
+    assert not (tmp_path / "training finished").exists() and not out.exists()
+
+
 @pytest.mark.parametrize(
     ("command", "message"),
     [

@@ -23,6 +23,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,9 @@ DEFAULT_CHECK_TIMEOUT_S = 60.0
 #: the line a Python traceback ends with: the exception's name, and its message after ": "
 EXCEPTION_LINE = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?")
 MISSING_MODULE = re.compile(r"No module named '(?P<module>[^']+)'")
+#: what Lightning prints when a Trainer is constructed, which a LightningCLI program asked for --print_config never
+#: does: the probe stops a program that prints it at once (a plain script about to train), not at the time limit
+TRAINER_STARTED = re.compile(r"^GPU available: ", re.MULTILINE)
 
 
 class SweepError(Exception):
@@ -252,10 +256,14 @@ def interpreter(program: str) -> str:
     return first[2:].decode(errors="replace").strip() if first.startswith(b"#!") else path
 
 
+class TrainerStarted(Exception):
+    """The probed program constructed a Lightning Trainer (it printed what :data:`TRAINER_STARTED` matches)."""
+
+
 def probe(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` with its output captured, in a process group of its own. Past ``timeout`` seconds (or on
-    Ctrl-C) the whole group is killed, the program's own worker processes with it, and the exception re-raised:
-    subprocess.TimeoutExpired for the time limit."""
+    """Run ``argv`` with its output captured, in a process group of its own. As soon as its output shows a Trainer
+    being constructed (TrainerStarted), past ``timeout`` seconds (subprocess.TimeoutExpired), or on Ctrl-C, the whole
+    group is killed, the program's own worker processes with it, and the exception raised."""
     with subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -264,12 +272,43 @@ def probe(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[st
         text=True,
         start_new_session=True,
     ) as process:
+        started = threading.Event()
+        streams = {name: _Reader(getattr(process, name), started) for name in ("stdout", "stderr")}
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while process.poll() is None:
+                if started.is_set():
+                    raise TrainerStarted()
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(list(argv), timeout)
+                started.wait(0.05)
+            for reader in streams.values():
+                reader.join()
         except BaseException:
             _kill_group(process)
             raise
-    return subprocess.CompletedProcess(list(argv), process.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(list(argv), process.returncode, streams["stdout"].text, streams["stderr"].text)
+
+
+class _Reader(threading.Thread):
+    """Collects one output stream of the probed program, and sets ``started`` when a Trainer shows up in it."""
+
+    def __init__(self, stream: Any, started: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self._stream = stream
+        self._trainer_seen = started
+        self._lines: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        for line in self._stream:
+            self._lines.append(line)
+            if TRAINER_STARTED.match(line):
+                self._trainer_seen.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._lines)
 
 
 def _kill_group(process: subprocess.Popen[str]) -> None:
@@ -335,6 +374,12 @@ def check_command(
     check_executable(argv[0])
     try:
         process = probe(argv, timeout)
+    except TrainerStarted:
+        raise SweepError(
+            "the command constructed a Lightning Trainer instead of printing its configuration for --print_config, "
+            "so the sweep stopped it before any run: a LightningCLI program prints its configuration and exits, a "
+            "plain script trains. Sweep a LightningCLI program (lightning.pytorch.cli.LightningCLI)"
+        ) from None
     except subprocess.TimeoutExpired:
         raise SweepError(
             f"the command did not answer --print_config within {timeout:g} s, so the sweep stopped it before any "
