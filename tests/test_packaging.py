@@ -1,6 +1,6 @@
 """What installing the package gives a user: declared dependencies that match the imports, floors that the compat
-stacks test, the license in the wheel, README links that resolve, quiet examples, and a Makefile that reinstalls when
-the torch choice changes."""
+stacks test, the license in the wheel, quiet examples, and a Makefile that reinstalls when the torch choice changes.
+(The README's links are checked with the docs, in test_docs.py.)"""
 
 from __future__ import annotations
 
@@ -108,26 +108,6 @@ def test_wheel_carries_the_apache_license(tmp_path: Path) -> None:
     assert "Apache License\n                           Version 2.0, January 2004" in (REPO / "LICENSE").read_text()
     assert "Framework :: Pytest" not in metadata
     assert any(n.startswith("lightning_xgrad/") and n.endswith("callback.py") for n in names)
-
-
-def _heading_anchors(markdown: str) -> set[str]:
-    """GitHub's anchors for the headings: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.DOTALL), re.MULTILINE)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
-
-
-def test_readme_relative_links_and_images_resolve_in_the_repository() -> None:
-    readme = (REPO / "README.md").read_text()
-    anchors = _heading_anchors(readme)
-    targets = re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", readme, flags=re.DOTALL))
-    relative = [t for t in targets if not re.match(r"[a-z]+:", t)]
-    assert relative, "the README links no file of the repository any more: drop or rewrite this test"
-    for target in relative:
-        path, _, anchor = target.partition("#")
-        if path:
-            assert (REPO / path).is_file(), f"README links {target}, which is not a file of the repository"
-        else:
-            assert anchor in anchors, f"README links #{anchor}, which is no heading of the README"
 
 
 EXAMPLE_RUNS = {
