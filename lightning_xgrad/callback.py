@@ -50,8 +50,8 @@ class XGradCallback(CheckpointedState, Callback):
     knows it (torch's SGD and RMSprop with momentum, Adam, AdamW, Adamax and RAdam; this package's AdaM3, CPropSGD,
     CPropAdam, AdaptiveHeavyBallSGD and AdaptiveHeavyBallAdam; pytorch-optimizer's AdaBelief; any optimizer a rule
     was registered for with :func:`~lightning_xgrad.register_rule`), otherwise from the update the optimizer applied
-    at its last step (the trajectory rule, exact for any optimizer). The README's table "Supported optimizers and
-    their dW" has the formulas.
+    at its last step (the trajectory rule, exact for any optimizer). The table "Supported optimizers and their dW"
+    in docs/optimizers.md has the formulas.
 
     Args:
         steps: how many future updates to predict (the paper's s).

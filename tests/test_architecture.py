@@ -1,4 +1,4 @@
-"""The package's import graph is one-way, as the README's "Architecture" section draws it, checked by parsing imports.
+"""The package's import graph is one-way, as CONTRIBUTING.md's "Architecture" draws it, checked by parsing imports.
 
 Layers, bottom to top: helpers (``_internal/``, ``protocols``) <- building blocks (the snapshot, the state-dict hook,
 the prediction metrics, CProp's statistics) <- rules and optimizers (``rules/``, ``optim/``) <- the companion methods'
