@@ -372,7 +372,7 @@ class OptimizerPredictor:
         )
         measurement.handles = register_step_hooks(self.optimizer, post=measure_after_step(self)) or []
 
-    def measure_update(self) -> None:
+    def _measure(self) -> None:
         """Report the measurement asked for, once the optimizer stepped (its step post-hook calls this)."""
         measurement = self._measurement
         if measurement is None or measurement.held is None or measurement.done:

@@ -85,6 +85,6 @@ def measure_after_step(predictor: OptimizerPredictor) -> Callable[..., None]:
     def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         live = reference()
         if live is not None:
-            live.measure_update()
+            live._measure()  # the predictor's own step hook, from its own folder
 
     return hook
