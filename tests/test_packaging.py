@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -152,6 +153,17 @@ def test_version_has_one_source() -> None:
     setuptools_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools_config["dynamic"]["version"] == {"attr": "lightning_xgrad.__version__"}
     assert str(Version(_source_version())) == _source_version()  # a PEP 440 version, written in its normal form
+
+
+def test_the_changelog_and_the_citation_name_the_version() -> None:
+    """A released version has its CHANGELOG section, and CITATION.cff cites it (a dev version needs neither)."""
+    version = Version(_source_version())
+    if version.is_devrelease:
+        pytest.skip(f"{version} is a development version")
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert str(citation["version"]) == str(version)
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## \[{re.escape(str(version))}\] - {citation['date-released']}$", changelog, re.MULTILINE)
 
 
 def test_wheel_carries_the_apache_license(release: Release) -> None:
