@@ -9,8 +9,10 @@
 #   make test-compat-core                                          # the core tests on each stack (CI runs this)
 #   make test-compat COMPAT_STACKS="floor py313"                   # named stacks (`python3 tools/compat.py --list`)
 # Each stack gets its own venv under .venv-compat/; results and logs go to compat-results/ (docs/compatibility.md).
+#   make docs                                                      # the docs site (mkdocs.yml, docs/) into site/, strict
 #   make gpu-check                                                 # the GPU check (benchmarks/gpu_check.sh), no install
 #   make gpu-check GPU_CHECK_ARGS="--cpu"                          # its dry run on the CPU
+#   make dist                                                      # sdist + wheel into dist/ (offline), twine check
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -21,7 +23,7 @@ TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s|%s' '$(TORCH)' '$(TORCH_INDEX)'
 INSTALLED := $(VENV)/.installed
 COMPAT_STACKS ?=
 
-.PHONY: demo test test-compat test-compat-core lint format clean gpu-check
+.PHONY: demo test test-compat test-compat-core lint format docs clean gpu-check dist
 
 $(TORCH_STAMP):
 	rm -rf $(VENV)
@@ -55,9 +57,18 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# --strict: any warning (a broken link or anchor, a page missing from the nav, an unresolved reference) fails it.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 # Installs nothing: it runs with .venv if it exists, else the machine's python3 (see the script's header).
 gpu-check:
 	benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
+dist: $(INSTALLED)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) .venv-compat compat-results .pytest_cache .ruff_cache lightning_logs *.egg-info build dist
+	rm -rf $(VENV) .venv-compat compat-results .pytest_cache .ruff_cache lightning_logs *.egg-info build dist site

@@ -18,7 +18,7 @@ metrics and XGradCallback's prediction metrics are read back. Writes into
   baseline;
 - ``<name>.json``: every curve, to re-plot without re-running (``--replot``).
 
-``--publish`` also writes the three files to ``benchmarks/results/``, the published results the README links to.
+``--publish`` also writes the three files to ``benchmarks/results/``, the published results the docs link to.
 
     python benchmarks/convergence.py --publish                 # the published run: every task, s = 1 2, 3 seeds
     python benchmarks/convergence.py --sweep                   # "which s?": s = 0 1 2 3, best per task

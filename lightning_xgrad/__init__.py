@@ -12,17 +12,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .callback import XGradCallback
     from .cprop.callback import CPropCallback
-    from .prediction.predictor import OptimizerPredictor, PredictedWeightsEditedWarning
+    from .prediction.edits import PredictedWeightsEditedWarning
+    from .prediction.predictor import OptimizerPredictor
     from .rules import PredictionRule, register_rule
 
-__version__ = "0.1.0.dev0"
+#: the package's version, its one source: pyproject.toml reads it from here
+__version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _PUBLIC = {
     "XGradCallback": ".callback",
     "CPropCallback": ".cprop.callback",
     "OptimizerPredictor": ".prediction.predictor",
-    "PredictedWeightsEditedWarning": ".prediction.predictor",
+    "PredictedWeightsEditedWarning": ".prediction.edits",
     "PredictionRule": ".rules",
     "register_rule": ".rules",
 }

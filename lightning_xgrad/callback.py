@@ -28,7 +28,7 @@ from ._internal.validation import argument_error, check_flag, check_int
 from .callback_checks import check_setup, warn_without_step_hooks
 from .callback_metrics import MetricsLog
 from .callback_predictors import Predictors
-from .prediction.predictor import RuleChoice, check_prediction_args
+from .prediction.arguments import RuleChoice, check_prediction_args
 from .prediction.quality import DEFAULT_METRICS_MAX_BYTES
 from .prediction.state_dict_hook import register_real_weights_hooks
 
@@ -50,8 +50,8 @@ class XGradCallback(CheckpointedState, Callback):
     knows it (torch's SGD and RMSprop with momentum, Adam, AdamW, Adamax and RAdam; this package's AdaM3, CPropSGD,
     CPropAdam, AdaptiveHeavyBallSGD and AdaptiveHeavyBallAdam; pytorch-optimizer's AdaBelief; any optimizer a rule
     was registered for with :func:`~lightning_xgrad.register_rule`), otherwise from the update the optimizer applied
-    at its last step (the trajectory rule, exact for any optimizer). The README's table "Supported optimizers and
-    their dW" has the formulas.
+    at its last step (the trajectory rule, exact for any optimizer). The table "Supported optimizers and their dW"
+    in docs/optimizers.md has the formulas.
 
     Args:
         steps: how many future updates to predict (the paper's s).
@@ -68,9 +68,10 @@ class XGradCallback(CheckpointedState, Callback):
             ``trainer.callback_metrics`` (``self.log(..., logger=False)`` from ``on_train_batch_end``), so that
             ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them. ``None`` measures and logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
-            passes, for the Adam, AdamW, AdaM3 and momentum rules (others stay eager). Costs a compilation at the
-            first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
-            is off by default; see benchmarks/results/overhead.md for what it saves.
+            passes, for the Adam, AdamW and AdaM3 rules (others stay eager: the momentum rules' eager prediction, one
+            copy and one add, is faster than a compiled one). Costs a compilation at the first predicted step (seconds,
+            up to a minute on a small CPU; inductor caches it for later runs), so it is off by default; see
+            benchmarks/results/overhead.md for what it saves.
         chunk_bytes: the memory budget of the prediction's temporaries, in bytes. Out-of-place foreach ops (Adam's
             denominators, the trajectory rule's differences) walk the parameters in chunks of at most
             ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less

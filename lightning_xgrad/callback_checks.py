@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ._internal.checkpoint import count_instances
 from ._internal.sharding import model_parallel_unsupported
-from .prediction.predictor import CLOSURE_REEVALUATING, OptimizerPredictor
+from .prediction.arguments import CLOSURE_REEVALUATING
+from .prediction.predictor import OptimizerPredictor
 
 __all__ = ["check_optimizers", "check_setup", "warn_without_step_hooks"]
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ._internal.compat import trainer_callbacks
 from .callback_checks import check_optimizers
-from .prediction.predictor import OptimizerPredictor, RuleChoice, restore_all
+from .prediction.arguments import RuleChoice
+from .prediction.predictor import OptimizerPredictor, restore_all
 from .prediction.snapshot import ParameterSnapshot
 from .protocols import DirectionScaleProvider, DirectionScales
 

@@ -1,4 +1,4 @@
-"""The package's import graph is one-way, as the README's "Architecture" section draws it, checked by parsing imports.
+"""The package's import graph is one-way, as CONTRIBUTING.md's "Architecture" draws it, checked by parsing imports.
 
 Layers, bottom to top: helpers (``_internal/``, ``protocols``) <- building blocks (the snapshot, the state-dict hook,
 the prediction metrics, CProp's statistics) <- rules and optimizers (``rules/``, ``optim/``) <- the companion methods'
@@ -35,10 +35,22 @@ LAYERS: list[tuple[str, dict[str, set[str]]]] = [
         },
     ),
     ("rules and optimizers", {"rules": {"rules.*"}, "optim": {"optim.*"}}),
-    ("companion methods", {"cprop optimizers": {"cprop.optim", "cprop.rules"}, "heavy_ball": {"heavy_ball.*"}}),
+    (
+        "companion methods",
+        {"cprop optimizers": {"cprop.optim", "cprop.functional", "cprop.rules"}, "heavy_ball": {"heavy_ball.*"}},
+    ),
     (
         "per-optimizer drivers",
-        {"prediction": {"prediction.plan", "prediction.predictor"}, "cprop tracker": {"cprop.tracker"}},
+        {
+            "prediction": {
+                "prediction.arguments",
+                "prediction.edits",
+                "prediction.plan",
+                "prediction.predictor",
+                "prediction.step_guard",
+            },
+            "cprop tracker": {"cprop.tracker"},
+        },
     ),
     (
         "callbacks",

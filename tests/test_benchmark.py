@@ -226,6 +226,8 @@ def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, new_run_folder
     assert raw["hooks"][1] == 0.0  # the callback did not act in the step without it
     text = (tmp_path / "overhead.md").read_text()
     assert "| cnn-sgd | xgrad-compiled |" in text and "## Targets" in text
+    assert "(eager: no kernel) |" in text  # SGD momentum has no compiled kernel: compile=True runs it eager
+    assert overhead.models.has_compiled_kernel("adamw") and not overhead.models.has_compiled_kernel("sgd")
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xgrad import OptimizerPredictor, PredictedWeightsEditedWarning, XGradCallback
-from lightning_xgrad.prediction.predictor import EDIT_CHECK_PERIOD, EDIT_CHECKS_FIRST
+from lightning_xgrad.prediction.edits import EDIT_CHECK_PERIOD, EDIT_CHECKS_FIRST
 
 from .agreement import mse
 from .reference import xgrad_reference

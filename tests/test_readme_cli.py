@@ -1,10 +1,11 @@
-"""The README's LightningCLI advice, run through ``examples/digits.py``: a second ``--config`` replaces the callbacks
-list, ``callbacks+:`` and ``--trainer.callbacks+=`` append to it, and ``--trainer.callbacks.help`` documents every
-argument of the callback."""
+"""The LightningCLI advice of the README and docs/getting-started.md, run through ``examples/digits.py``: a second
+``--config`` replaces the callbacks list, ``callbacks+:`` and ``--trainer.callbacks+=`` append to it, and
+``--trainer.callbacks.help`` documents every argument of the callback, as the docs' excerpt of it shows."""
 
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +15,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning_xgrad import XGradCallback
 
 from .toolkit import EXAMPLES, load_example
+
+GETTING_STARTED = Path(__file__).resolve().parents[1] / "docs" / "getting-started.md"
 
 # args given while sys.argv holds pytest's own: intended here
 pytestmark = pytest.mark.filterwarnings("ignore:.*LightningCLI's args parameter is intended.*")
@@ -66,3 +69,15 @@ def test_callbacks_help_lists_every_argument_with_its_documentation(
     for name in parameters:
         assert f"--trainer.callbacks.{name}" in text
     assert "the paper's s). (type: int, default: 1)" in text  # the docstring's words, then type and default
+
+
+def test_the_documented_help_excerpt_and_table_list_every_argument() -> None:
+    """docs/getting-started.md quotes the usage lines of ``--trainer.callbacks.help`` and has a table of the
+    arguments: both name every argument of the callback, in the signature's order (an argument added to the callback
+    and not to the docs fails here)."""
+    usage = re.search(r"^usage: digits\.py (.*?)\n\n", GETTING_STARTED.read_text(), re.MULTILINE | re.DOTALL)
+    assert usage is not None, "docs/getting-started.md no longer quotes the usage of --trainer.callbacks.help"
+    parameters = [name for name in inspect.signature(XGradCallback.__init__).parameters if name != "self"]
+    assert re.findall(r"\[--trainer\.callbacks\.(\w+)", usage.group(1)) == parameters
+    table = re.findall(r"^\| `(\w+): ", GETTING_STARTED.read_text(), re.MULTILINE)  # the table of the arguments
+    assert table == parameters

@@ -1,8 +1,9 @@
-"""The README's benchmark figures are the published results' figures: every cell of its convergence, prediction
-metrics, companion and overhead tables, and the numbers its first screen quotes, read back from
-``benchmarks/results/*.md``.
+"""The benchmark figures the README and the docs quote are the published results' figures: every cell of the
+convergence, prediction metrics, companion and overhead tables, and the numbers the first screen quotes (the README's
+and the docs home page's), read back from ``benchmarks/results/*.md``. Each table is checked in every file that
+shows it (``TABLES``).
 
-A republished benchmark whose README was not updated (or a README edited by hand) fails here.
+A republished benchmark whose README or docs page was not updated (or one edited by hand) fails here.
 """
 
 from __future__ import annotations
@@ -12,10 +13,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
 RESULTS = REPO / "benchmarks" / "results"
+#: the first line of each table's header -> the files that show it (each must)
+TABLES = {
+    "task | baseline": ("README.md", "docs/benchmarks.md"),
+    "task | s | prediction cosine": ("docs/prediction-metrics.md",),
+    "digits, AdamW (`digits_cprop.yaml`)": ("docs/companions.md",),
+    "digits (`digits_ahb.yaml`, lr 0.05)": ("docs/companions.md",),
+    "model, optimizer": ("docs/benchmarks.md",),
+}
+#: the files whose first screen (up to the first ``## `` heading) quotes the headline figures
+FIRST_SCREENS = ("README.md", "docs/index.md")
 
-#: README convergence-table label -> (task, metric)
+#: convergence-table label -> (task, metric)
 CONVERGENCE_ROWS = {
     "digits, SGD momentum: val_loss": ("digits_sgd", "val_loss"),
     "digits, AdamW: val_loss": ("digits_adamw", "val_loss"),
@@ -23,7 +33,7 @@ CONVERGENCE_ROWS = {
     "char GPT: val_ppl": ("char_gpt", "val_ppl"),
     "digits GAN, Adam x 2: val_fd": ("digits_gan", "val_fd"),
 }
-#: README overhead-table label -> case
+#: overhead-table label -> case
 OVERHEAD_ROWS = {
     "CNN, AdamW": "cnn-adamw",
     "CNN, SGD momentum": "cnn-sgd",
@@ -55,10 +65,17 @@ def _tables(markdown: str) -> dict[str, list[dict[str, str]]]:
     return tables
 
 
-def _readme_table(first_header_cell: str) -> dict[str, list[str]]:
-    """The README table whose header starts with ``first_header_cell``: label -> the other cells."""
-    lines = README.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+def _text(name: str) -> str:
+    return (REPO / name).read_text()
+
+
+def _shown_table(name: str, first_header_cell: str) -> dict[str, list[str]]:
+    """The table of file ``name`` whose header starts with ``first_header_cell``: label -> the other cells."""
+    assert name in TABLES[first_header_cell], f"add {name} to TABLES[{first_header_cell!r}]"
+    lines = _text(name).splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |")]
+    assert len(starts) == 1, f"{name} has {len(starts)} tables headed {first_header_cell!r}, not one"
+    start = starts[0]
     rows = {}
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
@@ -80,7 +97,7 @@ def _column(row: dict[str, str], prefix: str) -> str:
 
 
 def _delta(row: dict[str, str]) -> str:
-    """How the README quotes a paired difference: "Δ (seeds better, verdict)"."""
+    """How the tables quote a paired difference: "Δ (seeds better, verdict)"."""
     return f"{_column(row, 'Δ')} ({row['seeds improved']}, {row['verdict']})"
 
 
@@ -110,27 +127,29 @@ def overhead() -> dict[tuple[str, str], dict[str, str]]:
     return rows
 
 
-def test_the_convergence_table_is_the_published_one(convergence) -> None:
-    readme = _readme_table("task | baseline")
-    assert set(readme) == set(CONVERGENCE_ROWS)
+@pytest.mark.parametrize("name", TABLES["task | baseline"])
+def test_the_convergence_table_is_the_published_one(convergence, name: str) -> None:
+    shown = _shown_table(name, "task | baseline")
+    assert set(shown) == set(CONVERGENCE_ROWS)
     for label, (task, metric) in CONVERGENCE_ROWS.items():
         published = convergence[task]
         runs = [published[method] for method in ("baseline", "XGrad s=1", "XGrad s=2")]
         expected = [_column(row, metric) for row in runs]
         expected += ["", ""] if metric == "val_ppl" else [_delta(row) for row in runs[1:]]
-        assert readme[label] == expected, label
+        assert shown[label] == expected, label
 
 
-def test_the_prediction_metrics_table_is_the_published_one(convergence, companions) -> None:
-    readme = _readme_table("task | s | prediction cosine")
+@pytest.mark.parametrize("name", TABLES["task | s | prediction cosine"])
+def test_the_prediction_metrics_table_is_the_published_one(convergence, companions, name: str) -> None:
+    shown = _shown_table(name, "task | s | prediction cosine")
     tasks = {
         "digits, SGD momentum": (convergence["digits_sgd"], "XGrad"),
         "digits, AdamW": (convergence["digits_adamw"], "XGrad"),
         "char GPT, AdamW": (convergence["char_gpt"], "XGrad"),
         "digits, adaptive heavy-ball SGD": (companions["digits_ahb"], "heavy-ball + XGrad"),
     }
-    lines = [line for line in README.splitlines() if line.startswith(tuple(f"| {label} | " for label in tasks))]
-    assert len(lines) == 2 * len(tasks) and len(readme) == len(tasks)  # one row per task and s
+    lines = [line for line in _text(name).splitlines() if line.startswith(tuple(f"| {label} | " for label in tasks))]
+    assert len(lines) == 2 * len(tasks) and len(shown) == len(tasks)  # one row per task and s
     for line in lines:
         label, s, cosine, error, delta = _cells(line)
         published, prefix = tasks[label]
@@ -144,22 +163,24 @@ def test_the_companion_tables_are_the_published_ones(convergence, companions) ->
         "digits, AdamW (`digits_cprop.yaml`)": ("digits_cprop", "CProp", "digits_adamw", ["AdamW + CProp"]),
         "digits (`digits_ahb.yaml`, lr 0.05)": ("digits_ahb", "heavy-ball", "digits_sgd", ["adaptive heavy-ball SGD"]),
     }.items():
-        readme = list(_readme_table(header).values())
+        (name,) = TABLES[header]
+        shown = list(_shown_table(name, header).values())
         published = companions[task]
         runs = [convergence[baseline_task]["baseline"], published[f"{method} alone"]]
         runs += [published[f"{method} + XGrad s={s}"] for s in (1, 2)]
-        assert len(names) == 1 and len(readme) == len(runs), header
-        for cells, row in zip(readme, runs, strict=True):
+        assert len(names) == 1 and len(shown) == len(runs), header
+        for cells, row in zip(shown, runs, strict=True):
             metrics = [name.split()[0] for name in row if name.startswith("val_")]
             assert cells == [_column(row, metric) for metric in metrics], header
 
 
-def test_the_overhead_table_is_the_published_one(overhead) -> None:
-    readme = _readme_table("model, optimizer")
-    assert set(readme) == set(OVERHEAD_ROWS)
+@pytest.mark.parametrize("name", TABLES["model, optimizer"])
+def test_the_overhead_table_is_the_published_one(overhead, name: str) -> None:
+    shown = _shown_table(name, "model, optimizer")
+    assert set(shown) == set(OVERHEAD_ROWS)
     for label, case in OVERHEAD_ROWS.items():
         xgrad, compiled = overhead[case, "xgrad"], overhead[case, "xgrad-compiled"]
-        without, hooks, ratio, step, with_compile = readme[label]
+        without, hooks, ratio, step, with_compile = shown[label]
         assert without == f"{float(xgrad['step without ms']):.1f} ms", label
         assert hooks == f"{float(xgrad['hooks ms']):.2f} ms", label
         assert ratio == f"{float(xgrad['hooks ms']) / float(xgrad['update ms']):.2f}", label
@@ -169,8 +190,9 @@ def test_the_overhead_table_is_the_published_one(overhead) -> None:
         assert with_compile.endswith(f", {compiled_step}"), label
 
 
-def _first_screen() -> str:
-    return README[: README.index("\n## ")]
+def _first_screen(name: str) -> str:
+    text = _text(name)
+    return text[: text.index("\n## ")]
 
 
 def _number(cell: str) -> float:
@@ -186,8 +208,9 @@ def _percent(cell: str) -> float:
     return float(cell.split("%")[0])
 
 
-def test_the_first_screen_quotes_the_published_figures(convergence, overhead) -> None:
-    first = " ".join(_first_screen().split())
+@pytest.mark.parametrize("name", FIRST_SCREENS)
+def test_the_first_screen_quotes_the_published_figures(convergence, overhead, name: str) -> None:
+    first = " ".join(_first_screen(name).split())
     adamw_delta = _number(_column(convergence["digits_adamw"]["XGrad s=1"], "Δ"))
     gpt_delta = _number(_column(convergence["char_gpt"]["XGrad s=1"], "Δ"))
     ppl = [_number(_column(convergence["char_gpt"][m], "val_ppl")) for m in ("baseline", "XGrad s=1")]
@@ -203,9 +226,10 @@ def test_the_first_screen_quotes_the_published_figures(convergence, overhead) ->
     assert f"+{mlp_sgd:.1f}% (SGD momentum) to +{mlp_adamw:.1f}% (AdamW) on an MLP" in first
 
 
-def test_the_first_screen_states_where_xgrad_did_not_help(convergence) -> None:
+@pytest.mark.parametrize("name", FIRST_SCREENS)
+def test_the_first_screen_states_where_xgrad_did_not_help(convergence, name: str) -> None:
     """The verdicts it quotes: SGD momentum nothing at s = 1 and a margin at s = 2, the GAN worse at s = 2."""
-    first = " ".join(_first_screen().split())
+    first = " ".join(_first_screen(name).split())
     sgd1, sgd2 = convergence["digits_sgd"]["XGrad s=1"], convergence["digits_sgd"]["XGrad s=2"]
     assert sgd1["verdict"] == "no difference detected" and "s = 1 made no difference" in first
     mean, error = _column(sgd2, "Δ").split(" ± ")

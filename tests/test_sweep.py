@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_a_diverged_run_is_reported_and_results_json_stays_strict_json(tmp_path)
         for s, values in finals.items()
         for seed, v in enumerate(values)
     ]
-    text, _ = write_outputs(config, results, wall=1.0)
+    text, _ = write_outputs(config, results)
 
     def refuse(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
@@ -125,6 +126,19 @@ def test_a_diverged_run_is_reported_and_results_json_stays_strict_json(tmp_path)
         (["--seeds", "-3", "--", "python", "x.py"], "--seeds must be in [0, 2**32)"),
         (["--resume", "--", "python", "x.py"], "--resume needs --out DIR"),
         (["--mode", "up", "--", "python", "x.py"], "argument --mode: invalid choice: 'up'"),
+        (["--check-timeout", "0", "--", "python", "x.py"], "argument --check-timeout: must be a number of seconds > 0"),
+        (["--out", "o", "--bogus", "--", "python", "x.py"], "error: unrecognized arguments: --bogus\n"),
+        # without `--`, the command's words land in the sweep's options: the error says where they go
+        (
+            ["--steps", "0", "1", "python", "x.py", "fit"],
+            "error: the command to sweep goes after `--` (-- python my_cli.py fit --config my.yaml), and there is "
+            "no `--`: argument --steps: invalid int value: 'python'\n",
+        ),
+        (
+            ["python", "x.py", "fit", "--config", "c.yaml"],
+            "error: the command to sweep goes after `--` (-- python my_cli.py fit --config my.yaml), and there is "
+            "no `--`: unrecognized arguments: python x.py fit --config c.yaml\n",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_run(argv, message, tmp_path, monkeypatch, capsys) -> None:
@@ -140,6 +154,142 @@ def test_a_command_that_is_not_a_lightning_cli_program_is_refused_before_any_run
     assert main(["--out", str(out), "--", sys.executable, "-c", "print('hello')"]) == 2
     assert "printed no Trainer configuration with --print_config" in capsys.readouterr().err
     assert not out.exists()
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        (
+            "{dir}/digits.py",  # a script without its interpreter
+            "the command starts with {dir}/digits.py, a file that is not executable: start the command with its "
+            "interpreter (-- python {dir}/digits.py ...), or make it executable",
+        ),
+        (
+            "no-such-program",
+            "the command starts with 'no-such-program', which is neither a file nor a program on PATH: the "
+            "command after `--` starts with the program that runs it (-- python my_cli.py fit ...)",
+        ),
+        (
+            "{dir}/no-such-interpreter.py",  # executable, but its #! names an interpreter that does not exist
+            "the command cannot be started ([Errno 2] No such file or directory: '{dir}/no-such-interpreter.py'): "
+            "start it with its interpreter (-- python my_cli.py ...)",
+        ),
+    ],
+)
+def test_a_command_that_cannot_start_is_refused_in_one_line(first, message, tmp_path, capsys) -> None:
+    (tmp_path / "digits.py").write_text("print('training')\n")
+    _executable(tmp_path / "no-such-interpreter.py", "#!/no/such/python\nprint('training')\n")
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--", first.format(dir=tmp_path), "fit"], prog="xgrad-sweep") == 2
+    assert capsys.readouterr().err == f"xgrad-sweep: error: {message.format(dir=tmp_path)}\n"
+    assert not out.exists()
+
+
+def test_a_program_on_the_working_directory_but_not_on_path_is_named(tmp_path, monkeypatch, capsys) -> None:
+    _executable(tmp_path / "my_cli.py", "#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--", "my_cli.py", "fit"], prog="xgrad-sweep") == 2
+    assert capsys.readouterr().err == (
+        "xgrad-sweep: error: the command starts with my_cli.py, which is not on PATH: write it as ./my_cli.py, or "
+        "start the command with its interpreter (-- python my_cli.py ...)\n"
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "my_cli.py"]
+
+
+#: a plain script (not a LightningCLI program) that ignores its arguments and trains for a minute, with a worker
+#: process of its own as a data loader would have; it marks when its training starts, ends, and if the worker lives on
+PLAIN_SCRIPT = """
+import subprocess, sys, time
+from pathlib import Path
+
+folder = Path(sys.argv[1])
+(folder / "training started").touch()
+worker = "import sys, time; from pathlib import Path; time.sleep(3); Path(sys.argv[1]).touch()"
+subprocess.Popen([sys.executable, "-c", worker, str(folder / "worker lived on")])
+time.sleep(60)
+(folder / "training finished").touch()
+"""
+
+
+def test_a_plain_script_is_stopped_and_refused_within_seconds(tmp_path, capsys) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(PLAIN_SCRIPT)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    argv = ["--out", str(out), "--check-timeout", "2", "--", sys.executable, str(script), str(tmp_path)]
+    assert main(argv, prog="xgrad-sweep") == 2
+    elapsed = time.monotonic() - start
+    assert capsys.readouterr().err == (
+        "xgrad-sweep: error: the command did not answer --print_config within 2 s, so the sweep stopped it before "
+        "any run: a LightningCLI program prints its configuration and exits, a plain script trains instead. Sweep a "
+        "LightningCLI program, or if yours takes longer to start, raise --check-timeout\n"
+    )
+    assert elapsed < 10, elapsed  # the script would train for 60 s
+    assert (tmp_path / "training started").exists() and not out.exists()
+    time.sleep(max(0.0, start + 5 - time.monotonic()))
+    # stopped, its worker too (the whole process group), before its training ended
+    assert not (tmp_path / "worker lived on").exists() and not (tmp_path / "training finished").exists()
+
+
+#: a plain Lightning script: it constructs a Trainer and would then train for a minute
+PLAIN_LIGHTNING_SCRIPT = """
+import sys, time
+from pathlib import Path
+import lightning.pytorch as pl
+
+pl.Trainer(logger=False, enable_checkpointing=False)
+time.sleep(60)
+Path(sys.argv[1], "training finished").touch()
+"""
+
+
+def test_a_plain_lightning_script_is_refused_when_it_constructs_its_trainer(tmp_path, capsys) -> None:
+    """Refused as soon as its Trainer exists, long before the time limit (120 s here)."""
+    script = tmp_path / "train.py"
+    script.write_text(PLAIN_LIGHTNING_SCRIPT)
+    out = tmp_path / "out"
+    start = time.monotonic()
+    argv = ["--out", str(out), "--check-timeout", "120", "--", sys.executable, str(script), str(tmp_path)]
+    assert main(argv, prog="xgrad-sweep") == 2
+    elapsed = time.monotonic() - start
+    assert capsys.readouterr().err == (
+        "xgrad-sweep: error: the command constructed a Lightning Trainer instead of printing its configuration for "
+        "--print_config, so the sweep stopped it before any run: a LightningCLI program prints its configuration and "
+        "exits, a plain script trains. Sweep a LightningCLI program (lightning.pytorch.cli.LightningCLI)\n"
+    )
+    assert elapsed < 50, elapsed  # the imports, not the 60 s of training nor the 120 s limit
+    assert not (tmp_path / "training finished").exists() and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        # an interpreter that cannot import Lightning (-S: without its site-packages), as from a venv without it
+        (
+            [sys.executable, "-S", str(REPO / "tests" / "sweep_program.py"), "fit"],
+            "the program's environment cannot import lightning (ModuleNotFoundError: No module named 'lightning'); "
+            f"the command runs {sys.executable}: install what the program needs there, or start the command with a "
+            "Python that has it (-- /path/to/python my_cli.py ...):",
+        ),
+        (
+            [sys.executable, "-c", "import sys; print('starting'); raise RuntimeError('no data in ' + sys.argv[1])"],
+            "the command raised RuntimeError: no data in --seed_everything=0 when the sweep checked it with "
+            "--print_config appended:",
+        ),
+    ],
+)
+def test_a_failing_program_is_reported_by_its_own_exception(command, message, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--", *command], prog="xgrad-sweep") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xgrad-sweep: error: {message}\n  $ "), err
+    assert "does not accept the sweep's arguments" not in err and not out.exists()
 
 
 def test_an_out_folder_holding_a_sweep_needs_resume(tmp_path, capsys) -> None:
@@ -164,8 +314,24 @@ def test_module_entry_point_and_console_script() -> None:
         env=env,
     )
     assert process.returncode == 2 and "--seeds has duplicates: [1, 1]" in process.stderr
+    assert process.stderr.startswith("usage: python -m lightning_xgrad.sweep [--steps 0 1 2] ")
+    assert "\npython -m lightning_xgrad.sweep: error: --seeds has duplicates" in process.stderr
     probe = "import sys, lightning_xgrad.sweep; print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout == "[]\n"
+
+
+def test_the_console_script_names_itself_in_its_usage_and_errors(tmp_path) -> None:
+    """Run as pip's console script runs it (the entry point checked above): ``main()`` from a script named
+    ``xgrad-sweep``."""
+    script = tmp_path / "bin" / "xgrad-sweep"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom lightning_xgrad.sweep import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    argv = [sys.executable, str(script), "--seeds", "1", "1", "--", "python", "x.py"]
+    process = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert process.returncode == 2
+    assert process.stderr.startswith("usage: xgrad-sweep [--steps 0 1 2] [--seeds 0 1 2] ")
+    assert process.stderr.endswith("\nxgrad-sweep: error: --seeds has duplicates: [1, 1]\n")
 
 
 # ---------------------------------------------------------------------- real sweeps
@@ -273,6 +439,18 @@ def test_every_run_gets_its_seed_xgrad_and_both_loggers(sweep) -> None:
         for path in (sweep["tmp"] / "userlogs").rglob("metrics.csv")
     )
     assert user_finals == pytest.approx(sorted(r["val_loss"] for r in records), rel=1e-6)
+
+
+def test_a_resumed_sweep_reports_the_wall_time_of_all_its_runs(sweep) -> None:
+    """Each run's own recorded duration, those of the first invocation too."""
+    seconds = [
+        json.loads((sweep["out"] / "runs" / f"s{s}-seed{seed}" / "status.json").read_text())["seconds"]
+        for seed in (0, 1, 2)
+        for s in (0, 1)
+    ]
+    assert f"6 of 6 runs finished; wall time of the runs {sum(seconds) / 60:.1f} min; " in sweep["markdown"]
+    assert sweep["results"]["runs_wall_seconds"] == round(sum(seconds), 1)
+    assert [run["seconds"] for run in sweep["results"]["runs"]] == seconds
 
 
 def test_table_matches_the_runs_and_the_paired_deltas_by_hand(sweep) -> None:

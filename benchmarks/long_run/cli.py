@@ -20,6 +20,8 @@ from .report import LongRun, as_json, curves, markdown, plot
 
 PROGRAM = "python -m benchmarks.long_run"
 BATCHES = 100  # the config's batches per epoch
+#: the warm-up's share of the run in the config (100 of 1,000 steps), kept for longer runs
+WARMUP_SHARE = 0.1
 #: quick mode: a tiny model, 4 epochs of 5 batches with a 2-step warm-up, 2 seeds
 QUICK_BATCHES, QUICK_EPOCHS, QUICK_WARMUP, QUICK_SEEDS = 5, 4, 2, 2
 
@@ -93,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     epochs = QUICK_EPOCHS if args.quick else args.epochs
     batches = QUICK_BATCHES if args.quick else BATCHES
     seeds = tuple(range(QUICK_SEEDS if args.quick else args.seeds))
-    warmup = QUICK_WARMUP if args.quick else None  # None: the config's 100 steps
-    quick = (*QUICK_FLAGS, f"--data.train_batches_per_epoch={batches}", f"--model.warmup_steps={warmup}")
+    # the config's warm-up (100 of its 1,000 steps) stretched with the run, as the cosine decay is
+    warmup = QUICK_WARMUP if args.quick else round(WARMUP_SHARE * epochs * batches)
+    quick = (*QUICK_FLAGS, f"--data.train_batches_per_epoch={batches}")
     extra = [*(quick if args.quick else ()), *args.extra]
-    flags = (f"--trainer.max_epochs={epochs}",)
+    flags = (f"--trainer.max_epochs={epochs}", f"--model.warmup_steps={warmup}")
     labels = ("AdamW", f"AdamW + XGrad s={args.xgrad_steps}")
     arms = [Arm("adamw", labels[0], flags), Arm("adamw-xgrad", labels[1], flags, args.xgrad_steps)]
     log_every = args.log_every_n_steps or None

@@ -13,7 +13,7 @@ reads, CUDA kernel launches, transient memory against max(largest tensor, chunk_
 trainable module.
 
 Results go to ``NAME.{md,json,png}`` in ``--out`` (default: a new folder under ``benchmarks/runs/``, which git
-ignores); ``--publish`` also writes them to ``benchmarks/results/``, the published results the README links to.
+ignores); ``--publish`` also writes them to ``benchmarks/results/``, the published results the docs link to.
 Run from the repository root:
 
     python -m benchmarks.overhead all --publish --chunk-bytes 33554432    # the published run (both measurements)

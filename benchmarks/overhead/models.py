@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_xgrad.rules import rule_for
+
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("adamw", "sgd")
 #: what ``--cases`` also accepts: AdamW with ``fused=True`` (for the GPU check)
@@ -71,10 +73,20 @@ class Classifier(pl.LightningModule):
         return nn.functional.cross_entropy(self.net(inputs), targets)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name in ("adamw", "adamw_fused"):
-            fused = {"fused": True} if self.optimizer_name == "adamw_fused" else {"foreach": True}
-            return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=1e-2, **fused)
-        return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9, foreach=True)
+        return make_optimizer(self.optimizer_name, self.parameters())
+
+
+def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (one of :data:`OPTIMIZER_CHOICES`) as the benchmark configures it."""
+    if name in ("adamw", "adamw_fused"):
+        fused = {"fused": True} if name == "adamw_fused" else {"foreach": True}
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2, **fused)
+    return torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True)
+
+
+def has_compiled_kernel(name: str) -> bool:
+    """Whether ``compile=True`` compiles the prediction of the optimizer ``name`` (else its rule runs eager)."""
+    return rule_for(make_optimizer(name, [nn.Parameter(torch.zeros(1))])).compiled_prediction() is not None
 
 
 class NaiveXGrad(Callback):

@@ -9,12 +9,25 @@ order, so an optimizer and the rule that predicts it compute dW with the same ro
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from .chunks import Chunks
 
-__all__ = ["add_adam_direction_"]
+__all__ = ["add_adam_direction_", "bias_corrected_step_sizes", "sqrt_bias_corrections2"]
+
+
+def bias_corrected_step_sizes(scale: float, beta1: float, steps: Sequence[float]) -> list[float]:
+    """``scale / (1 - beta1**k)`` at every step count k: the step size that bias-corrects the first moment."""
+    return [scale / (1.0 - beta1**k) for k in steps]
+
+
+def sqrt_bias_corrections2(beta2: float, steps: Sequence[float]) -> list[float]:
+    """``sqrt(1 - beta2**k)`` at every step count k: the bias correction of the second moment's square root."""
+    return [math.sqrt(1.0 - beta2**k) for k in steps]
 
 
 def add_adam_direction_(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._internal.adam_direction import add_adam_direction_
+from .._internal.adam_direction import add_adam_direction_, bias_corrected_step_sizes, sqrt_bias_corrections2
 from .._internal.chunks import Chunks
 from ..rules.adam import AdamRule
 from ..rules.compiled import CompiledPrediction
@@ -58,14 +58,12 @@ class CPropAdamRule(AdamRule):
         exp_avgs, second_moments, steps, scales = columns
         beta1, beta2 = (float(b) for b in group["betas"])
         ks = steps.floats()  # CPropAdam keeps its step counts on the CPU
-        sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in ks]
-        step_sizes = [alpha / (1.0 - beta1**k) for k in ks]
         add_adam_direction_(
             params,
             exp_avgs,
             second_moments,
-            step_sizes,
-            sqrt_bias_correction2=sqrt_bc2,
+            bias_corrected_step_sizes(alpha, beta1, ks),
+            sqrt_bias_correction2=sqrt_bias_corrections2(beta2, ks),
             eps=self.outer_eps(group),
             scales=scales,
             chunks=chunks,

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._internal.adam_direction import add_adam_direction_
+from .._internal.adam_direction import add_adam_direction_, sqrt_bias_corrections2
 from .._internal.chunks import Chunks, TensorList, budget_for, default_chunk_bytes
 from .._internal.compat import new_step_count
 from .._internal.scalars import as_float
@@ -358,7 +358,7 @@ def add_heavy_ball_adam_direction_(
     """
     if alpha == 0:
         return
-    sqrt_bc2 = [(1.0 - beta2**k) ** 0.5 for k in steps]
+    sqrt_bc2 = sqrt_bias_corrections2(beta2, steps)
     # (1 - P) / alpha, the divisor that turns m / denom into alpha * m_hat / denom: a few foreach ops on the 0-dim
     # products, whatever their number
     divisors: TensorList = torch._foreach_neg(products)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .._internal.adam_direction import add_adam_direction_
+from .._internal.adam_direction import add_adam_direction_, bias_corrected_step_sizes, sqrt_bias_corrections2
 from .._internal.chunks import Chunks, TensorList, default_chunk_bytes
 from .._internal.compat import group_by_device_and_dtype, new_step_count, view_as_real_
 from .._internal.scalars import as_float
@@ -269,14 +269,11 @@ def _multi_tensor_adam3(
         torch._foreach_add_(device_exp_avg_sqs, eps)
 
         ks = [s.item() for s in device_steps]
-        step_sizes = [-lr / (1 - beta1**k) for k in ks]
-        bias_correction2_sqrts = [math.sqrt(1 - beta2**k) for k in ks]
-
         add_adam_direction_(
             device_params,
             device_exp_avgs,
             device_exp_avg_sqs,
-            step_sizes,
-            sqrt_bias_correction2=bias_correction2_sqrts,
+            bias_corrected_step_sizes(-lr, beta1, ks),
+            sqrt_bias_correction2=sqrt_bias_corrections2(beta2, ks),
             chunks=Chunks(device_params, default_chunk_bytes(device_params[0].device)),
         )

@@ -29,72 +29,32 @@ Restoring is exception-safe: every bucket is restored even if one fails, and the
 from __future__ import annotations
 
 import operator
-import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .._internal.optimizers import flat_params, register_step_hooks, step_closure, unwrap_optimizer, with_closure
+from .._internal.optimizers import flat_params, register_step_hooks
 from .._internal.sharding import DTensor, local_tensor
-from .._internal.validation import argument_error, check_choice, check_flag, check_int
+from .._internal.validation import argument_error
 from ..protocols import DirectionScales, GradientPointObserver
 from ..rules import TRAJECTORY, PredictionRule, TrajectoryRule, rule_for
 from ..rules.compiled import CompiledPrediction
+from .arguments import RuleChoice, check_optimizer, check_prediction_args
+from .edits import EditWatch
 from .plan import Bucket, Plan
 from .quality import DEFAULT_METRICS_MAX_BYTES, HeldPrediction, PredictionQuality
 from .snapshot import ParameterSnapshot
+from .step_guard import Measurement, check_after_step, measure_after_step, restore_before_step
 
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
-RuleChoice = Literal["auto", "trajectory"]
-RULE_CHOICES: tuple[str, ...] = get_args(RuleChoice)
 Phase = Literal["idle", "predicted", "suspended"]
-#: optimizers whose step evaluates the closure several times: after the first evaluation the gradients would be
-#: taken at the real weights, so XGrad cannot work with them
-CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
 #: the state of an optimizer that keeps no mapping in ``state``
 _NO_STATE: Mapping[Tensor, Any] = MappingProxyType({})
-#: W_hat is checked for in-place edits at every one of the first predictions, then at every this-many-th (a prime:
-#: an edit made every p steps is caught for any p that is not a multiple of it); a check reads every predicted
-#: tensor's version counter twice
-EDIT_CHECKS_FIRST = 16
-EDIT_CHECK_PERIOD = 17
-
-
-class PredictedWeightsEditedWarning(UserWarning):
-    """A predicted parameter was changed in place between the prediction and the restore, which puts the real weights
-    back and so discards the change (an edit meant for the real weights, such as a WGAN clamp, made on W_hat)."""
-
-
-def check_prediction_args(owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any = None) -> None:
-    """The checks of the arguments :class:`OptimizerPredictor` and the callbacks built on it share, with one
-    message format: a TypeError for a wrong type, a ValueError for a wrong value, naming both."""
-    check_int(owner, "steps", steps, minimum=1)
-    check_choice(owner, "rule", rule, RULE_CHOICES)
-    check_flag(owner, "compile", compile)
-    check_int(owner, "chunk_bytes", chunk_bytes, minimum=0, allow_none=True)
-
-
-def check_optimizer(owner: str, optimizer: Any) -> torch.optim.Optimizer:
-    """The optimizer inside Fabric's or Lightning's wrapper, if any; refuses what is not a ``torch.optim.Optimizer``
-    (TypeError) and optimizers that re-evaluate the closure (ValueError)."""
-    inner = unwrap_optimizer(optimizer)
-    if not isinstance(inner, torch.optim.Optimizer):
-        raise argument_error(owner, "optimizer", "a torch.optim.Optimizer", optimizer, TypeError)
-    if isinstance(inner, CLOSURE_REEVALUATING):
-        raise argument_error(
-            owner,
-            "optimizer",
-            "an optimizer whose step evaluates the closure at most once (LBFGS re-evaluates it, so its gradients "
-            "would be taken at the real weights)",
-            optimizer,
-        )
-    return inner
 
 
 class OptimizerPredictor:
@@ -109,7 +69,7 @@ class OptimizerPredictor:
             group's options, else uses the trajectory rule; ``"trajectory"`` uses the trajectory rule everywhere.
         snapshot: the buffer cache to use (shared when several optimizers are predicted).
         compile: snapshot and predict in one ``torch.compile``d pass per tensor where the rule has a kernel (Adam,
-            AdamW, AdaM3, SGD and RMSprop momentum); compiled at the first prediction of each bucket.
+            AdamW, AdaM3); compiled at the first prediction of each bucket.
         direction_scales: elementwise scales the optimizer's updates get on top of its own rule, by parameter
             (CProp's conformity scale, from a :class:`~lightning_xgrad.protocols.DirectionScaleProvider`); a live
             mapping, read at every prediction. State rules then predict with ``scale * dW``; the trajectory rule
@@ -177,16 +137,13 @@ class OptimizerPredictor:
         registered = None if rule == "trajectory" else rule_for(self.optimizer)
         #: the state rule of the optimizer's class, bound to it; ``None``: the trajectory rule for every group
         self._state_rule = None if registered is None else registered.bind(self.optimizer)
-        #: predictions made, for the schedule of the edit checks; whether this one is checked; warned once
-        self._predictions = 0
-        self._checking_edits = False
-        self._warned_edit = False
         #: a measurement of the next update asked for (:meth:`measure_next_update`), and W_hat held for it
-        self._measurement: _Measurement | None = None
-        guard = register_step_hooks(self.optimizer, pre=_restore_before_step(self), post=_check_after_step(self))
+        self._measurement: Measurement | None = None
+        guard = register_step_hooks(self.optimizer, pre=restore_before_step(self), post=check_after_step(self))
         #: whether the optimizer's step is guarded (it or an optimizer it wraps runs step hooks)
         self.guards_step = guard is not None
         self._guard_handles: list[RemovableHandle] = guard or []
+        self._edits = EditWatch(self.optimizer, self._parameter_names, self.guards_step)
 
     @property
     def direction_scales(self) -> DirectionScales:
@@ -285,10 +242,7 @@ class OptimizerPredictor:
             raise
         self.phase = "predicted" if any(bucket.in_step for bucket in self._buckets) else "idle"
         predicted = any(bucket.modified for bucket in self._buckets)
-        if predicted and not self._warned_edit:
-            count = self._predictions
-            self._predictions += 1
-            self._checking_edits = count < EDIT_CHECKS_FIRST or count % EDIT_CHECK_PERIOD == 0
+        if predicted and self._edits.on_prediction():
             self._record_versions()
         return predicted
 
@@ -331,7 +285,7 @@ class OptimizerPredictor:
             except Exception as error:  # go on: every other bucket gets its real weights back
                 errors.append(error)
         self.phase = "idle"
-        self._checking_edits = False
+        self._edits.checking = False
         if errors:
             raise errors[0]
 
@@ -373,47 +327,15 @@ class OptimizerPredictor:
 
     # ------------------------------------------------------------------ edits of W_hat
     def _record_versions(self) -> None:
-        if self._checking_edits:
+        if self._edits.checking:
             for bucket in self._buckets:
                 bucket.record_versions()
 
     def _warn_about_edits(self) -> None:
         """Warn (once) if a predicted parameter changed since its prediction was written or resumed (on the
         predictions whose edits are checked)."""
-        if not self._checking_edits:
-            return
-        edited = [bucket.owners[i] for bucket in self._buckets for i in bucket.edited_since_recorded()]
-        if edited and not self._warned_edit:
-            self._warned_edit = True
-            warnings.warn(self._edit_message(edited), PredictedWeightsEditedWarning, stacklevel=4)
-
-    def _name(self, param: Tensor) -> str:
-        """The parameter's name if one was given, else its param group, position and shape."""
-        name = self._parameter_names.get(param)
-        if name is not None:
-            return name
-        for group_index, group in enumerate(self.optimizer.param_groups):
-            for position, p in enumerate(group["params"]):
-                if p is param:
-                    return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
-        return f"a parameter of shape {tuple(param.shape)}"
-
-    def _edit_message(self, edited: list[Tensor]) -> str:
-        names = [f"`{self._name(p)}`" for p in edited[:3]]
-        listed = ", ".join(names) + (f" and {len(edited) - 3} more" if len(edited) > 3 else "")
-        message = (
-            f"{listed} changed in place while holding the predicted weights W_hat (after the prediction, before the "
-            "restore), so the restore of the real weights discarded the change. To change the real weights during a "
-            "step (a weight clamp, a re-normalisation), do it inside `with XGradCallback.real_weights(self): ...` in "
-            "training_step, or, with OptimizerPredictor in your own loop, before predict() or after restore()."
-        )
-        if not self.guards_step:
-            message += (
-                f" If it was the optimizer's own step: {type(self.optimizer).__name__} runs no step hooks (it does "
-                "not call torch.optim.Optimizer.__init__), so its step cannot restore the real weights first; call "
-                "restore() before every step() (under Lightning, step through the LightningOptimizer)."
-            )
-        return message
+        if self._edits.checking:
+            self._edits.report([bucket.owners[i] for bucket in self._buckets for i in bucket.edited_since_recorded()])
 
     # ------------------------------------------------------------------ prediction quality
     def measure_next_update(
@@ -435,7 +357,7 @@ class OptimizerPredictor:
         self._end_measurement()
         if self.phase != "predicted" or not self.guards_step:
             return False
-        self._measurement = _Measurement(report, max_bytes, owner, name)
+        self._measurement = Measurement(report, max_bytes, owner, name)
         return True
 
     def _hold_for_measurement(self) -> None:
@@ -448,9 +370,10 @@ class OptimizerPredictor:
         measurement.held = HeldPrediction(
             self.predicted_params(), measurement.max_bytes, self.chunk_bytes, measurement.owner, measurement.name
         )
-        measurement.handles = register_step_hooks(self.optimizer, post=_measure_after_step(self)) or []
+        measurement.handles = register_step_hooks(self.optimizer, post=measure_after_step(self)) or []
 
     def _measure(self) -> None:
+        """Report the measurement asked for, once the optimizer stepped (its step post-hook calls this)."""
         measurement = self._measurement
         if measurement is None or measurement.held is None or measurement.done:
             return
@@ -509,72 +432,3 @@ def restore_all(predictors: Iterable[OptimizerPredictor], stepped: bool) -> None
             errors.append(error)
     if errors:
         raise errors[0]
-
-
-class _Measurement:
-    """A measurement of the next update asked for: where the result goes, the budget of the copy, the copy."""
-
-    def __init__(self, report: Callable[[PredictionQuality], None], max_bytes: int | None, owner: str, name: str):
-        self.report = report
-        self.max_bytes = max_bytes
-        self.owner = owner
-        self.name = name
-        self.held: HeldPrediction | None = None
-        self.handles: list[RemovableHandle] = []
-        self.done = False
-
-
-# The optimizer's step hooks hold the predictor weakly: the optimizer must not keep a finished predictor alive.
-def _restore_before_step(predictor: OptimizerPredictor) -> Callable[..., Any]:
-    """A step pre-hook: the real weights go back before the update. A step without a closure has its gradients
-    already (a raw ``step()``, AMP's ``scaler.step``): restore now. A step with one computes them in the closure
-    (Lightning's closure restores from ``on_before_optimizer_step`` inside it): restore once the closure returns."""
-    reference = weakref.ref(predictor)
-
-    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        live = reference()
-        if live is None or live.phase == "idle":
-            return None
-        closure = step_closure(args, kwargs)
-        if closure is None:
-            live.restore(stepped=True)
-            return None
-
-        def closure_then_restore() -> Any:
-            result = closure()
-            again = reference()
-            if again is not None:
-                again.restore(stepped=True)
-            return result
-
-        return with_closure(args, kwargs, closure_then_restore)
-
-    return hook
-
-
-def _check_after_step(predictor: OptimizerPredictor) -> Callable[..., None]:
-    """A step post-hook: an update applied while the parameters still hold W_hat (an optimizer step that did not
-    call its closure) would be discarded by the restore: an error rather than a silent loss."""
-    reference = weakref.ref(predictor)
-
-    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        live = reference()
-        if live is not None and live.phase != "idle":
-            raise RuntimeError(
-                f"OptimizerPredictor: {type(live.optimizer).__name__} stepped while its parameters held predicted "
-                "weights (its step did not call the closure it was given, after which the real weights go back), so "
-                "its update was applied to W_hat and would be lost at the restore. Call restore() before the step."
-            )
-
-    return hook
-
-
-def _measure_after_step(predictor: OptimizerPredictor) -> Callable[..., None]:
-    reference = weakref.ref(predictor)
-
-    def hook(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        live = reference()
-        if live is not None:
-            live._measure()
-
-    return hook

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._internal.adam_direction import add_adam_direction_
+from .._internal.adam_direction import add_adam_direction_, bias_corrected_step_sizes, sqrt_bias_corrections2
 from .._internal.chunks import Chunks
 from .._internal.scalars import StepCounts, one_minus_powers, uniform
 from .base import PredictionRule
@@ -30,8 +30,9 @@ def adam_scalars(
     if isinstance(k := uniform(list(steps)), float):
         sqrt_bc2 = math.sqrt(1.0 - beta2**k)
         return eps * sqrt_bc2, alpha * sqrt_bc2 / (1.0 - beta1**k)
-    sqrt_bc2s = [math.sqrt(1.0 - beta2**k) for k in steps]
-    return [eps * c for c in sqrt_bc2s], [alpha * c / (1.0 - beta1**k) for c, k in zip(sqrt_bc2s, steps, strict=True)]
+    sqrt_bc2s = sqrt_bias_corrections2(beta2, steps)
+    step_sizes = bias_corrected_step_sizes(alpha, beta1, steps)
+    return [eps * c for c in sqrt_bc2s], [size * c for size, c in zip(step_sizes, sqrt_bc2s, strict=True)]
 
 
 class AdamRule(PredictionRule):

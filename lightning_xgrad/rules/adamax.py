@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._internal.adam_direction import bias_corrected_step_sizes
 from .._internal.chunks import Chunks
 from .._internal.scalars import one_minus_powers
 from .base import PredictionRule
@@ -36,7 +37,7 @@ class AdamaxRule(PredictionRule):
         exp_avgs, exp_infs, steps = columns
         beta1 = float(group["betas"][0])
         if steps.host_readable:
-            step_sizes = [alpha / (1.0 - beta1**k) for k in steps.floats()]
+            step_sizes = bias_corrected_step_sizes(alpha, beta1, steps.floats())
             torch._foreach_addcdiv_(params, exp_avgs, exp_infs, step_sizes)  # in place, no temporaries: one call
             return
         if alpha == 0:

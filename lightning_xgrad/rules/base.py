@@ -28,7 +28,7 @@ class PredictionRule(ABC):
     :meth:`add_direction_` every step with the parameters of one param group that share a device and dtype.
     """
 
-    #: short name shown in logs and in the README's table
+    #: short name shown in logs and in the table of docs/optimizers.md
     name: str = "rule"
     #: state rules read dW from the optimizer's state (the trajectory rule, its counterpart, does not)
     reads_state: bool = True

@@ -28,13 +28,6 @@ def adam_kernel(
         params[i].add_(exp_avgs[i] / (second_moments[i].sqrt() + scalars[0, i]) * scalars[1, i])
 
 
-def momentum_kernel(params: list[Tensor], buffers: list[Tensor], directions: list[Tensor], scalars: Tensor) -> None:
-    """``buffers <- params``; ``params += scalars[0] * direction``, per tensor."""
-    for i in range(len(params)):
-        buffers[i].copy_(params[i])
-        params[i].add_(directions[i] * scalars[0, i])
-
-
 class CompiledPrediction:
     """A compiled predict for one bucket: ``kernel(params, buffers, *state columns, scalars)``."""
 

@@ -4,6 +4,10 @@ torch's SGD applies ``p -= lr * buf`` with ``buf = momentum * buf + (1 - dampeni
 ``maximize`` already folded into g), and RMSprop with momentum applies ``p -= lr * buf`` with
 ``buf = momentum * buf + g / (sqrt(v) + eps)``. Either way dW is the buffer itself. Nesterov SGD and RMSprop
 without momentum apply a direction that includes the fresh gradient, which the state does not keep.
+
+These rules have no compiled prediction (``compile=True`` leaves them eager): their eager prediction is already one
+copy and one foreach add, and a compiled kernel, which runs per tensor, measured slower than it on the overhead
+benchmark's models (benchmarks/results/overhead.md).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from torch import Tensor
 
 from .._internal.chunks import Chunks
 from .base import PredictionRule
-from .compiled import CompiledPrediction, momentum_kernel
 
 
 class MomentumBufferRule(PredictionRule):
@@ -32,9 +35,6 @@ class MomentumBufferRule(PredictionRule):
         self, params: list[Tensor], columns: Sequence[Any], group: dict[str, Any], alpha: float, chunks: Chunks
     ) -> None:
         torch._foreach_add_(params, columns[0], alpha=alpha)  # in place, no temporaries: one call
-
-    def compiled_prediction(self) -> CompiledPrediction | None:
-        return CompiledPrediction(momentum_kernel, 1, lambda columns, group, alpha: [[alpha] * len(columns[0])])
 
 
 class SGDRule(MomentumBufferRule):

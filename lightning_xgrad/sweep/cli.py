@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -23,6 +24,7 @@ from typing import Any
 from . import report, stats
 from .plot import CurvePanel, plot_curves
 from .runs import (
+    DEFAULT_CHECK_TIMEOUT_S,
     FINISHED,
     NOT_RUN,
     RunResult,
@@ -40,9 +42,14 @@ DEFAULT_ROOT = Path("xgrad-sweeps")
 #: how often the runs with XGrad log XGradCallback's prediction metrics, by default (every n optimizer steps)
 DEFAULT_LOG_EVERY_N_STEPS = 10
 STATE_FILE = "sweep.json"
+#: the program's name in its usage line and errors when run as ``python -m lightning_xgrad.sweep`` (as the console
+#: script ``xgrad-sweep``, argparse's default, the name it was invoked by, is right)
+MODULE_PROG = "python -m lightning_xgrad.sweep"
+#: an example of the command after ``--``
+EXAMPLE_COMMAND = "-- python my_cli.py fit --config my.yaml"
 USAGE = (
-    "python -m lightning_xgrad.sweep [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] "
-    "[--log-every-n-steps N] [--out DIR] [--resume] -- python my_cli.py fit --config my.yaml [more args]"
+    "%(prog)s [--steps 0 1 2] [--seeds 0 1 2] [--monitor val_loss] [--mode min|max] [--log-every-n-steps N] "
+    f"[--out DIR] [--resume] [--check-timeout SECONDS] {EXAMPLE_COMMAND} [more args]"
 )
 
 
@@ -78,7 +85,7 @@ def validate(
 ) -> None:
     """Refuse bad input before any run starts (ValueError, naming the argument)."""
     if not command:
-        raise ValueError(f"no command after `--`: give the LightningCLI command to sweep, e.g. {USAGE}")
+        raise ValueError(f"no command after `--`: give the LightningCLI command to sweep, e.g. {EXAMPLE_COMMAND}")
     if any(s < 0 for s in steps):
         raise ValueError(f"--steps must be >= 0 (s = 0 is the baseline without XGrad), got {list(steps)}")
     if len(set(steps)) != len(steps):
@@ -102,14 +109,15 @@ def run_sweep(
     resume: bool = False,
     check: bool = True,
     desc: str = "runs",
+    check_timeout: float = DEFAULT_CHECK_TIMEOUT_S,
 ) -> list[RunResult]:
     """Run every (s, seed) of ``config`` not finished yet (all of them unless ``resume``), one after the other,
     with a progress bar; return every run's result, in plan order.
 
     A run that fails is reported with the last lines of its log and the sweep goes on. Raises SweepError when
     ``out`` holds another sweep, when the command does not take the sweep's arguments or already has XGradCallback
-    (``check``: one ``--print_config`` call before the first run), and when the first finished run never logged
-    the monitored metric (the message names the metrics it logged)."""
+    (``check``: one ``--print_config`` call before the first run, stopped after ``check_timeout`` seconds), and when
+    the first finished run never logged the monitored metric (the message names the metrics it logged)."""
     from tqdm import tqdm
 
     echo = tqdm.write
@@ -126,7 +134,14 @@ def run_sweep(
         monitor_checked = True
     if check and todo:
         with tempfile.TemporaryDirectory(prefix="xgrad-sweep-check-") as scratch:
-            check_command(config.command, max(config.steps), config.seeds[0], Path(scratch), config.log_every_n_steps)
+            check_command(
+                config.command,
+                max(config.steps),
+                config.seeds[0],
+                Path(scratch),
+                config.log_every_n_steps,
+                check_timeout,
+            )
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / STATE_FILE).write_text(json.dumps({"command": list(config.command)}, indent=1) + "\n")
     with tqdm(total=len(todo), desc=desc, unit="run", dynamic_ncols=True) as bar:
@@ -179,7 +194,13 @@ def labels(steps: Sequence[int]) -> dict[int, str]:
     return {s: "0 (no XGrad)" if s == 0 else str(s) for s in steps}
 
 
-def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float) -> dict[str, Any]:
+def runs_wall_seconds(results: Sequence[RunResult]) -> float:
+    """The wall time of the runs, from each run's own record: a resumed sweep counts the runs of earlier invocations
+    too, and not the time it spent skipping them."""
+    return sum(r.seconds or 0.0 for r in results)
+
+
+def results_json(config: SweepConfig, results: Sequence[RunResult]) -> dict[str, Any]:
     finals = report.finals_by_steps(results)
     summary = []
     prediction = {metric: report.run_means(results, metric) for metric, _ in report.prediction_columns(results)}
@@ -210,7 +231,7 @@ def results_json(config: SweepConfig, results: Sequence[RunResult], wall: float)
         "steps": list(config.steps),
         "seeds": list(config.seeds),
         "machine": machine(),
-        "wall_seconds": round(wall, 1),
+        "runs_wall_seconds": round(runs_wall_seconds(results), 1),
         "summary": summary,
         "verdict": stats.verdict(finals, config.mode, config.monitor),
         "runs": [r.as_json() for r in results],
@@ -232,14 +253,14 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()} on {platform.system()}"
 
 
-def markdown(config: SweepConfig, results: Sequence[RunResult], wall: float) -> str:
+def markdown(config: SweepConfig, results: Sequence[RunResult]) -> str:
     finished = sum(r.status == FINISHED for r in results)
     lines = [
         f"# XGrad sweep: {config.monitor} ({'lower' if config.mode == 'min' else 'higher'} is better)",
         "",
         f"Command: `{shlex.join(config.command)}`  ",
         f"s: {' '.join(map(str, config.steps))}; seeds: {' '.join(map(str, config.seeds))}; {finished} of "
-        f"{len(results)} runs finished; wall time {wall / 60:.1f} min; {machine()}.",
+        f"{len(results)} runs finished; wall time of the runs {runs_wall_seconds(results) / 60:.1f} min; {machine()}.",
         "",
         *report.table(results, config.monitor, config.mode, labels(config.steps)),
         "",
@@ -255,9 +276,9 @@ def markdown(config: SweepConfig, results: Sequence[RunResult], wall: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(config: SweepConfig, results: Sequence[RunResult], wall: float) -> tuple[str, list[Path]]:
+def write_outputs(config: SweepConfig, results: Sequence[RunResult]) -> tuple[str, list[Path]]:
     """results.md, results.json and curves.png in ``out``; the Markdown and the paths written."""
-    text = markdown(config, results, wall)
+    text = markdown(config, results)
     paths = [config.out / "results.md", config.out / "results.json"]
     curves = {s: {r.seed: r.curve for r in results if r.steps == s and r.status == FINISHED} for s in config.steps}
     legend = {s: "s = 0 (no XGrad)" if s == 0 else f"XGrad s = {s}" for s in config.steps}
@@ -267,7 +288,7 @@ def write_outputs(config: SweepConfig, results: Sequence[RunResult], wall: float
     else:
         text += "\nNo curves.png: matplotlib is not installed (`pip install 'lightning-xgrad[sweep]'`).\n"
     paths[0].write_text(text)
-    paths[1].write_text(json.dumps(json_safe(results_json(config, results, wall)), indent=1) + "\n")
+    paths[1].write_text(json.dumps(json_safe(results_json(config, results)), indent=1) + "\n")
     return text, paths
 
 
@@ -281,9 +302,22 @@ def new_folder(root: Path) -> Path:
     return folder
 
 
-def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
+def positive_seconds(text: str) -> float:
+    """``--check-timeout``'s value: a number of seconds > 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
+def parser_for(prog: str | None = None) -> argparse.ArgumentParser:
+    """The sweep's options (everything before ``--``); ``prog`` names the program in its usage line and errors
+    (default: how it was invoked, ``xgrad-sweep`` for the console script)."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_xgrad.sweep",
+        prog=prog,
         usage=USAGE,
         description=(
             "Does XGrad help my model, and with which s? Runs a LightningCLI command once per (s, seed), s = 0 "
@@ -292,6 +326,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.
             "CSVLogger into its folder (added to the loggers the command already has). {seed} in the command is "
             "replaced by the run's seed."
         ),
+        exit_on_error=False,  # parse() words the errors: a missing `--` is the likelier cause of most
     )
     parser.add_argument(
         "--steps", type=int, nargs="+", default=[0, 1, 2], help="values of s (default: 0 1 2; 0 is always run)"
@@ -309,14 +344,42 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str], argparse.
     )
     parser.add_argument("--out", type=Path, help="the sweep's folder (default: a new folder under xgrad-sweeps/)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep in --out: skip finished runs")
+    parser.add_argument(
+        "--check-timeout",
+        type=positive_seconds,
+        default=DEFAULT_CHECK_TIMEOUT_S,
+        metavar="SECONDS",
+        help="before any run, the command is checked with --print_config appended; a program that has not answered "
+        "within SECONDS (it trains instead: not a LightningCLI program) is stopped and refused (default: %(default)g)",
+    )
+    return parser
+
+
+def parse(
+    argv: Sequence[str], prog: str | None = None
+) -> tuple[argparse.Namespace, list[str], argparse.ArgumentParser]:
+    """The sweep's options and the command after ``--``; exits with status 2 and a one-line error on bad options,
+    saying that the command goes after ``--`` when there is none."""
+    parser = parser_for(prog)
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    return parser.parse_args(argv[:split]), argv[split + 1 :], parser
+    try:
+        args, unknown = parser.parse_known_args(argv[:split])
+    except argparse.ArgumentError as error:
+        problem = str(error)
+    else:
+        if not unknown:
+            return args, argv[split + 1 :], parser
+        problem = f"unrecognized arguments: {' '.join(unknown)}"
+    if "--" not in argv:
+        problem = f"the command to sweep goes after `--` ({EXAMPLE_COMMAND}), and there is no `--`: {problem}"
+    parser.error(problem)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns 0 when every run finished with the metric, 1 when some did not, 2 on bad input."""
-    args, command, parser = parse(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The command line; returns 0 when every run finished with the metric, 1 when some did not, 2 on bad input.
+    ``prog``: the program's name in its messages (default: how it was invoked)."""
+    args, command, parser = parse(sys.argv[1:] if argv is None else argv, prog)
     steps = list(args.steps)
     log_every = args.log_every_n_steps or None  # 0: no logging
     try:
@@ -328,18 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = sorted({0, *steps})
     out = args.out if args.out is not None else new_folder(DEFAULT_ROOT)
     config = SweepConfig(tuple(command), tuple(steps), tuple(args.seeds), args.monitor, args.mode, out, log_every)
-    start = time.perf_counter()
     try:
-        results = run_sweep(config, resume=args.resume)
+        results = run_sweep(config, resume=args.resume, check_timeout=args.check_timeout)
     except SweepError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: continue with --resume --out {out}", file=sys.stderr)
         results = [collect(spec, config.monitor) for spec in config.plan()]
-        write_outputs(config, results, time.perf_counter() - start)
+        write_outputs(config, results)
         return 130
-    text, paths = write_outputs(config, results, time.perf_counter() - start)
+    text, paths = write_outputs(config, results)
     print(text)
     print("wrote " + ", ".join(str(p) for p in paths))
     incomplete = [r for r in results if r.status != FINISHED]

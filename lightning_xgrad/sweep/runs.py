@@ -11,13 +11,19 @@ data module or model that takes a seed of its own). The run's output goes to ``l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
+import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +39,16 @@ FINISHED, FAILED, NO_METRIC, NOT_RUN = "finished", "failed", "metric not logged"
 INDEX_COLUMNS = ("epoch", "step")
 #: what the metrics XGradCallback logs are named like (``xgrad/prediction_cosine``, ``xgrad/relative_shift``, ...)
 XGRAD_METRIC_PREFIX = "xgrad/"
+#: seconds the ``--print_config`` check may take before the sweep stops the command: a LightningCLI program answers
+#: once its imports are done (torch and Lightning take about 10 s on a busy 2-core machine, more from a cold network
+#: disk); a program that trains instead of answering would otherwise train in full before the sweep can refuse it
+DEFAULT_CHECK_TIMEOUT_S = 60.0
+#: the line a Python traceback ends with: the exception's name, and its message after ": "
+EXCEPTION_LINE = re.compile(r"(?P<name>[A-Za-z_][\w.]*)(?:: (?P<message>.*))?")
+MISSING_MODULE = re.compile(r"No module named '(?P<module>[^']+)'")
+#: what Lightning prints when a Trainer is constructed, which a LightningCLI program asked for --print_config never
+#: does: the probe stops a program that prints it at once (a plain script about to train), not at the time limit
+TRAINER_STARTED = re.compile(r"^GPU available: ", re.MULTILINE)
 
 
 class SweepError(Exception):
@@ -205,23 +221,177 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def check_executable(program: str) -> None:
+    """The command's first word must be a program the system can start (an interpreter, or an executable script):
+    raises SweepError naming it and what to do, instead of an OSError from the first run."""
+    if shutil.which(program):
+        return
+    path = Path(program)
+    if path.is_dir():
+        raise SweepError(f"the command starts with {program}, a directory: start it with the program to run")
+    if path.is_file() and os.access(path, os.X_OK):  # executable, but a bare name is looked up on PATH only
+        raise SweepError(
+            f"the command starts with {program}, which is not on PATH: write it as ./{program}, or start the "
+            f"command with its interpreter (-- python {program} ...)"
+        )
+    if path.is_file():
+        raise SweepError(
+            f"the command starts with {program}, a file that is not executable: start the command with its "
+            f"interpreter (-- python {program} ...), or make it executable"
+        )
+    raise SweepError(
+        f"the command starts with {program!r}, which is neither a file nor a program on PATH: the command after "
+        "`--` starts with the program that runs it (-- python my_cli.py fit ...)"
+    )
+
+
+def interpreter(program: str) -> str:
+    """What the command's first word runs: the program as found on PATH, or for a script, its ``#!`` line."""
+    path = shutil.which(program) or program
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(256)
+    except OSError:
+        return path
+    return first[2:].decode(errors="replace").strip() if first.startswith(b"#!") else path
+
+
+class TrainerStarted(Exception):
+    """The probed program constructed a Lightning Trainer (it printed what :data:`TRAINER_STARTED` matches)."""
+
+
+def probe(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with its output captured, in a process group of its own. As soon as its output shows a Trainer
+    being constructed (TrainerStarted), past ``timeout`` seconds (subprocess.TimeoutExpired), or on Ctrl-C, the whole
+    group is killed, the program's own worker processes with it, and the exception raised."""
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        started = threading.Event()
+        streams = {name: _Reader(getattr(process, name), started) for name in ("stdout", "stderr")}
+        try:
+            deadline = time.monotonic() + timeout
+            while process.poll() is None:
+                if started.is_set():
+                    raise TrainerStarted()
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(list(argv), timeout)
+                started.wait(0.05)
+            for reader in streams.values():
+                reader.join()
+        except BaseException:
+            _kill_group(process)
+            raise
+    return subprocess.CompletedProcess(list(argv), process.returncode, streams["stdout"].text, streams["stderr"].text)
+
+
+class _Reader(threading.Thread):
+    """Collects one output stream of the probed program, and sets ``started`` when a Trainer shows up in it."""
+
+    def __init__(self, stream: Any, started: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self._stream = stream
+        self._trainer_seen = started
+        self._lines: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        for line in self._stream:
+            self._lines.append(line)
+            if TRAINER_STARTED.match(line):
+                self._trainer_seen.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._lines)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    if sys.platform == "win32":
+        process.kill()
+        return
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def last_exception(output: str) -> str | None:
+    """The exception line of the last Python traceback in ``output`` (``ModuleNotFoundError: No module named
+    'torch'``): what the program itself raised, which says more than the exit status. None without a traceback."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
+    if not starts:
+        return None
+    # the traceback's frames are indented; its first line that is not is the exception
+    line = next((line for line in lines[starts[-1] + 1 :] if line[:1].strip()), "")
+    return line if EXCEPTION_LINE.fullmatch(line) else None
+
+
+def check_failure(argv: Sequence[str], process: subprocess.CompletedProcess[str]) -> str:
+    """Why the ``--print_config`` check failed, the cause first: an environment that cannot import what the program
+    needs, an exception the program raised, or (no traceback: the parser refused them) the sweep's arguments."""
+    output = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
+    detail = f":\n  $ {shlex.join(argv)}\n{output}"
+    exception = last_exception(process.stderr)
+    if exception is None:
+        return (
+            "the command does not accept the sweep's arguments (it must be a LightningCLI program; the sweep "
+            f"checked with --print_config appended){detail}"
+        )
+    name, _, message = exception.partition(": ")
+    if name in ("ModuleNotFoundError", "ImportError"):
+        missing = MISSING_MODULE.fullmatch(message)
+        what = f"cannot import {missing['module'].split('.')[0]}" if missing else "fails at an import"
+        return (
+            f"the program's environment {what} ({exception}); the command runs {interpreter(argv[0])}: install "
+            "what the program needs there, or start the command with a Python that has it "
+            f"(-- /path/to/python my_cli.py ...){detail}"
+        )
+    return f"the command raised {exception} when the sweep checked it with --print_config appended{detail}"
+
+
 def check_command(
-    command: Sequence[str], steps: int, seed: int, scratch: Path, log_every_n_steps: int | None = None
+    command: Sequence[str],
+    steps: int,
+    seed: int,
+    scratch: Path,
+    log_every_n_steps: int | None = None,
+    timeout: float = DEFAULT_CHECK_TIMEOUT_S,
 ) -> None:
-    """Run the command once with the sweep's arguments for ``steps`` and ``--print_config`` appended: it parses
-    them without training, and the printed config shows whether XGradCallback is already there (the sweep adds it
-    itself for s > 0 and must leave it out for s = 0). Raises SweepError with what went wrong."""
+    """Run the command once with the sweep's arguments for ``steps`` and ``--print_config`` appended: a LightningCLI
+    program parses them and prints its configuration without training, and the printed config shows whether
+    XGradCallback is already there (the sweep adds it itself for s > 0 and must leave it out for s = 0). A program
+    that has not answered within ``timeout`` seconds is stopped: it is training instead. Raises SweepError with what
+    went wrong."""
     import yaml
 
     spec = RunSpec(steps, seed, scratch, log_every_n_steps)
     argv = [*run_command(command, spec), "--print_config"]
-    process = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if process.returncode != 0:
-        output = "\n".join((process.stdout + process.stderr).splitlines()[-15:])
+    check_executable(argv[0])
+    try:
+        process = probe(argv, timeout)
+    except TrainerStarted:
         raise SweepError(
-            "the command does not accept the sweep's arguments (it must be a LightningCLI program; the sweep "
-            f"checked with --print_config appended):\n  $ {shlex.join(argv)}\n{output}"
-        )
+            "the command constructed a Lightning Trainer instead of printing its configuration for --print_config, "
+            "so the sweep stopped it before any run: a LightningCLI program prints its configuration and exits, a "
+            "plain script trains. Sweep a LightningCLI program (lightning.pytorch.cli.LightningCLI)"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise SweepError(
+            f"the command did not answer --print_config within {timeout:g} s, so the sweep stopped it before any "
+            "run: a LightningCLI program prints its configuration and exits, a plain script trains instead. Sweep a "
+            "LightningCLI program, or if yours takes longer to start, raise --check-timeout"
+        ) from None
+    except OSError as error:
+        raise SweepError(
+            f"the command cannot be started ({error}): start it with its interpreter (-- python my_cli.py ...)"
+        ) from None
+    if process.returncode != 0:
+        raise SweepError(check_failure(argv, process))
     try:
         config = yaml.safe_load(process.stdout)
     except yaml.YAMLError:
