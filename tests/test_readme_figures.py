@@ -8,6 +8,7 @@ A republished benchmark whose README or docs page was not updated (or one edited
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ TABLES = {
     "digits, AdamW (`digits_cprop.yaml`)": ("docs/companions.md",),
     "digits (`digits_ahb.yaml`, lr 0.05)": ("docs/companions.md",),
     "model, optimizer": ("docs/benchmarks.md",),
+    "point of the run": ("docs/benchmarks.md",),
+    "method | lr 0.001": ("docs/benchmarks.md",),
+    "method | lr | runs": ("docs/benchmarks.md",),
 }
 #: the files whose first screen (up to the first ``## `` heading) quotes the headline figures
 FIRST_SCREENS = ("README.md", "docs/index.md")
@@ -172,6 +176,70 @@ def test_the_companion_tables_are_the_published_ones(convergence, companions) ->
         for cells, row in zip(shown, runs, strict=True):
             metrics = [name.split()[0] for name in row if name.startswith("val_")]
             assert cells == [_column(row, metric) for metric in metrics], header
+
+
+@pytest.fixture(scope="module")
+def long_run() -> dict:
+    return json.loads((RESULTS / "long_run.json").read_text())
+
+
+@pytest.mark.parametrize("name", TABLES["point of the run"])
+def test_the_long_run_table_is_the_published_one(name: str) -> None:
+    published = _tables((RESULTS / "long_run.md").read_text())["The"]  # "## The gap along the run"
+    shown = _shown_table(name, "point of the run")
+    assert shown == {row["point of the run"]: [cell for key, cell in row.items() if key != "point of the run"]
+                     for row in published}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FIRST_SCREENS)
+def test_the_first_screen_says_whether_the_gain_lasts(long_run, name: str) -> None:
+    first = " ".join(_first_screen(name).split())
+    gaps = {gap["fraction"]: gap for gap in long_run["gaps"]}
+    assert {0.2, 0.5, 1.0} <= set(gaps) and long_run["steps"] == 5000
+    assert all(gap["delta"]["verdict"] == "better" for gap in gaps.values())
+    assert [trend["gap"] for trend in long_run["trends"]] == ["shrinks", "shrinks"]
+    early, middle, end = (_signed(gaps[f]["delta"]["mean"], 3) for f in (0.2, 0.5, 1.0))
+    assert f"shrank from {early} at 1,000 steps to {middle} at 2,500 and {end} at the end" in first
+    assert gaps[1.0]["delta"]["improved"] == 3 and "still better on every seed" in first
+
+
+@pytest.fixture(scope="module")
+def baselines() -> dict:
+    return json.loads((RESULTS / "baselines.json").read_text())
+
+
+@pytest.mark.parametrize(("header", "heading"), [("method | lr 0.001", "Learning"), ("method | lr | runs", "Reported")])
+def test_the_baselines_tables_are_the_published_ones(header: str, heading: str) -> None:
+    """The tuning table and the reported runs, as ``## Learning rates picked`` and ``## Reported runs`` publish them."""
+    published = _tables((RESULTS / "baselines.md").read_text())[heading]
+    for name in TABLES[header]:
+        shown = _shown_table(name, header)
+        assert shown == {row["method"]: [cell for key, cell in row.items() if key != "method"] for row in published}
+
+
+@pytest.mark.parametrize("name", FIRST_SCREENS)
+def test_the_first_screen_compares_with_the_alternatives(baselines, name: str) -> None:
+    """The final val_loss of each arm (mean over seeds), and the verdicts: AdamW + XGrad below every alternative on
+    every seed; XGrad worse on NAdam and schedule-free AdamW, no difference on Lookahead."""
+    first = " ".join(_first_screen(name).split())
+
+    def mean(arm: str) -> str:
+        finals = [run["final"] for run in baselines["runs"][arm] if run["status"] == "finished"]
+        assert len(finals) == 3, arm
+        return f"{sum(finals) / len(finals):.3f}"
+
+    comparisons = {(c["section"], c["arm"]): c for c in baselines["comparisons"]}
+    assert f"AdamW + XGrad ({mean('adamw-xgrad')}) ended below NAdam ({mean('nadam')}), schedule-free AdamW " in first
+    assert f"({mean('schedulefree_adamw')}) and Lookahead over AdamW ({mean('lookahead_adamw')}) on every seed" in first
+    for method in ("nadam", "schedulefree_adamw", "lookahead_adamw"):
+        versus = comparisons["vs adamw + xgrad", method]
+        assert versus["verdict"] == "worse" and versus["improved"] == 0, method  # the alternative, on every seed
+    nadam, free, lookahead = (
+        comparisons["xgrad", f"{m}-xgrad"] for m in ("nadam", "schedulefree_adamw", "lookahead_adamw")
+    )
+    assert nadam["verdict"] == free["verdict"] == "worse" and lookahead["verdict"] == "no difference detected"
+    quoted = f"worse with NAdam ({_signed(nadam['mean'], 3)}) and schedule-free AdamW ({_signed(free['mean'], 3)})"
+    assert quoted in first and "no difference with Lookahead" in first
 
 
 @pytest.mark.parametrize("name", TABLES["model, optimizer"])
