@@ -14,18 +14,22 @@ stops the runs in progress (they are run again on resume) and starts no more.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from benchmarks.convergence import TASKS, task_command
+from benchmarks.convergence import RESULTS, RUNS, TASKS, task_command
 from lightning_xgrad.sweep import SweepConfig, run_sweep, stats
 from lightning_xgrad.sweep.report import describe
-from lightning_xgrad.sweep.runs import FINISHED, XGRAD_CLASS_PATH, RunResult, collect
+from lightning_xgrad.sweep.runs import FINISHED, XGRAD_CLASS_PATH, RunResult, collect, json_safe
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = TASKS["char_gpt"]
@@ -126,3 +130,43 @@ def prepare_environment(threads: int | None) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *(p for p in paths if p and p != str(REPO))])
     if threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def check_output_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The output options both char-GPT benchmarks share: --resume needs --out, a used --out needs --resume, and a
+    --quick run is never published."""
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the folder of the run to continue")
+    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and not (args.resume or args.replot):
+        parser.error(f"--out {args.out} holds a run: pass --resume to continue it, or choose another folder")
+    if args.quick and args.publish:
+        parser.error("--quick checks that everything runs; its numbers are not results: no --publish")
+
+
+def output_folders(args: argparse.Namespace) -> list[Path]:
+    """Where the results go: --out (default: a new folder under benchmarks/runs/), and benchmarks/results/ with
+    --publish."""
+    out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return [out, RESULTS] if args.publish else [out]
+
+
+def write_outputs(
+    folders: Sequence[Path], name: str, text: str, data: dict[str, Any], plot: Callable[[Any, Path], Any]
+) -> None:
+    """``name``.md, .json and .png into every folder, the report printed."""
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(json_safe(data), indent=1) + "\n")
+        (folder / f"{name}.md").write_text(text)
+        plot(data, folder / f"{name}.png")
+    print(text)
+    print("wrote " + ", ".join(f"{folder / name}.md, .png and .json" for folder in folders))
+
+
+def replot(source: Path, folders: Sequence[Path], name: str, plot: Callable[[Any, Path], Any]) -> None:
+    """Only redraw ``name``.png in every folder from a results JSON."""
+    data = json.loads(source.read_text())
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        plot(data, folder / f"{name}.png")
+    print("wrote " + ", ".join(str(folder / f"{name}.png") for folder in folders))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.arms import QUICK_FLAGS, Arm, arm_config, prepare_environment, run_arms
-from benchmarks.convergence import RESULTS, RUNS, machine
+from benchmarks.arms import (
+    QUICK_FLAGS,
+    Arm,
+    arm_config,
+    check_output_args,
+    output_folders,
+    prepare_environment,
+    replot,
+    run_arms,
+    write_outputs,
+)
+from benchmarks.convergence import machine
 from lightning_xgrad.sweep.cli import DEFAULT_LOG_EVERY_N_STEPS
-from lightning_xgrad.sweep.runs import FINISHED, SweepError, json_safe
+from lightning_xgrad.sweep.runs import FINISHED, SweepError
 
 from . import __doc__ as PACKAGE_DOC
 from .gaps import gap_at, trend
@@ -70,25 +79,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--log-every-n-steps must be >= 0")
     if not all(0 < f <= 1 for f in args.at) or len(set(args.at)) < 2:
         parser.error("--at needs at least two different fractions in (0, 1]")
-    if args.resume and args.out is None:
-        parser.error("--resume needs --out DIR, the folder of the run to continue")
-    if args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and not (args.resume or args.replot):
-        parser.error(f"--out {args.out} holds a run: pass --resume to continue it, or choose another folder")
-    if args.quick and args.publish:
-        parser.error("--quick checks that everything runs; its numbers are not results: no --publish")
+    check_output_args(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    out = args.out if args.out is not None else RUNS / f"{args.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    targets = [out, RESULTS] if args.publish else [out]
+    targets = output_folders(args)
+    out = targets[0]
     if args.replot is not None:
-        data = json.loads(args.replot.read_text())
-        for folder in targets:
-            folder.mkdir(parents=True, exist_ok=True)
-            plot(data, folder / f"{args.name}.png")
-        print("wrote " + ", ".join(str(folder / f"{args.name}.png") for folder in targets))
+        replot(args.replot, targets, args.name, plot)
         return 0
 
     prepare_environment(args.threads)
@@ -119,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline, xgrad, gaps, [trend(gap, gaps[-1]) for gap in gaps[:-1]], log_every,
     )  # fmt: skip
     text, data = markdown(run), as_json(run)
-    for folder in targets:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{args.name}.json").write_text(json.dumps(json_safe(data), indent=1) + "\n")
-        (folder / f"{args.name}.md").write_text(text)
-        plot(data, folder / f"{args.name}.png")
-    print(text)
-    print("wrote " + ", ".join(f"{folder / args.name}.md, .png and .json" for folder in targets))
+    write_outputs(targets, args.name, text, data, plot)
     incomplete = sum(r.status != FINISHED for r in [*baseline, *xgrad])
     if incomplete:
         print(f"{incomplete} runs have no result: see the report", file=sys.stderr)
