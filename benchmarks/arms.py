@@ -170,3 +170,17 @@ def replot(source: Path, folders: Sequence[Path], name: str, plot: Callable[[Any
         folder.mkdir(parents=True, exist_ok=True)
         plot(data, folder / f"{name}.png")
     print("wrote " + ", ".join(str(folder / f"{name}.png") for folder in folders))
+
+
+def delta_json(delta: stats.PairedDelta | None) -> dict[str, Any] | None:
+    """A paired difference as the results JSON keeps it (``None`` without one)."""
+    if delta is None:
+        return None
+    return {
+        "seeds": list(delta.seeds),
+        "deltas": list(delta.deltas),
+        "mean": delta.mean,
+        "standard_error": delta.standard_error,
+        "improved": delta.improved,
+        "verdict": delta.verdict,
+    }

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.arms import delta_json
 from lightning_xgrad.sweep import stats
 from lightning_xgrad.sweep.plot import CurvePanel, plot_curves
 from lightning_xgrad.sweep.report import PREDICTION_METRICS, failures, markdown_table
@@ -235,26 +236,13 @@ def as_json(study: Study) -> dict[str, Any]:
                 "method": label,
                 "arm": arm,
                 "reference": reference,
-                **_delta_json(paired(study, arm, reference)),
+                **(delta_json(paired(study, arm, reference)) or {"verdict": "no reported runs"}),
             }
             for section, label, arm, reference in comparisons(study)
         ],
         "labels": dict(study.arms()),
         "results": curves(study),
         "runs": {key: [r.as_json() for r in runs] for key, runs in study.results.items()},
-    }
-
-
-def _delta_json(delta: stats.PairedDelta | None) -> dict[str, Any]:
-    if delta is None:
-        return {"verdict": "no reported runs"}
-    return {
-        "seeds": list(delta.seeds),
-        "deltas": list(delta.deltas),
-        "mean": delta.mean,
-        "standard_error": delta.standard_error,
-        "improved": delta.improved,
-        "verdict": delta.verdict,
     }
 
 

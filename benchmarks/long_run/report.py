@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.arms import delta_json
 from lightning_xgrad.sweep import report as sweep_report
 from lightning_xgrad.sweep import stats
 from lightning_xgrad.sweep.plot import CurvePanel, plot_curves
@@ -152,19 +153,6 @@ def markdown(run: LongRun) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _delta_json(delta: stats.PairedDelta | None) -> dict[str, Any] | None:
-    if delta is None:
-        return None
-    return {
-        "seeds": list(delta.seeds),
-        "deltas": list(delta.deltas),
-        "mean": delta.mean,
-        "standard_error": delta.standard_error,
-        "improved": delta.improved,
-        "verdict": delta.verdict,
-    }
-
-
 def as_json(run: LongRun) -> dict[str, Any]:
     return {
         "command": run.command,
@@ -183,12 +171,12 @@ def as_json(run: LongRun) -> dict[str, Any]:
                 "steps": g.steps,
                 "baseline": {str(k): v for k, v in g.baseline.items()},
                 "xgrad": {str(k): v for k, v in g.xgrad.items()},
-                "delta": _delta_json(g.delta),
+                "delta": delta_json(g.delta),
             }
             for g in run.gaps
         ],
         "trends": [
-            {"from": t.early.fraction, "to": t.late.fraction, "change": _delta_json(t.change), "gap": t.word}
+            {"from": t.early.fraction, "to": t.late.fraction, "change": delta_json(t.change), "gap": t.word}
             for t in run.trends
         ],
         "results": {"0": curves(run.baseline), str(run.xgrad_steps): curves(run.xgrad)},
