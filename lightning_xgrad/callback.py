@@ -31,6 +31,7 @@ from .callback_predictors import Predictors
 from .prediction.arguments import RuleChoice, check_prediction_args
 from .prediction.quality import DEFAULT_METRICS_MAX_BYTES
 from .prediction.state_dict_hook import register_real_weights_hooks
+from .rules.compiled import DEFAULT_COMPILE_MIN_BYTES
 
 
 @dataclass
@@ -69,9 +70,10 @@ class XGradCallback(CheckpointedState, Callback):
             ``ModelCheckpoint`` and ``EarlyStopping`` can monitor them. ``None`` measures and logs nothing.
         compile: snapshot and predict in one ``torch.compile``d pass per tensor instead of several eager foreach
             passes, for the Adam, AdamW and AdaM3 rules (others stay eager: the momentum rules' eager prediction, one
-            copy and one add, is faster than a compiled one). Costs a compilation at the first predicted step (seconds,
-            up to a minute on a small CPU; inductor caches it for later runs), so it is off by default; see
-            benchmarks/results/overhead.md for what it saves.
+            copy and one add, is faster than a compiled one), where the parameters of a param group on one device
+            and dtype hold at least ``compile_min_bytes`` (smaller ones stay eager too). Costs a compilation at the
+            first predicted step (seconds, up to a minute on a small CPU; inductor caches it for later runs), so it
+            is off by default; see benchmarks/results/overhead.md for what it saves.
         chunk_bytes: the memory budget of the prediction's temporaries, in bytes. Out-of-place foreach ops (Adam's
             denominators, the trajectory rule's differences) walk the parameters in chunks of at most
             ``max(largest tensor, chunk_bytes)``, one call per op and chunk: fewer calls for larger chunks, less
@@ -86,6 +88,9 @@ class XGradCallback(CheckpointedState, Callback):
             ``None``: always exact (one full copy of the predicted parameters). A budget below one element per
             predicted tensor raises a ValueError at the first logging step.
         prog_bar: show the ``xgrad/*`` metrics in the progress bar too (as ``self.log(..., prog_bar=True)``).
+        compile_min_bytes: with ``compile=True``, the fewest parameter bytes a param group (on one device and
+            dtype) must hold to be compiled: below a few MiB the compiled call's fixed cost outweighs the passes it
+            saves, and eager is faster. Default 4 MiB, measured on a CPU; 0 compiles every group.
 
     The rule each optimizer got is logged once at INFO and as logger hyperparameters (``xgrad/rule``, or
     ``xgrad/rule/optimizer_<index>``, and ``xgrad/steps``).
@@ -111,8 +116,10 @@ class XGradCallback(CheckpointedState, Callback):
         chunk_bytes: int | None = None,
         metrics_max_bytes: int | None = DEFAULT_METRICS_MAX_BYTES,
         prog_bar: bool = False,
+        compile_min_bytes: int = DEFAULT_COMPILE_MIN_BYTES,
     ) -> None:
-        check_prediction_args("XGradCallback", steps, rule, compile, chunk_bytes)  # the predictor's checks, messages
+        # the predictor's checks and messages
+        check_prediction_args("XGradCallback", steps, rule, compile, chunk_bytes, compile_min_bytes)
         check_int("XGradCallback", "start_step", start_step, minimum=0)
         check_int("XGradCallback", "log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         check_int("XGradCallback", "metrics_max_bytes", metrics_max_bytes, minimum=1, allow_none=True)
@@ -125,7 +132,8 @@ class XGradCallback(CheckpointedState, Callback):
         self.chunk_bytes = chunk_bytes
         self.metrics_max_bytes = metrics_max_bytes
         self.prog_bar = prog_bar
-        self._predictors = Predictors(steps, rule, compile, chunk_bytes)
+        self.compile_min_bytes = compile_min_bytes
+        self._predictors = Predictors(steps, rule, compile, chunk_bytes, compile_min_bytes)
         self._module_hooks: list[RemovableHandle] = []
         self._window: _Window | None = None  # None between windows
         self._metrics = MetricsLog(log_every_n_steps, metrics_max_bytes, prog_bar)

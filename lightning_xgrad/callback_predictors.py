@@ -26,11 +26,14 @@ __all__ = ["Predictors"]
 class Predictors:
     """One :class:`OptimizerPredictor` per optimizer of the Trainer, in the order of ``trainer.optimizers``."""
 
-    def __init__(self, steps: int, rule: RuleChoice, compile: bool, chunk_bytes: int | None) -> None:
+    def __init__(
+        self, steps: int, rule: RuleChoice, compile: bool, chunk_bytes: int | None, compile_min_bytes: int
+    ) -> None:
         self.steps = steps
         self.rule: RuleChoice = rule
         self.compile = compile
         self.chunk_bytes = chunk_bytes
+        self.compile_min_bytes = compile_min_bytes
         self._snapshot = ParameterSnapshot()
         self._by_optimizer: dict[int, OptimizerPredictor] = {}
 
@@ -60,8 +63,9 @@ class Predictors:
             if predictor is None:
                 scales = direction_scales(trainer_callbacks(trainer), optimizer)
                 predictor = OptimizerPredictor(
-                    optimizer, self.steps, self.rule, self._snapshot, self.compile, scales, self.chunk_bytes, names
-                )
+                    optimizer, self.steps, self.rule, self._snapshot, self.compile, scales, self.chunk_bytes, names,
+                    self.compile_min_bytes,
+                )  # fmt: skip
                 new.append(index)
             self._by_optimizer[id(optimizer)] = predictor
         return new

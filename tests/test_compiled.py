@@ -90,7 +90,7 @@ def test_compiled_prediction_is_the_formula_and_the_snapshot_is_exact(
         else:
             expected.append(_expected_adam(p.detach(), state, group, alpha, 0.0 if kind == "adam3" else group["eps"]))
     kernel_calls = _count_kernel_calls(monkeypatch)
-    predictor = OptimizerPredictor(optimizer, steps=2, compile=True)
+    predictor = OptimizerPredictor(optimizer, steps=2, compile=True, compile_min_bytes=0)
     assert predictor.predict()
     # one bucket (one group, device and dtype), predicted by its kernel; the momentum rules stay eager
     assert kernel_calls == ([] if kind in ("sgd", "rmsprop") else [True])
@@ -119,12 +119,56 @@ def test_the_momentum_rules_stay_eager_under_compile() -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
-def test_trainer_with_compiled_prediction_matches_reference(optimizer: str) -> None:
+def test_trainer_with_compiled_prediction_matches_reference(optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     case = Case(optimizer, steps=2)
-    got = fit_trainer(case, XGradCallback(steps=2, compile=True))
+    kernel_calls = _count_kernel_calls(monkeypatch)
+    got = fit_trainer(case, XGradCallback(steps=2, compile=True, compile_min_bytes=0))
+    assert (all(kernel_calls) and len(kernel_calls) > 1) if optimizer == "adamw" else kernel_calls == []
     expected = fit_reference(case, steps=2)
     assert_close(got, expected)
     assert_far(fit_reference(case, steps=None), expected, "baseline vs XGrad")
+
+
+def _two_groups(first: int, second: int) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """AdamW over two param groups of one float32 tensor each, ``first`` and ``second`` elements, after 3 steps."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(first)), nn.Parameter(torch.randn(second))]
+    optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=0.01)
+    _train(optimizer, params, steps=3, skip_first_at=None)
+    return optimizer, params
+
+
+@pytest.mark.parametrize(
+    ("min_bytes", "compiled_groups"), [(0, 2), (4 * 100, 1), (4 * 100 + 1, 0)], ids=["0", "first-only", "neither"]
+)
+def test_buckets_under_compile_min_bytes_are_predicted_eagerly(
+    min_bytes: int, compiled_groups: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's bucket is compiled when its parameters hold at least ``compile_min_bytes`` (100 and 10 float32
+    elements here: 400 and 40 bytes), else predicted eagerly, with the same W_hat either way."""
+    optimizer, params = _two_groups(100, 10)
+    expected = []
+    for p, group in zip(params, optimizer.param_groups, strict=True):
+        expected.append(_expected_adam(p.detach(), optimizer.state[p], group, -group["lr"], group["eps"]))
+    kernel_calls = _count_kernel_calls(monkeypatch)
+    predictor = OptimizerPredictor(optimizer, compile=True, compile_min_bytes=min_bytes)
+    assert predictor.predict()
+    assert kernel_calls == [True] * compiled_groups
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+    predictor.restore()
+
+
+def test_compile_leaves_buckets_under_4_mib_eager_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default threshold is 4 MiB: a group of exactly 4 MiB of float32 is compiled, one element less is not."""
+    elements = 4 * 2**20 // 4
+    optimizer, _ = _two_groups(elements, elements - 1)
+    kernel_calls = _count_kernel_calls(monkeypatch)
+    predictor = OptimizerPredictor(optimizer, compile=True)
+    predictor.predict()
+    predictor.restore()
+    assert kernel_calls == [True]
+    assert XGradCallback(compile=True).compile_min_bytes == 4 * 2**20
 
 
 def test_compile_must_be_a_bool() -> None:
@@ -152,7 +196,7 @@ def test_compiled_prediction_includes_the_cprop_scale(name: str) -> None:
     from .test_cprop import TORCH_OPTIMIZERS, assert_tracks, fit, reference_fit
 
     factory = TORCH_OPTIMIZERS[name]
-    got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, compile=True)]).net)
+    got = flat(fit(factory, [CPropCallback(), XGradCallback(steps=2, compile=True, compile_min_bytes=0)]).net)
     assert_tracks(got, reference_fit(factory, conformity=Conformity(), xgrad_steps=2))
 
 
@@ -161,7 +205,7 @@ def test_compiled_prediction_keeps_the_heavy_ball_secant_at_the_predicted_point(
     from .test_heavy_ball import fit_reference as heavy_ball_reference
 
     module = TinyModule(lambda p: make_optimizer("sgd", p))
-    trainer(max_epochs=EPOCHS, callbacks=[XGradCallback(steps=1, compile=True)]).fit(
+    trainer(max_epochs=EPOCHS, callbacks=[XGradCallback(steps=1, compile=True, compile_min_bytes=0)]).fit(
         module, loader(*make_data(), BATCH_SIZE)
     )
     torch.testing.assert_close(flat(module.net), heavy_ball_reference("sgd", 1), rtol=RTOL, atol=ATOL)

@@ -133,7 +133,11 @@ def test_a_predicted_step_makes_no_host_device_sync(optimizer: str, precision: s
 
     x, y = make_data(96)
     data = loader(x.cuda(), y.cuda())  # batches already on the GPU: no host-to-device copy in the step
-    callbacks = [SyncErrorsOn(), *([CPropCallback()] if cprop else []), XGradCallback(compile=compile)]
+    callbacks = [
+        SyncErrorsOn(),
+        *([CPropCallback()] if cprop else []),
+        XGradCallback(compile=compile, compile_min_bytes=0),
+    ]
     callbacks += [AfterPrediction(), SyncErrorsOff()]
     module = TinyModule(SYNC_FREE_OPTIMIZERS[optimizer])
     try:

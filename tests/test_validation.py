@@ -45,6 +45,9 @@ def adam() -> torch.optim.Optimizer:
         ({"rule": None}, TypeError, "`rule` must be one of ('auto', 'trajectory'), got None"),
         ({"compile": "yes"}, TypeError, "`compile` must be True or False, got 'yes'"),
         ({"compile": 1}, TypeError, "`compile` must be True or False, got 1"),
+        ({"compile_min_bytes": -1}, ValueError, "`compile_min_bytes` must be an integer >= 0, got -1"),
+        ({"compile_min_bytes": "4MiB"}, TypeError, "`compile_min_bytes` must be an integer >= 0, got '4MiB'"),
+        ({"compile_min_bytes": None}, TypeError, "`compile_min_bytes` must be an integer >= 0, got None"),
         ({"snapshot": {}}, TypeError, "`snapshot` must be a ParameterSnapshot or None, got {}"),
         (
             {"direction_scales": [0.5]},
@@ -80,7 +83,16 @@ def test_predictor_refuses_lbfgs() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"steps": 0}, {"steps": -1}, {"steps": 1.5}, {"steps": True}, {"rule": "foo"}, {"compile": "yes"}],
+    [
+        {"steps": 0},
+        {"steps": -1},
+        {"steps": 1.5},
+        {"steps": True},
+        {"rule": "foo"},
+        {"compile": "yes"},
+        {"compile_min_bytes": -1},
+        {"compile_min_bytes": True},
+    ],
     ids=str,
 )
 def test_callback_and_predictor_refuse_alike(kwargs: dict[str, Any]) -> None:

@@ -19,13 +19,16 @@ RULE_CHOICES: tuple[str, ...] = get_args(RuleChoice)
 CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
 
 
-def check_prediction_args(owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any = None) -> None:
+def check_prediction_args(
+    owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any = None, compile_min_bytes: Any = 0
+) -> None:
     """The checks of the arguments :class:`OptimizerPredictor` and the callbacks built on it share, with one
     message format: a TypeError for a wrong type, a ValueError for a wrong value, naming both."""
     check_int(owner, "steps", steps, minimum=1)
     check_choice(owner, "rule", rule, RULE_CHOICES)
     check_flag(owner, "compile", compile)
     check_int(owner, "chunk_bytes", chunk_bytes, minimum=0, allow_none=True)
+    check_int(owner, "compile_min_bytes", compile_min_bytes, minimum=0)
 
 
 def check_optimizer(owner: str, optimizer: Any) -> torch.optim.Optimizer:

@@ -28,7 +28,7 @@ from .._internal.compat import group_by_device_and_dtype
 from .._internal.scalars import StepCounts, as_float
 from .._internal.sharding import local_tensor
 from ..rules import TRAJECTORY, PredictionRule
-from ..rules.compiled import CompiledPrediction
+from ..rules.compiled import CompiledKernels, CompiledPrediction
 from .snapshot import ParameterSnapshot
 
 __all__ = ["Bucket", "Plan", "StateBucket", "TrajectoryBucket"]
@@ -252,10 +252,10 @@ class Plan:
         index: int,
         params: list[Tensor],
         rule: PredictionRule,
-        kernels: dict[tuple[Any, ...], CompiledPrediction | None] | None,
+        kernels: CompiledKernels | None,
     ) -> None:
         """Buckets for param group ``index`` predicted by ``rule``; parameters without the state the rule needs are
-        left out. ``kernels`` caches compiled predictions by bucket (``None``: no compiling)."""
+        left out. ``kernels`` gives each bucket its compiled prediction, or none (``None``: no compiling)."""
         owners: list[Tensor] = []
         rows: list[tuple[Any, ...]] = []
         for p in params:
@@ -276,12 +276,8 @@ class Plan:
             bucket_columns: list[Any] = [[column[i] for i in indices] for column in columns]  # any entries: not grouped
             if rule.step_column is not None:
                 bucket_columns[rule.step_column] = StepCounts(bucket_columns[rule.step_column])
-            kernel = None
-            if kernels is not None:
-                key = (index, bucket_params[0].device, bucket_params[0].dtype)
-                if key not in kernels:
-                    kernels[key] = rule.compiled_prediction()
-                kernel = kernels[key]
+            key = (index, bucket_params[0].device, bucket_params[0].dtype)
+            kernel = None if kernels is None else kernels.for_bucket(key, bucket_params, rule)
             buffers = self.snapshot.buffers_for(bucket_owners, bucket_params)
             chunks = self._chunks(bucket_params)
             self.buckets.append(

@@ -43,7 +43,7 @@ from .._internal.sharding import DTensor, local_tensor
 from .._internal.validation import argument_error
 from ..protocols import DirectionScales, GradientPointObserver
 from ..rules import TRAJECTORY, PredictionRule, TrajectoryRule, rule_for
-from ..rules.compiled import CompiledPrediction
+from ..rules.compiled import DEFAULT_COMPILE_MIN_BYTES, CompiledKernels
 from .arguments import RuleChoice, check_optimizer, check_prediction_args
 from .edits import EditWatch
 from .plan import Bucket, Plan
@@ -69,7 +69,8 @@ class OptimizerPredictor:
             group's options, else uses the trajectory rule; ``"trajectory"`` uses the trajectory rule everywhere.
         snapshot: the buffer cache to use (shared when several optimizers are predicted).
         compile: snapshot and predict in one ``torch.compile``d pass per tensor where the rule has a kernel (Adam,
-            AdamW, AdaM3); compiled at the first prediction of each bucket.
+            AdamW, AdaM3) and the bucket (the parameters of one param group on one device, of one dtype) holds at
+            least ``compile_min_bytes``; compiled at the first prediction of each such bucket.
         direction_scales: elementwise scales the optimizer's updates get on top of its own rule, by parameter
             (CProp's conformity scale, from a :class:`~lightning_xgrad.protocols.DirectionScaleProvider`); a live
             mapping, read at every prediction. State rules then predict with ``scale * dW``; the trajectory rule
@@ -81,6 +82,10 @@ class OptimizerPredictor:
             0: chunks as small as the largest tensor.
         parameter_names: names of the parameters (``dict(model.named_parameters())`` inverted), for the warning
             about edits of W_hat; without a name a parameter is named by its param group, position and shape.
+        compile_min_bytes: with ``compile=True``, buckets with fewer parameter bytes are predicted eagerly: below a
+            few MiB the compiled call's fixed cost outweighs the passes it saves. Default 4 MiB
+            (:data:`~lightning_xgrad.rules.compiled.DEFAULT_COMPILE_MIN_BYTES`, measured on a CPU); 0 compiles every
+            bucket.
 
     An optimizer that needs the point where its gradients were taken (a
     :class:`~lightning_xgrad.protocols.GradientPointObserver`, the adaptive heavy-ball secant) gets a call to its
@@ -104,9 +109,10 @@ class OptimizerPredictor:
         direction_scales: DirectionScales | None = None,
         chunk_bytes: int | None = None,
         parameter_names: Mapping[Tensor, str] | None = None,
+        compile_min_bytes: int = DEFAULT_COMPILE_MIN_BYTES,
     ) -> None:
         owner = type(self).__name__
-        check_prediction_args(owner, steps, rule, compile, chunk_bytes)
+        check_prediction_args(owner, steps, rule, compile, chunk_bytes, compile_min_bytes)
         if snapshot is not None and not isinstance(snapshot, ParameterSnapshot):
             raise argument_error(owner, "snapshot", "a ParameterSnapshot or None", snapshot, TypeError)
         if direction_scales is not None and not isinstance(direction_scales, Mapping):
@@ -119,6 +125,7 @@ class OptimizerPredictor:
             )
         self.optimizer = check_optimizer(owner, optimizer)
         self.compile = compile
+        self.compile_min_bytes = compile_min_bytes
         #: the budget given (``None``: the default of the parameters' device, 32 MiB, 1 MiB on the CPU)
         self.chunk_bytes = chunk_bytes
         self.steps = steps
@@ -128,7 +135,7 @@ class OptimizerPredictor:
         self._direction_scales: DirectionScales = direction_scales if direction_scales is not None else {}
         self._parameter_names: Mapping[Tensor, str] = parameter_names if parameter_names is not None else {}
         self._observer = self.optimizer if isinstance(self.optimizer, GradientPointObserver) else None
-        self._kernels: dict[tuple[Any, ...], CompiledPrediction | None] = {}  # kept across plans: compiled once
+        self._kernels = CompiledKernels(compile_min_bytes) if compile else None
         self._buckets: list[Bucket] = []
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: Plan | None = None
@@ -212,7 +219,7 @@ class OptimizerPredictor:
             params = [p for p in group["params"] if p.requires_grad]
             rule = self.group_rule(group)
             if isinstance(rule, PredictionRule):
-                plan.add_state_group(index, params, rule, self._kernels if self.compile else None)
+                plan.add_state_group(index, params, rule, self._kernels)
             else:
                 plan.add_trajectory_group(index, params, known_lr)
         self._buckets = plan.buckets

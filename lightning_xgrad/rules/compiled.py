@@ -4,16 +4,26 @@ Eager foreach ops walk the parameters once per op (copy, sqrt, add, addcdiv for 
 loop per tensor that reads W and the optimizer state once and writes the snapshot and W_hat, with no temporaries.
 Each bucket gets its own compiled function (its own compile cache), compiled at its first prediction; per-step
 scalars (bias corrections, lr) travel as a tensor, so a new step count or lr does not recompile.
+
+A compiled call has a fixed cost (its guards over every tensor it takes, its wrapper) that the eager foreach ops do
+not pay, and in a training step, between a forward and a backward, that cost grows. The passes it saves outweigh it
+only for buckets of a few MiB and up, so a bucket smaller than ``compile_min_bytes`` stays eager
+(:class:`CompiledKernels`); benchmarks/results/overhead.md measures where the two meet.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+#: the default ``compile_min_bytes``: buckets with fewer parameter bytes are predicted eagerly under ``compile=True``.
+#: Measured on a CPU (benchmarks/results/overhead.md: compiled and eager meet near 2 MiB of parameters, whatever the
+#: number of tensors); not measured on a GPU, where ``compile_min_bytes=0`` compiles every bucket
+DEFAULT_COMPILE_MIN_BYTES = 4 * 2**20
 
 #: per-step scalars of a bucket, ``[rows][tensors]``, or ``None`` when the rule cannot give them without a sync
 ScalarsOf = Callable[[Sequence[Any], dict[str, Any], float], list[list[float]] | None]
@@ -56,3 +66,24 @@ class CompiledPrediction:
             values = values.pin_memory().to(params[0].device, non_blocking=True)
         self._kernel(params, buffers, *columns[: self._columns], values)
         return True
+
+
+class CompiledKernels:
+    """The compiled predictions of one predictor, by bucket key, kept across plans (each is compiled once).
+
+    Only buckets of at least ``min_bytes`` parameter bytes get one; smaller buckets, and rules without a kernel, get
+    ``None`` and are predicted eagerly.
+    """
+
+    def __init__(self, min_bytes: int) -> None:
+        self.min_bytes = min_bytes
+        self._by_key: dict[Hashable, CompiledPrediction | None] = {}
+
+    def for_bucket(self, key: Hashable, params: Sequence[Tensor], rule: Any) -> CompiledPrediction | None:
+        """The kernel for the bucket ``key`` holding ``params``, predicted by ``rule`` (a
+        :class:`~lightning_xgrad.rules.PredictionRule`); ``None``: predict it eagerly."""
+        if sum(p.numel() * p.element_size() for p in params) < self.min_bytes:
+            return None
+        if key not in self._by_key:
+            self._by_key[key] = rule.compiled_prediction()
+        return self._by_key[key]
