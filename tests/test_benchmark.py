@@ -39,9 +39,10 @@ def _run(steps: int, seed: int, loss: float, acc: float):
     return RunResult(steps, seed, "finished", loss, curve, {"val_loss": loss, "val_acc": acc})
 
 
-def _row(text: str, label: str) -> list[str]:
-    line = next(line for line in text.splitlines() if line.startswith(f"| {label} "))
-    return [cell.strip() for cell in line.strip("|").split("|")]
+def _row(text: str, label: str, last: bool = False) -> list[str]:
+    """The cells of the first (or ``last``) table row that starts with ``label``."""
+    lines = [line for line in text.splitlines() if line.startswith(f"| {label} ")]
+    return [cell.strip() for cell in lines[-1 if last else 0].strip("|").split("|")]
 
 
 def test_report_tabulates_paired_deltas_their_standard_error_and_the_verdict(convergence) -> None:
@@ -208,7 +209,7 @@ def test_naive_reference_predicts_what_xgrad_predicts(overhead, optimizer: str) 
 
 def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, new_run_folder) -> None:
     status = _git_status()
-    overhead.cli.main(["steps", "--cases", "cnn-sgd", "--runs", "1", "--steps", "2", "--warmup", "4"])
+    overhead.cli.main(["steps", "--cases", "cnn-sgd", "cnn-adamw", "--runs", "1", "--steps", "2", "--warmup", "4"])
     assert _git_status() == status  # results in the git-ignored scratch folder only
     tmp_path = new_run_folder()
     data = json.loads((tmp_path / "overhead.json").read_text())
@@ -226,7 +227,11 @@ def test_overhead_tiny_run_writes_table_plot_and_memory(overhead, new_run_folder
     assert raw["hooks"][1] == 0.0  # the callback did not act in the step without it
     text = (tmp_path / "overhead.md").read_text()
     assert "| cnn-sgd | xgrad-compiled |" in text and "## Targets" in text
-    assert "(eager: no kernel) |" in text  # SGD momentum has no compiled kernel: compile=True runs it eager
+    # the targets table's compiled / eager: SGD momentum has no kernel, so compile=True runs it eager; AdamW has
+    # one, but the cnn's 0.44 MiB are under the default compile_min_bytes: eager too
+    assert _row(text, "cnn-sgd | xgrad-compiled", last=True)[-1].endswith("(eager: no kernel)")
+    assert _row(text, "cnn-adamw | xgrad-compiled", last=True)[-1].endswith("(eager: under compile_min_bytes)")
+    assert data["summary"]["cnn-adamw"]["xgrad-compiled"]["first_step_hooks_s"] < 1  # nothing compiled
     assert overhead.models.has_compiled_kernel("adamw") and not overhead.models.has_compiled_kernel("sgd")
     assert (tmp_path / "overhead.png").stat().st_size > 10_000
 
@@ -333,6 +338,30 @@ def test_one_measurement_cannot_replace_the_published_results(overhead, capsys) 
         overhead.cli.main(["calls", "--publish", "--calls-sizes", "4", "--calls-rules", "Adamax"])
     assert "would replace the published overhead.md" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").iterdir()} == published
+
+
+def test_compile_sizes_time_eager_and_compiled_per_bucket_and_judge_those_the_default_compiles(
+    overhead, tmp_path, capsys
+) -> None:
+    buckets = ["--compile-buckets", "2x1024", "1x1048576", "--compile-rounds", "1"]
+    overhead.cli.main(["compile", *buckets, "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.json", "overhead.md"]
+    sizes = json.loads((tmp_path / "overhead.json").read_text())["compile_sizes"]
+    assert sizes["default_min_bytes"] == 4 * 2**20
+    assert [(row["tensors"], row["elements"], row["bytes"]) for row in sizes["rows"]] == [
+        (2, 1024, 8192),
+        (1, 1048576, 4 * 2**20),
+    ]
+    for row in sizes["rows"]:
+        assert row["eager_ms"] > 0 and row["compiled_ms"] > 0
+        assert row["compiled_over_eager"] == row["compiled_ms"] / row["eager_ms"]
+    text = (tmp_path / "overhead.md").read_text()
+    small, large = _row(text, "2"), _row(text, "1")
+    assert small[-1] == "eager" and small[-2] == f"{sizes['rows'][0]['compiled_over_eager']:.2f}"  # not judged
+    assert large[-1] == "compiled" and large[-2][-1] in "✓✗"  # at the threshold: compiled, judged
+    with pytest.raises(SystemExit):
+        overhead.cli.main(["compile", "--compile-buckets", "14-8192", "--out", str(tmp_path)])
+    assert "'14-8192' is not TENSORSxELEMENTS" in capsys.readouterr().err
 
 
 def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants(overhead, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""The command line: one subcommand per measurement, ``all`` for both (the published run), ``replot``."""
+"""The command line: one subcommand per measurement, ``all`` for every one (the published run), ``replot``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import torch
 
 from . import __doc__ as PACKAGE_DOC
 from .calls import CALL_SIZES, UNUSED_TENSORS, measure_calls, rule_families
+from .compile_sizes import BUCKETS, measure_compile_sizes
 from .models import MODELS, OPTIMIZER_CHOICES, OPTIMIZERS
 from .plot import plot
-from .report import calls_report, steps_report, write
+from .report import calls_report, compile_report, steps_report, write
 from .steps import VARIANTS, raw, run_steps, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +73,35 @@ def _calls_options() -> argparse.ArgumentParser:
     return parser
 
 
+def _bucket(text: str) -> tuple[int, int]:
+    """``NxE``: n tensors of e elements."""
+    tensors, _, elements = text.partition("x")
+    try:
+        bucket = int(tensors), int(elements)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TENSORSxELEMENTS, e.g. 14x8192") from None
+    if min(bucket) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: tensors and elements must be >= 1")
+    return bucket
+
+
+def _compile_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("compile sizes")
+    group.add_argument(
+        "--compile-buckets",
+        type=_bucket,
+        nargs="+",
+        default=list(BUCKETS),
+        metavar="NxE",
+        help="buckets of N float32 tensors of E elements (default: 13 from 0.05 to 12.5 MiB)",
+    )
+    group.add_argument(
+        "--compile-rounds", type=int, default=3, help="alternating rounds of eager and compiled (default: %(default)s)"
+    )
+    return parser
+
+
 def _device_option() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
@@ -100,12 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     steps, calls, device, output = _steps_options(), _calls_options(), _device_option(), _output_options()
+    sizes = _compile_options()
     for name, parents, text in [
         ("steps", [steps, device, output], "the step timing inside a Trainer"),
         ("calls", [calls, device, output], "ATen calls, host reads and memory per predict() + restore()"),
-        ("all", [steps, calls, device, output], "both measurements (the published run: all --publish)"),
+        ("compile", [sizes, output], "where compile=True pays off: eager and compiled hooks by bucket size (CPU)"),
+        ("all", [steps, calls, sizes, device, output], "every measurement (the published run: all --publish)"),
     ]:
-        commands.add_parser(name, parents=parents, help=text, description=text)
+        command = commands.add_parser(name, parents=parents, help=text, description=text)
+        if device not in parents:
+            command.set_defaults(device="cpu")
     text = "only redraw the plot from a results JSON"
     replot = commands.add_parser("replot", parents=[output], help=text, description=text)
     replot.add_argument("json", type=Path, metavar="JSON", help="a results JSON with a step timing")
@@ -119,6 +153,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"--publish with `{args.command}` alone would replace the published overhead.md, which holds both "
             "measurements: publish `all`, or give the files another --name (e.g. --name calls)"
         )
+    if args.command in ("compile", "all") and args.compile_rounds < 1:
+        parser.error("--compile-rounds must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     if args.command in ("steps", "all") and (args.runs < 1 or args.steps < 2 or args.warmup < 4):
@@ -180,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         sizes, repeats, unused = args.calls_sizes, args.calls_repeats, args.calls_unused_tensors
         data["calls"] = measure_calls(rules, sizes, repeats, torch.device(args.device), unused, args.chunk_bytes)
         sections.append(calls_report(data["calls"], command, device))
+    if args.command in ("compile", "all"):
+        data["compile_sizes"] = measure_compile_sizes(args.compile_buckets, args.compile_rounds)
+        sections.append(compile_report(data["compile_sizes"], command, _device_name("cpu")))
     markdown = "\n\n".join(sections)
     written = write(folders, args.name, data, markdown)
     print(markdown)
