@@ -345,7 +345,8 @@ def test_compile_sizes_time_eager_and_compiled_per_bucket_and_judge_those_the_de
 ) -> None:
     buckets = ["--compile-buckets", "2x1024", "1x1048576", "--compile-rounds", "1"]
     overhead.cli.main(["compile", *buckets, "--out", str(tmp_path)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.json", "overhead.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead-compile.png", "overhead.json", "overhead.md"]
+    assert (tmp_path / "overhead-compile.png").stat().st_size > 10_000
     sizes = json.loads((tmp_path / "overhead.json").read_text())["compile_sizes"]
     assert sizes["default_min_bytes"] == 4 * 2**20
     assert [(row["tensors"], row["elements"], row["bytes"]) for row in sizes["rows"]] == [
@@ -380,13 +381,13 @@ def test_step_timing_runs_fused_adamw_under_bf16_mixed_with_a_subset_of_variants
 def test_replot_redraws_the_overhead_plot_from_the_published_json(overhead, tmp_path, capsys) -> None:
     published = REPO / "benchmarks" / "results" / "overhead.json"
     overhead.cli.main(["replot", str(published), "--out", str(tmp_path / "out")])
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["overhead.png"]
-    assert (tmp_path / "out" / "overhead.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["overhead-compile.png", "overhead.png"]
+    assert all(p.stat().st_size > 10_000 for p in (tmp_path / "out").iterdir())
     calls_only = tmp_path / "calls.json"
     calls_only.write_text(json.dumps({"calls": json.loads(published.read_text())["calls"]}))
     with pytest.raises(SystemExit):
         overhead.cli.main(["replot", str(calls_only), "--out", str(tmp_path / "none")])
-    assert "holds no step timing to plot" in capsys.readouterr().err
+    assert "holds no step timing or compile sizes to plot" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
 

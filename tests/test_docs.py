@@ -50,7 +50,7 @@ def test_the_published_results_and_plots_are_in_the_site(site: Path) -> None:
     for name in published:
         built = site / "results" / (name.removesuffix(".md") + ".html" if name.endswith(".md") else name)
         assert built.is_file(), f"benchmarks/results/{name} is not in the site"
-    for plot in ("convergence.png", "overhead.png"):
+    for plot in ("convergence.png", "overhead.png", "overhead-compile.png"):
         assert f'src="results/{plot}"' in (site / "benchmarks.html").read_text(), plot
     assert 'src="results/companions.png"' in (site / "companions.html").read_text()
 

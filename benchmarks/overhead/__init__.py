@@ -12,13 +12,18 @@ rule family on models of 40, 400 and 4000 tensors: ATen calls and their growth (
 reads, CUDA kernel launches, transient memory against max(largest tensor, chunk_bytes), and the cost of an unused
 trainable module.
 
+``compile`` (:mod:`.compile_sizes`, CPU) times predict() + restore() eager against the compiled kernel forced on,
+for AdamW buckets from 0.05 to 12.5 MiB in 1 to 200 tensors, with a training step between them: where
+``compile=True`` pays off, and so the default ``compile_min_bytes``.
+
 Results go to ``NAME.{md,json,png}`` in ``--out`` (default: a new folder under ``benchmarks/runs/``, which git
 ignores); ``--publish`` also writes them to ``benchmarks/results/``, the published results the docs link to.
 Run from the repository root:
 
-    python -m benchmarks.overhead all --publish --chunk-bytes 33554432    # the published run (both measurements)
+    python -m benchmarks.overhead all --publish --chunk-bytes 33554432    # the published run (every measurement)
     python -m benchmarks.overhead steps --runs 2 --steps 20 --cases mlp-adamw
     python -m benchmarks.overhead calls --calls-sizes 40 400 --calls-rules AdamW "SGD momentum"
+    python -m benchmarks.overhead compile --compile-buckets 14x8192 200x16384
     python -m benchmarks.overhead replot benchmarks/results/overhead.json --publish    # redraw the plot only
 
 ``benchmarks/gpu_check.sh`` runs both on CUDA, the step timing also with ``--precision bf16-mixed``.

@@ -19,8 +19,7 @@ from . import __doc__ as PACKAGE_DOC
 from .calls import CALL_SIZES, UNUSED_TENSORS, measure_calls, rule_families
 from .compile_sizes import BUCKETS, measure_compile_sizes
 from .models import MODELS, OPTIMIZER_CHOICES, OPTIMIZERS
-from .plot import plot
-from .report import calls_report, compile_report, steps_report, write
+from .report import calls_report, compile_report, plots, steps_report, write
 from .steps import VARIANTS, raw, run_steps, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.set_defaults(device="cpu")
     text = "only redraw the plot from a results JSON"
     replot = commands.add_parser("replot", parents=[output], help=text, description=text)
-    replot.add_argument("json", type=Path, metavar="JSON", help="a results JSON with a step timing")
+    replot.add_argument("json", type=Path, metavar="JSON", help="a results JSON with a step timing or compile sizes")
     return parser
 
 
@@ -176,13 +175,14 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _replot(parser: argparse.ArgumentParser, source: Path, folders: list[Path], name: str) -> None:
-    summary = json.loads(source.read_text()).get("summary")
-    if summary is None:
-        parser.error(f"{source} holds no step timing to plot (a calls run)")
+    data = json.loads(source.read_text())
+    if "summary" not in data and "compile_sizes" not in data:
+        parser.error(f"{source} holds no step timing or compile sizes to plot (a calls run)")
+    drawn = []
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-        plot(summary, folder / f"{name}.png")
-    print("wrote " + ", ".join(str(folder / f"{name}.png") for folder in folders))
+        drawn += plots(data, folder, name)
+    print("wrote " + ", ".join(str(path) for path in drawn))
 
 
 def _device_name(device: str) -> str:

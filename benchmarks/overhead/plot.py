@@ -1,4 +1,5 @@
-"""The step timing's figure: per case, XGrad's hooks next to the optimizer's update, and the whole-step overhead."""
+"""The figures: the step timing's (per case, XGrad's hooks next to the optimizer's update, and the whole-step
+overhead) and the compile sizes' (compiled over eager hooks by bucket size, with the default threshold)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,42 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compile_sizes(sizes: dict[str, Any], path: Path) -> None:
+    """Compiled over eager hooks against the bucket's parameter MiB (log scale), one marker per number of tensors;
+    the line at 1 (even) and the default ``compile_min_bytes``, from which ``compile=True`` compiles. ``sizes`` is the
+    JSON's ``compile_sizes``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sizes["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for tensors in sorted({row["tensors"] for row in rows}):
+        chosen = sorted((row for row in rows if row["tensors"] == tensors), key=lambda row: row["bytes"])
+        mib = [row["bytes"] / 2**20 for row in chosen]
+        ax.plot(
+            mib,
+            [row["compiled_over_eager"] for row in chosen],
+            "o-",
+            label=f"{tensors} tensor{'s' if tensors > 1 else ''}",
+        )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    threshold = sizes["default_min_bytes"] / 2**20
+    ax.axvline(threshold, color="grey", linestyle="--", linewidth=1.0)
+    ax.text(threshold * 1.08, ax.get_ylim()[1], f"default compile_min_bytes\n({threshold:g} MiB): compiled from here",
+            fontsize=7, va="top")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters in the bucket, MiB (log scale)")
+    ax.set_ylabel("compiled / eager hooks (median)")
+    ax.set_title("AdamW prediction + restore, compiled kernel forced vs eager (below 1: compiled faster)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

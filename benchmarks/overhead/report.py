@@ -1,7 +1,7 @@
 """The results as markdown tables with their targets, and the files a run writes (``NAME.md``, ``NAME.json``,
-``NAME.png``). The JSON holds ``command``, ``device``, ``torch``; with the step timing ``summary`` (what the tables
-and the plot show), ``raw`` (every recorded value) and ``precision``; with the calls measurement ``calls``; with the
-compile sizes ``compile_sizes``."""
+``NAME.png``, ``NAME-compile.png``). The JSON holds ``command``, ``device``, ``torch``; with the step timing ``summary``
+(what the tables and the plot show), ``raw`` (every recorded value) and ``precision``; with the calls measurement
+``calls``; with the compile sizes ``compile_sizes``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lightning_xgrad.rules.compiled import DEFAULT_COMPILE_MIN_BYTES
 
 from .calls import CALL_WARMUP_STEPS
 from .models import has_compiled_kernel
-from .plot import plot
+from .plot import plot, plot_compile_sizes
 from .steps import VARIANTS, XGRAD_VARIANTS
 
 #: targets for the hooks' time over the optimizer's own update on the optimizer-bound mlp, by (optimizer, variant):
@@ -268,14 +268,26 @@ def calls_report(calls: dict[str, Any], command: str, device: str) -> str:
     return "\n".join(lines)
 
 
+def plots(data: dict[str, Any], folder: Path, name: str) -> list[Path]:
+    """The figures of what ``data`` holds, drawn into ``folder``: ``NAME.png`` for a step timing,
+    ``NAME-compile.png`` for the compile sizes."""
+    drawn = []
+    if "summary" in data:
+        drawn.append(folder / f"{name}.png")
+        plot(data["summary"], drawn[-1])
+    if "compile_sizes" in data:
+        drawn.append(folder / f"{name}-compile.png")
+        plot_compile_sizes(data["compile_sizes"], drawn[-1])
+    return drawn
+
+
 def write(folders: list[Path], name: str, data: dict[str, Any], markdown: str) -> list[str]:
-    """``NAME.json`` and ``NAME.md`` into each folder, and ``NAME.png`` where ``data`` holds a step timing. Returns
-    what was written, one entry per folder."""
+    """``NAME.json``, ``NAME.md`` and the figures (:func:`plots`) into each folder. Returns what was written."""
+    written = []
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
         (folder / f"{name}.md").write_text(markdown + "\n")
-        if "summary" in data:
-            plot(data["summary"], folder / f"{name}.png")
-    written = ".md, .png and .json" if "summary" in data else ".md and .json"
-    return [f"{folder / name}{written}" for folder in folders]
+        written += [str(folder / f"{name}.md"), str(folder / f"{name}.json")]
+        written += [str(path) for path in plots(data, folder, name)]
+    return written
