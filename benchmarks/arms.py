@@ -28,6 +28,7 @@ from typing import Any
 
 from benchmarks.convergence import RESULTS, RUNS, TASKS, task_command
 from lightning_xgrad.sweep import SweepConfig, run_sweep, stats
+from lightning_xgrad.sweep.cli import DEFAULT_LOG_EVERY_N_STEPS
 from lightning_xgrad.sweep.report import describe
 from lightning_xgrad.sweep.runs import FINISHED, XGRAD_CLASS_PATH, RunResult, collect, json_safe
 
@@ -132,9 +133,41 @@ def prepare_environment(threads: int | None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def check_output_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The output options both char-GPT benchmarks share: --resume needs --out, a used --out needs --resume, and a
-    --quick run is never published."""
+def add_shared_options(parser: argparse.ArgumentParser, name: str, quick: str) -> None:
+    """The options both char-GPT benchmarks share: logging, parallel runs, quick mode (``quick``: its help), the
+    output (``name``: the default file name stem) and the LightningCLI arguments after ``--``."""
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int,
+        default=DEFAULT_LOG_EVERY_N_STEPS,
+        metavar="N",
+        help="XGradCallback logs its prediction metrics every N steps; 0: not at all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="runs at a time, each a process (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads per run (default: torch's, one per core; with --jobs 2 on 2 cores, 1)",
+    )
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, help="the run folder (default: a new folder under benchmarks/runs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out: finished runs are kept")
+    parser.add_argument("--publish", action="store_true", help="also write the results to benchmarks/results/")
+    parser.add_argument("--name", default=name, help="file name stem of the outputs (default: %(default)s)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a results JSON")
+    parser.add_argument("extra", nargs="*", help="more LightningCLI arguments for every run, after --")
+
+
+def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks of :func:`add_shared_options`' options: --threads >= 1, --log-every-n-steps >= 0, --resume needs
+    --out, a used --out needs --resume, and a --quick run is never published."""
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.log_every_n_steps < 0:
+        parser.error("--log-every-n-steps must be >= 0")
     if args.resume and args.out is None:
         parser.error("--resume needs --out DIR, the folder of the run to continue")
     if args.out is not None and args.out.is_dir() and any(args.out.iterdir()) and not (args.resume or args.replot):

@@ -6,12 +6,12 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.arms import (
     QUICK_FLAGS,
+    add_shared_options,
     arm_config,
-    check_output_args,
+    check_shared_args,
     output_folders,
     prepare_environment,
     replot,
@@ -19,7 +19,6 @@ from benchmarks.arms import (
     write_outputs,
 )
 from benchmarks.convergence import machine
-from lightning_xgrad.sweep.cli import DEFAULT_LOG_EVERY_N_STEPS
 from lightning_xgrad.sweep.runs import FINISHED, SweepError
 
 from . import __doc__ as PACKAGE_DOC
@@ -59,45 +58,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--seeds", type=int, default=3, metavar="N", help="seeds 0..N-1 of the reported runs (default: %(default)s)"
     )
     parser.add_argument("--xgrad-steps", type=int, default=1, metavar="S", help="XGrad's s (default: %(default)s)")
-    parser.add_argument(
-        "--log-every-n-steps",
-        type=int,
-        default=DEFAULT_LOG_EVERY_N_STEPS,
-        metavar="N",
-        help="XGradCallback logs its prediction metrics every N steps; 0: not at all (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--jobs", type=int, default=1, metavar="N", help="runs at a time, each a process (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="torch threads per run (default: torch's, one per core; with --jobs 2 on 2 cores, 1)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny model, a few steps, lrs 0.001 0.01, 1 seed: a check that everything runs, not a result",
-    )
-    parser.add_argument("--out", type=Path, help="the run folder (default: a new folder under benchmarks/runs/)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out: finished runs are kept")
-    parser.add_argument("--publish", action="store_true", help="also write the results to benchmarks/results/")
-    parser.add_argument("--name", default="baselines", help="file name stem of the outputs (default: %(default)s)")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a results JSON")
-    parser.add_argument("extra", nargs="*", help="more LightningCLI arguments for every run, after --")
+    quick = "a tiny model, a few steps, lrs 0.001 0.01, 1 seed: a check that everything runs, not a result"
+    add_shared_options(parser, "baselines", quick)
     args = parser.parse_args(argv)
     if min(args.tune_epochs, args.seeds, args.jobs, args.xgrad_steps) < 1 or (
         args.epochs is not None and args.epochs < 1
     ):
         parser.error("--tune-epochs, --epochs, --seeds, --jobs and --xgrad-steps must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.log_every_n_steps < 0:
-        parser.error("--log-every-n-steps must be >= 0")
     if args.lrs is not None and (len(set(args.lrs)) < 2 or min(args.lrs) <= 0):
         parser.error("--lrs needs at least two different positive values")
-    check_output_args(parser, args)
+    check_shared_args(parser, args)
     return args
 
 

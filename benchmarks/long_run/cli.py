@@ -6,13 +6,13 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.arms import (
     QUICK_FLAGS,
     Arm,
+    add_shared_options,
     arm_config,
-    check_output_args,
+    check_shared_args,
     output_folders,
     prepare_environment,
     replot,
@@ -20,7 +20,6 @@ from benchmarks.arms import (
     write_outputs,
 )
 from benchmarks.convergence import machine
-from lightning_xgrad.sweep.cli import DEFAULT_LOG_EVERY_N_STEPS
 from lightning_xgrad.sweep.runs import FINISHED, SweepError
 
 from . import __doc__ as PACKAGE_DOC
@@ -52,34 +51,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="FRACTION",
         help="points of the run where the gap is compared, the last one with each earlier one (default: 0.2 0.5 1)",
     )
-    parser.add_argument(
-        "--log-every-n-steps",
-        type=int,
-        default=DEFAULT_LOG_EVERY_N_STEPS,
-        metavar="N",
-        help="XGradCallback logs its prediction metrics every N steps; 0: not at all (default: %(default)s)",
-    )
-    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="runs at a time (default: %(default)s)")
-    parser.add_argument(
-        "--threads", type=int, metavar="N", help="torch threads per run (default: one per core; --jobs 2 on 2 cores: 1)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a tiny model, 20 steps, 2 seeds: not a result")
-    parser.add_argument("--out", type=Path, help="the run folder (default: a new folder under benchmarks/runs/)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out: finished runs are kept")
-    parser.add_argument("--publish", action="store_true", help="also write the results to benchmarks/results/")
-    parser.add_argument("--name", default="long_run", help="file name stem of the outputs (default: %(default)s)")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="only redraw the plot from a results JSON")
-    parser.add_argument("extra", nargs="*", help="more LightningCLI arguments for every run, after --")
+    add_shared_options(parser, "long_run", "a tiny model, 20 steps, 2 seeds: not a result")
     args = parser.parse_args(argv)
     if min(args.epochs, args.seeds, args.jobs, args.xgrad_steps) < 1:
         parser.error("--epochs, --seeds, --jobs and --xgrad-steps must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
-    if args.log_every_n_steps < 0:
-        parser.error("--log-every-n-steps must be >= 0")
     if not all(0 < f <= 1 for f in args.at) or len(set(args.at)) < 2:
         parser.error("--at needs at least two different fractions in (0, 1]")
-    check_output_args(parser, args)
+    check_shared_args(parser, args)
     return args
 
 
