@@ -20,7 +20,7 @@ CLOSURE_REEVALUATING: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBF
 
 
 def check_prediction_args(
-    owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any = None, compile_min_bytes: Any = 0
+    owner: str, steps: Any, rule: Any, compile: Any, chunk_bytes: Any, compile_min_bytes: Any
 ) -> None:
     """The checks of the arguments :class:`OptimizerPredictor` and the callbacks built on it share, with one
     message format: a TypeError for a wrong type, a ValueError for a wrong value, naming both."""
